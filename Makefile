@@ -1,0 +1,59 @@
+# spikeq: every target installs what it needs into a local .venv on first use.
+#   make train GAME=Pong [MODEL=dsqn] [PRESET=paper] [STEPS=...] [SEED=0] [DEVICE=auto] [ARGS="--n-envs 4"]
+#   make test | lint | bench | evaluate CKPT=... | sweep SWEEP=experiments/sweeps/...yaml | report RUNS=runs
+# TORCH is the pip requirement installed before everything else. The default is the CPU build;
+# for a GPU use e.g.  make install TORCH="torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124"
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.spikeq-installed
+
+GAME ?= Pong
+MODEL ?= dsqn
+PRESET ?= paper
+SEED ?= 0
+DEVICE ?= auto
+STEPS ?=
+ARGS ?=
+
+.PHONY: install train test lint format bench evaluate sweep report clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install $(TORCH)
+	$(BIN)/pip install -e ".[dev,bench]"
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/spikeq train --game $(GAME) --model $(MODEL) --preset $(PRESET) --seed $(SEED) \
+		--device $(DEVICE) $(if $(STEPS),--steps $(STEPS)) $(ARGS)
+
+test: $(STAMP) lint
+	WANDB_MODE=offline $(BIN)/pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks experiments
+	$(BIN)/ruff format --check src tests benchmarks experiments
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests benchmarks experiments
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_engine.py $(ARGS)
+
+evaluate: $(STAMP)
+	$(BIN)/spikeq evaluate $(CKPT) $(ARGS)
+
+sweep: $(STAMP)
+	$(BIN)/spikeq sweep $(SWEEP) $(ARGS)
+
+report: $(STAMP)
+	$(BIN)/spikeq report $(or $(RUNS),runs) $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,302 @@
+"""The spiking Q-network: encoder -> spiking torso (snnTorch ``Leaky`` layers) -> readout -> Q.
+
+For image observations the torso is the Nature-DQN one of the paper (Liu et al. 2022):
+
+    conv1 C->32 k8 s4 -> LIF -> conv2 32->64 k4 s2 -> LIF -> conv3 64->64 k3 s1 -> LIF
+    -> flatten -> fc1 ->512 -> LIF -> readout (fc2 -> n_actions)
+
+For vector observations it is an MLP: Linear -> LIF for each size in ``net_arch``. The network runs T
+(``num_steps``) steps from a zero state on every forward call, so Q depends only on the observation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.preprocessing import is_image_space, preprocess_obs
+from stable_baselines3.dqn.policies import QNetwork
+from torch import nn
+
+from spikeq.encoding import ENCODERS, make_encoder
+from spikeq.engine import over_time
+from spikeq.neurons import ENGINES, NeuronSpec, SpikingLayer
+from spikeq.readout import READOUTS, Readout
+
+# Nature-DQN convolutions (Mnih et al. 2015), used unchanged by the paper: (out_channels, kernel, stride)
+NATURE_CONVS = ((32, 8, 4), (64, 4, 2), (64, 3, 1))
+DEFAULT_CNN_ARCH = (512,)
+DEFAULT_MLP_ARCH = (64, 64)
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """Everything that defines a spiking Q-network besides its spaces (the policy's kwargs).
+
+    :param num_steps: T, simulation steps per forward pass (paper: 64)
+    :param neuron: ``"lif"`` or ``"if"``
+    :param tau: LIF membrane time constant (paper: 2.0)
+    :param threshold: firing threshold (paper: 1.0)
+    :param reset: ``"zero"`` or ``"subtract"``
+    :param surrogate: surrogate gradient name (paper: ``"atan"``)
+    :param surrogate_slope: its shape parameter (``None``: default, atan alpha = 2)
+    :param learn_beta: trainable decay per layer
+    :param learn_threshold: trainable threshold per layer
+    :param encoder: ``"direct"`` (paper) or ``"poisson"``
+    :param readout: ``"rate"`` (paper), ``"spike"``, ``"max_mem"``, ``"last_mem"``, ``"mean_mem"``
+    :param engine: ``"fused"`` (time-batched) or ``"snntorch"`` (every layer called at every step)
+    :param net_arch: hidden fully-connected sizes: after the convolutions for images (default
+        ``(512,)``), the whole MLP for vectors (default ``(64, 64)``)
+    """
+
+    num_steps: int = 64
+    neuron: str = "lif"
+    tau: float = 2.0
+    threshold: float = 1.0
+    reset: str = "zero"
+    surrogate: str = "atan"
+    surrogate_slope: float | None = None
+    learn_beta: bool = False
+    learn_threshold: bool = False
+    encoder: str = "direct"
+    readout: str = "rate"
+    engine: str = "fused"
+    net_arch: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int):
+            raise ValueError(f"num_steps={self.num_steps!r} must be an integer >= 1")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps={self.num_steps!r} must be >= 1")
+        for name, value, allowed in (
+            ("encoder", self.encoder, ENCODERS),
+            ("readout", self.readout, READOUTS),
+            ("engine", self.engine, ENGINES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+        if self.net_arch is not None:
+            arch = tuple(self.net_arch)
+            if not arch or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in arch):
+                raise ValueError(f"net_arch={self.net_arch!r} must be a non-empty list of sizes >= 1")
+            object.__setattr__(self, "net_arch", arch)
+        self.neuron_spec  # noqa: B018 (validates the neuron fields)
+
+    @property
+    def neuron_spec(self) -> NeuronSpec:
+        """The neuron model shared by every spiking layer."""
+        names = {f.name for f in fields(NeuronSpec)}
+        return NeuronSpec(**{k: v for k, v in asdict(self).items() if k in names})
+
+    def to_kwargs(self) -> dict:
+        """Plain-data kwargs (lists, not tuples) for ``policy_kwargs``, YAML and JSON."""
+        kwargs = asdict(self)
+        kwargs["net_arch"] = None if self.net_arch is None else list(self.net_arch)
+        return kwargs
+
+
+@dataclass
+class LayerActivity:
+    """What one synaptic layer saw and produced in the last forward (for energy accounting).
+
+    :param name: layer name (``conv1`` ... ``fc1``, ``fc2``)
+    :param synapse: the Conv2d / Linear
+    :param inputs: ``[T', B, ...]`` its input: analog values (``T' = 1`` for a static first layer)
+        or 0/1 spikes
+    :param input_is_spikes: whether ``inputs`` are spikes
+    :param spikes: ``[T, B, ...]`` spikes of the neurons it drives (None: non-spiking output)
+    """
+
+    name: str
+    synapse: nn.Module
+    inputs: torch.Tensor
+    input_is_spikes: bool
+    spikes: torch.Tensor | None
+
+
+def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:
+    """Raise ``ValueError`` unless a spiking Q-network can take these spaces."""
+    if not isinstance(action_space, spaces.Discrete):
+        raise ValueError(f"action space {action_space} is not supported: a Q-network needs spaces.Discrete")
+    allowed = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+    if not isinstance(observation_space, allowed):
+        raise ValueError(
+            f"observation space {observation_space} is not supported; allowed: Box (image or "
+            "vector), Discrete, MultiDiscrete, MultiBinary"
+        )
+
+
+class SpikingQNetwork(QNetwork):
+    """DSQN: a Q-network whose hidden layers are snnTorch ``Leaky`` neurons run for T steps.
+
+    :param observation_space: Box image (channel-first uint8, as SB3 passes it), Box vector,
+        Discrete, MultiDiscrete or MultiBinary
+    :param action_space: Discrete
+    :param spec: the network's hyperparameters
+    :param normalize_images: divide image observations by 255 (SB3's convention)
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Discrete,
+        spec: NetworkSpec,
+        normalize_images: bool = True,
+    ) -> None:
+        check_spaces(observation_space, action_space)
+        # QNetwork.__init__ would build an unused ReLU MLP; only the BasePolicy part is wanted.
+        BasePolicy.__init__(self, observation_space, action_space, normalize_images=normalize_images)
+        self.spec = spec
+        self.num_steps = spec.num_steps
+        self.engine = spec.engine
+        self.is_image = is_image_space(
+            observation_space, check_channels=False, normalized_image=not normalize_images
+        )
+        self.encoder = make_encoder(spec.encoder, observation_space, self.is_image)
+        self.layer_names, synapses = self._build_torso()
+        self.synapses = nn.ModuleList(synapses)
+        self.neurons = nn.ModuleList(SpikingLayer(spec.neuron_spec) for _ in synapses)
+        self.readout = Readout(spec.readout, self._torso_width(), int(action_space.n), spec.neuron_spec)
+        n_fc = sum(name.startswith("fc") for name in self.layer_names)
+        self.readout_name = f"fc{n_fc + 1}"
+        self._activity: list[LayerActivity] | None = None
+
+    def _build_torso(self) -> tuple[list[str], list[nn.Module]]:
+        names: list[str] = []
+        synapses: list[nn.Module] = []
+        if self.is_image:
+            channels, height, width = self.observation_space.shape
+            if min(height, width) < 36:
+                raise ValueError(
+                    f"image observations of {height}x{width} are too small for the Nature-DQN "
+                    "torso (needs at least 36x36)"
+                )
+            for i, (out_channels, kernel, stride) in enumerate(NATURE_CONVS, start=1):
+                synapses.append(nn.Conv2d(channels, out_channels, kernel, stride))
+                names.append(f"conv{i}")
+                channels = out_channels
+            with torch.no_grad():
+                probe = torch.zeros(1, *self.observation_space.shape)
+                for conv in synapses:
+                    probe = conv(probe)
+            in_features = probe.numel()
+            arch = self.spec.net_arch or DEFAULT_CNN_ARCH
+        else:
+            in_features = int(spaces.flatdim(self.observation_space))
+            arch = self.spec.net_arch or DEFAULT_MLP_ARCH
+        for i, width in enumerate(arch, start=1):
+            linear = nn.Linear(in_features, width)
+            # The first fully-connected layer after convolutions (or of an MLP) flattens its input.
+            first_fc = i == 1
+            synapses.append(nn.Sequential(nn.Flatten(), linear) if first_fc else linear)
+            names.append(f"fc{i}")
+            in_features = width
+        return names, synapses
+
+    def _torso_width(self) -> int:
+        last = self.synapses[-1]
+        return (last[-1] if isinstance(last, nn.Sequential) else last).out_features
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """Q-values for a batch of observations.
+
+        :param obs: ``[B, *observation_shape]``
+        :return: ``[B, n_actions]``
+        """
+        x = preprocess_obs(obs, self.observation_space, normalize_images=self.normalize_images)
+        x = self.encoder(x.float(), self.num_steps)  # [T', B, ...], T' = 1 for direct input
+        if self.engine == "fused":
+            layer_spikes = self._torso_fused(x)
+        else:
+            layer_spikes = self._torso_step_by_step(x)
+        q, out_spikes = self.readout(layer_spikes[-1], self.num_steps, self.engine)
+        if self._activity is not None:
+            self._record(x, layer_spikes, out_spikes)
+        return q
+
+    def _torso_fused(self, x: torch.Tensor) -> list[torch.Tensor]:
+        layer_spikes = []
+        for synapse, neurons in zip(self.synapses, self.neurons, strict=True):
+            x, _ = neurons(over_time(synapse, x), self.num_steps, "fused")  # [T, B, ...]
+            layer_spikes.append(x)
+        return layer_spikes
+
+    def _torso_step_by_step(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # A static (direct) input drives the first layer with the same current at every step.
+        static_current = self.synapses[0](x[0]) if x.shape[0] == 1 else None
+        mems: list[torch.Tensor | None] = [None] * len(self.synapses)
+        steps: list[list[torch.Tensor]] = [[] for _ in self.synapses]
+        for t in range(self.num_steps):
+            h = x[0] if static_current is not None else x[t]
+            for i, (synapse, neurons) in enumerate(zip(self.synapses, self.neurons, strict=True)):
+                current = static_current if i == 0 and static_current is not None else synapse(h)
+                if mems[i] is None:
+                    mems[i] = torch.zeros_like(current)
+                h, mems[i] = neurons.step(current, mems[i])
+                steps[i].append(h)
+        for neurons in self.neurons:
+            neurons.clear_state()
+        return [torch.stack(s) for s in steps]
+
+    def _record(
+        self, x: torch.Tensor, layer_spikes: list[torch.Tensor], out_spikes: torch.Tensor | None
+    ) -> None:
+        inputs = [x, *layer_spikes]
+        for i, (name, synapse) in enumerate(zip(self.layer_names, self.synapses, strict=True)):
+            linear = synapse[-1] if isinstance(synapse, nn.Sequential) else synapse
+            self._activity.append(
+                LayerActivity(
+                    name,
+                    linear,
+                    inputs[i].detach(),
+                    input_is_spikes=i > 0 or not self.encoder.analog,
+                    spikes=layer_spikes[i].detach(),
+                )
+            )
+        self._activity.append(
+            LayerActivity(
+                self.readout_name,
+                self.readout.linear,
+                layer_spikes[-1].detach(),
+                input_is_spikes=True,
+                spikes=None if out_spikes is None else out_spikes.detach(),
+            )
+        )
+
+    @contextmanager
+    def record(self) -> Iterator[list[LayerActivity]]:
+        """Record every layer's inputs and spikes during the forward calls inside the block.
+
+        Example::
+
+            with q_net.record() as activity:
+                q_net(obs)
+            spikes = {a.name: int(a.spikes.sum()) for a in activity if a.spikes is not None}
+        """
+        self._activity = []
+        try:
+            yield self._activity
+        finally:
+            self._activity = None
+
+    def spike_counts(self, obs: torch.Tensor) -> dict[str, int]:
+        """Spikes emitted by every spiking layer for one forward pass on ``obs`` (whole batch).
+
+        :param obs: ``[B, *observation_shape]``
+        """
+        with torch.no_grad(), self.record() as activity:
+            self(obs)
+        return {a.name: int(a.spikes.sum()) for a in activity if a.spikes is not None}
+
+    def _predict(self, observation: torch.Tensor, deterministic: bool = True) -> torch.Tensor:
+        with torch.inference_mode():
+            return self(observation).argmax(dim=1).reshape(-1)
+
+    def _get_constructor_parameters(self) -> dict:
+        data = BasePolicy._get_constructor_parameters(self)
+        data["spec"] = self.spec
+        return data

@@ -1,0 +1,189 @@
+"""Spiking neuron layers built from snnTorch ``Leaky``: the one place neuron dynamics are configured.
+
+The paper's LIF (SpikingJelly ``LIFNode``, ``decay_input=True``, hard reset; Liu et al. 2022) is
+
+    H[t] = V[t-1] + (I[t] - V[t-1]) / tau
+    S[t] = Heaviside(H[t] - v_th)
+    V[t] = H[t] * (1 - S[t])
+
+Writing beta = 1 - 1/tau and U = H, this is snnTorch's ``Leaky`` with reset-to-zero and a one-step
+reset delay, fed with the scaled current I / tau:
+
+    U[t] = beta * (1 - S[t-1]) * U[t-1] + I[t] / tau,      S[t] = Heaviside(U[t] - threshold)
+
+With ``reset="subtract"`` the reset term is ``- S[t-1] * threshold`` instead. The IF neuron has no leak:
+beta = 1 and the current enters unscaled (SpikingJelly ``IFNode``: H[t] = V[t-1] + I[t]). The reset
+signal S[t-1] is detached from the graph (snnTorch and SpikingJelly ``detach_reset=True`` agree).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import snntorch as snn
+import torch
+from snntorch import surrogate as snn_surrogate
+from torch import nn
+
+from spikeq import engine
+
+NEURONS = ("lif", "if")
+RESETS = ("zero", "subtract")
+# name -> (snnTorch factory, name of its shape argument, default value of that argument)
+SURROGATES: dict[str, tuple[Callable[..., Callable], str, float]] = {
+    "atan": (snn_surrogate.atan, "alpha", 2.0),
+    "sigmoid": (snn_surrogate.sigmoid, "slope", 25.0),
+    "fast_sigmoid": (snn_surrogate.fast_sigmoid, "slope", 25.0),
+    "triangular": (snn_surrogate.triangular, "threshold", 1.0),
+    "straight_through": (snn_surrogate.straight_through_estimator, "", 0.0),
+}
+ENGINES = ("fused", "snntorch")
+
+
+def _choice(kind: str, value: str, allowed: tuple[str, ...] | dict) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {kind} {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
+def make_surrogate(name: str, slope: float | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Return snnTorch's surrogate spike function ``name`` (Heaviside forward, smooth backward).
+
+    :param name: one of ``SURROGATES`` (``atan`` is the paper's, alpha = 2)
+    :param slope: the surrogate's shape parameter (atan: alpha; sigmoid / fast_sigmoid: slope);
+        ``None`` takes the paper's / snnTorch's default
+    """
+    factory, arg, default = SURROGATES[_choice("surrogate", name, SURROGATES)]
+    if not arg:
+        return factory()
+    return factory(**{arg: default if slope is None else float(slope)})
+
+
+@dataclass(frozen=True)
+class NeuronSpec:
+    """How every spiking layer of a network behaves.
+
+    :param neuron: ``"lif"`` (leaky, the paper's DSQN) or ``"if"`` (no leak, the DSQN-IF ablation)
+    :param tau: membrane time constant of the LIF neuron (paper: 2.0); beta = 1 - 1/tau
+    :param threshold: firing threshold (paper: 1.0)
+    :param reset: ``"zero"`` (hard reset, the paper) or ``"subtract"`` (soft reset)
+    :param surrogate: name of the surrogate gradient (paper: ``"atan"``)
+    :param surrogate_slope: the surrogate's shape parameter (``None``: its default; atan alpha 2)
+    :param learn_beta: make each layer's decay a trainable parameter
+    :param learn_threshold: make each layer's threshold a trainable parameter
+    """
+
+    neuron: str = "lif"
+    tau: float = 2.0
+    threshold: float = 1.0
+    reset: str = "zero"
+    surrogate: str = "atan"
+    surrogate_slope: float | None = None
+    learn_beta: bool = False
+    learn_threshold: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("neuron", self.neuron, NEURONS)
+        _choice("reset", self.reset, RESETS)
+        _choice("surrogate", self.surrogate, SURROGATES)
+        if self.neuron == "lif" and not self.tau > 1.0:
+            raise ValueError(
+                f"tau={self.tau!r} gives no valid leak: beta = 1 - 1/tau must lie in (0, 1), "
+                "so tau must be > 1 (use neuron='if' for no leak)"
+            )
+        if not self.threshold > 0:
+            raise ValueError(f"threshold={self.threshold!r} must be > 0")
+
+    @property
+    def beta(self) -> float:
+        """Membrane decay per step: 1 - 1/tau for LIF, 1 for IF."""
+        return 1.0 - 1.0 / self.tau if self.neuron == "lif" else 1.0
+
+    @property
+    def input_scale(self) -> float:
+        """Factor on the input current: 1/tau for LIF (SpikingJelly ``decay_input``), 1 for IF."""
+        return 1.0 / self.tau if self.neuron == "lif" else 1.0
+
+
+class SpikingLayer(nn.Module):
+    """A layer of spiking neurons over a whole sequence (multi-step): current ``[T, B, ...]`` -> spikes.
+
+    The neuron itself is an snnTorch ``Leaky`` (``self.leaky``); this module scales the input current
+    and runs it over T steps with the chosen engine. State starts at zero on every call.
+
+        U[t] = beta * (1 - S[t-1]) * U[t-1] + input_scale * I[t]     (reset "zero")
+        U[t] = beta * U[t-1] + input_scale * I[t] - S[t-1] * threshold (reset "subtract")
+        S[t] = Heaviside(U[t] - threshold)
+
+    With ``fire=False`` the neurons only integrate (no spikes, no reset): the non-spiking output
+    neurons of the membrane readouts, U[t] = beta * U[t-1] + input_scale * I[t].
+
+    :param spec: the neuron model
+    :param fire: whether the neurons fire and reset (False: leaky integrators)
+    """
+
+    def __init__(self, spec: NeuronSpec, fire: bool = True) -> None:
+        super().__init__()
+        self.spec = spec
+        self.fire = fire
+        self.input_scale = spec.input_scale
+        self.leaky = snn.Leaky(
+            beta=torch.tensor(spec.beta),
+            threshold=torch.tensor(spec.threshold),
+            spike_grad=make_surrogate(spec.surrogate, spec.surrogate_slope),
+            learn_beta=spec.learn_beta,
+            learn_threshold=spec.learn_threshold,
+            reset_mechanism=spec.reset if fire else "none",
+        )
+        # snnTorch registers every neuron in a global list for its global resets; this project
+        # never uses them (state is passed explicitly), so keep instances collectable.
+        snn.SpikingNeuron.instances.remove(self.leaky)
+
+    def forward(
+        self, current: torch.Tensor, num_steps: int, engine_name: str = "fused"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the neurons for ``num_steps`` steps.
+
+        :param current: input current ``[T, B, ...]`` or ``[1, B, ...]`` (the same current at every
+            step: direct/static input)
+        :param num_steps: T
+        :param engine_name: ``"fused"`` (time-batched) or ``"snntorch"`` (``Leaky`` called per step)
+        :return: spikes and membrane potentials, both ``[T, B, ...]`` (spikes are all zero when
+            ``fire`` is False)
+        """
+        if current.shape[0] == 1 and num_steps > 1:
+            current = current.expand(num_steps, *current.shape[1:])
+        if engine_name == "fused":
+            return engine.leaky_sequence(current * self.input_scale, self.leaky, fire=self.fire)
+        if engine_name != "snntorch":
+            raise ValueError(f"unknown engine {engine_name!r}; allowed: {', '.join(ENGINES)}")
+        mem = torch.zeros_like(current[0])
+        spikes, mems = [], []
+        for current_t in current.unbind(0):
+            spk, mem = self.step(current_t, mem)
+            spikes.append(spk)
+            mems.append(mem)
+        self.clear_state()
+        return torch.stack(spikes), torch.stack(mems)
+
+    def step(self, current: torch.Tensor, mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One time step through snnTorch's ``Leaky`` (the step-by-step engine).
+
+        :param current: ``[B, ...]`` input current at this step, unscaled
+        :param mem: ``[B, ...]`` membrane potential after the previous step (zeros at t = 0)
+        :return: spikes and the new membrane potential, ``[B, ...]``
+        """
+        spk, mem = self.leaky(current * self.input_scale, mem)
+        return (spk if self.fire else torch.zeros_like(spk)), mem
+
+    def clear_state(self) -> None:
+        """Drop the membrane that ``Leaky`` keeps as an attribute (and the graph it holds)."""
+        self.leaky.mem = torch.zeros(0, device=self.leaky.mem.device)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (
+            f"neuron={s.neuron}, tau={s.tau}, threshold={s.threshold}, reset={s.reset}, "
+            f"surrogate={s.surrogate}, fire={self.fire}"
+        )

@@ -1,0 +1,89 @@
+"""Stable-Baselines3 integration: ``SpikingPolicy``, a DQN policy whose Q-networks are DSQNs.
+
+SB3 keeps replay, exploration, the target network and the optimiser loop; the policy only changes
+``make_q_net`` (called twice by ``DQNPolicy._build``: online and target network). ``import spikeq``
+registers the name, so ``DQN("SpikingPolicy", env, policy_kwargs=dict(num_steps=8))`` works.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from gymnasium import spaces
+from stable_baselines3 import DQN
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import Schedule
+from stable_baselines3.dqn.policies import DQNPolicy
+
+from spikeq.network import NetworkSpec, SpikingQNetwork, check_spaces
+
+
+class SpikingPolicy(DQNPolicy):
+    """DQN policy with spiking Q-networks (Liu et al. 2022 by default).
+
+    :param observation_space: observation space
+    :param action_space: action space (Discrete)
+    :param lr_schedule: learning-rate schedule
+    :param net_arch: hidden fully-connected sizes (images: after the convolutions, default [512];
+        vectors: default [64, 64])
+    :param normalize_images: divide image observations by 255
+    :param optimizer_class: optimiser (Adam, as in the paper)
+    :param optimizer_kwargs: its kwargs besides the learning rate
+    :param spec_kwargs: the remaining fields of ``NetworkSpec``: ``num_steps``, ``neuron``, ``tau``,
+        ``threshold``, ``reset``, ``surrogate``, ``surrogate_slope``, ``learn_beta``,
+        ``learn_threshold``, ``encoder``, ``readout``, ``engine``
+    """
+
+    q_net: SpikingQNetwork
+    q_net_target: SpikingQNetwork
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Discrete,
+        lr_schedule: Schedule,
+        net_arch: list[int] | None = None,
+        normalize_images: bool = True,
+        optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        **spec_kwargs: Any,
+    ) -> None:
+        allowed = set(NetworkSpec.__dataclass_fields__) - {"net_arch"}
+        unknown = sorted(set(spec_kwargs) - allowed)
+        if unknown:
+            raise ValueError(
+                f"unknown SpikingPolicy argument(s) {', '.join(unknown)}; allowed: net_arch, "
+                f"normalize_images, optimizer_class, optimizer_kwargs, {', '.join(sorted(allowed))}"
+            )
+        check_spaces(observation_space, action_space)
+        # Set before super().__init__(), which builds the networks through make_q_net().
+        self.spec = NetworkSpec(net_arch=net_arch, **spec_kwargs)
+        super().__init__(
+            observation_space,
+            action_space,
+            lr_schedule,
+            net_arch=net_arch,
+            normalize_images=normalize_images,
+            optimizer_class=optimizer_class,
+            optimizer_kwargs=optimizer_kwargs,
+        )
+
+    def make_q_net(self) -> SpikingQNetwork:
+        return SpikingQNetwork(
+            self.observation_space, self.action_space, self.spec, self.normalize_images
+        ).to(self.device)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        # DQNPolicy adds activation and feature-extractor arguments that this policy does not take.
+        data = BasePolicy._get_constructor_parameters(self)
+        data.update(
+            lr_schedule=self._dummy_schedule,
+            optimizer_class=self.optimizer_class,
+            optimizer_kwargs=self.optimizer_kwargs,
+            **self.spec.to_kwargs(),
+        )
+        return data
+
+
+DQN.policy_aliases["SpikingPolicy"] = SpikingPolicy

@@ -208,7 +208,7 @@ class SpikingQNetwork(QNetwork):
         :return: ``[B, n_actions]``
         """
         x = preprocess_obs(obs, self.observation_space, normalize_images=self.normalize_images)
-        x = self.encoder(x.float(), self.num_steps)  # [T', B, ...], T' = 1 for direct input
+        x = self.encoder(x.to(self.readout.linear.weight.dtype), self.num_steps)  # [T', B, ...]
         if self.engine == "fused":
             layer_spikes = self._torso_fused(x)
         else:

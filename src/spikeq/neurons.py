@@ -175,7 +175,8 @@ class SpikingLayer(nn.Module):
         :return: spikes and the new membrane potential, ``[B, ...]``
         """
         spk, mem = self.leaky(current * self.input_scale, mem)
-        return (spk if self.fire else torch.zeros_like(spk)), mem
+        # snnTorch's surrogates return float32 spikes whatever the input dtype.
+        return (spk.to(mem.dtype) if self.fire else torch.zeros_like(mem)), mem
 
     def clear_state(self) -> None:
         """Drop the membrane that ``Leaky`` keeps as an attribute (and the graph it holds)."""

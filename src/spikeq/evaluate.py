@@ -1,0 +1,217 @@
+"""Evaluation of a trained DQN, spiking or not: game scores under epsilon-greedy play and the energy
+of its greedy decisions.
+
+The paper's protocol (REFERENCE.md §2) is 30 episodes at epsilon = 0.05 on the evaluation env (full
+game, raw rewards). The score of an episode is the raw game score that SB3's ``Monitor`` reports in
+``info["episode"]["r"]``, so neither reward clipping nor life-loss resets change it. Only a greedy
+decision runs the Q-network (a random action costs nothing), so the energy statistics average over
+greedy decisions only, as the reference code does:
+
+    a[t] = random action            with probability epsilon (per env and step)
+         = argmax_a Q(o[t], a)      otherwise, counted by ``spikeq.energy.EnergyMeter``
+
+Video: ALE renders RGB frames only when its env was made with ``render_mode="rgb_array"`` (headless,
+no display needed); the frames of env 0 are read with ``env.env_method("render")`` and written to MP4
+with imageio's ffmpeg plugin (libx264), one frame per agent step.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+from types import TracebackType
+
+import imageio.v2 as imageio
+import numpy as np
+from stable_baselines3 import DQN
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.vec_env import VecEnv
+from tqdm.auto import tqdm
+
+from spikeq.energy import EnergyMeter, EnergyModel, load_energy_model
+
+# One frame per agent step: 60 Hz emulator frames / frame skip 4 plays the video in real time.
+VIDEO_FPS = 15
+
+
+class _EpisodeVideo:
+    """Writes the frames of env 0 to an MP4 file until its first episode ends.
+
+    :param env: a VecEnv whose environments render ``rgb_array`` frames
+    :param path: the ``.mp4`` file to write (parent folders are created)
+    """
+
+    def __init__(self, env: VecEnv, path: str | Path) -> None:
+        if env.render_mode != "rgb_array":
+            raise ValueError(
+                f"video_path needs an env that renders RGB frames, but its render_mode is "
+                f"{env.render_mode!r}; allowed: 'rgb_array'. Make the env with "
+                "render_mode='rgb_array', e.g. make_atari_env(..., env_kwargs={'render_mode': 'rgb_array'})"
+            )
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.env = env
+        # macro_block_size=2 keeps ALE's 210x160 frames unscaled (libx264's yuv420p needs even sizes).
+        self.writer = imageio.get_writer(
+            path, format="FFMPEG", fps=VIDEO_FPS, codec="libx264", macro_block_size=2
+        )
+
+    def capture(self) -> None:
+        """Append env 0's current frame, unless its first episode is over."""
+        if self.writer is not None:
+            self.writer.append_data(self.env.env_method("render", indices=0)[0])
+
+    def close(self) -> None:
+        """Finish the file; later captures are ignored."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def __enter__(self) -> _EpisodeVideo:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _epsilon_greedy_actions(
+    policy: BasePolicy,
+    meter: EnergyMeter,
+    obs: np.ndarray,
+    epsilon: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """One action per env: random with probability epsilon, else greedy (batched over those envs)."""
+    n_envs = len(obs)
+    explore = rng.random(n_envs) < epsilon
+    actions = rng.integers(policy.action_space.n, size=n_envs)
+    greedy = ~explore
+    if greedy.any():
+        obs_tensor, _ = policy.obs_to_tensor(obs[greedy])
+        actions[greedy] = meter.q_values(obs_tensor).argmax(dim=1).cpu().numpy()
+    return actions
+
+
+def evaluate_model(
+    model: DQN,
+    env: VecEnv,
+    n_episodes: int = 30,
+    epsilon: float = 0.05,
+    seed: int | None = None,
+    energy_model: str | Path | EnergyModel = "45nm",
+    video_path: str | Path | None = None,
+    progress: bool = True,
+    game: str | None = None,
+) -> dict:
+    """Play ``n_episodes`` epsilon-greedy episodes and measure scores and energy per action.
+
+    With several envs each plays a fixed share of the episodes (as SB3's ``evaluate_policy``), so
+    that short episodes are not over-represented.
+
+    :param model: a DQN with a ``SpikingPolicy`` or an SB3 ``CnnPolicy`` / ``MlpPolicy``
+    :param env: the evaluation VecEnv (typically one env: full game, raw rewards, a ``Monitor``)
+    :param n_episodes: number of episodes to score (paper: 30)
+    :param epsilon: probability of a random action per env and step (paper: 0.05)
+    :param seed: seeds the exploration draws and, if given, the envs (``env.seed(seed)``)
+    :param energy_model: energy model preset name (``"45nm"``, ``"loihi"``), YAML profile path or
+        ``EnergyModel``
+    :param video_path: write the first episode of env 0 to this ``.mp4`` (needs
+        ``render_mode="rgb_array"`` envs)
+    :param progress: show a progress bar over episodes
+    :param game: game name for the human-normalised score (``None``: not computed)
+    :return: ``scores`` (list), ``episode_lengths`` (agent steps), ``episodes``, ``score_mean``,
+        ``score_std`` (population std), ``score_min``, ``score_max``, ``game``, ``human_normalized``
+        (of the mean score), ``epsilon``, ``seed``, ``video_path`` and every key of
+        ``spikeq.energy.energy_report``: ``firing_rate``, ``spikes_per_action``, ``sops_per_action``,
+        ``macs_per_action``, ``energy_pj_per_action``, ``ann_energy_pj_per_action``, ``energy_ratio``,
+        ``energy_model``, ``num_steps`` (``None`` for an ANN), ``decisions`` (greedy decisions
+        counted), ``assumptions`` ...
+    :raises ValueError: for an invalid argument, an unknown energy model, or a video request on an env
+        that does not render RGB frames
+    """
+    if isinstance(n_episodes, bool) or not isinstance(n_episodes, int) or n_episodes < 1:
+        raise ValueError(f"n_episodes={n_episodes!r} must be an integer >= 1")
+    if not 0.0 <= epsilon <= 1.0:
+        raise ValueError(f"epsilon={epsilon!r} must lie in [0, 1]")
+    energy_model = load_energy_model(energy_model)
+    policy = model.policy
+    policy.set_training_mode(False)
+    meter = EnergyMeter(policy.q_net)
+    rng = np.random.default_rng(seed)
+    n_envs = env.num_envs
+    targets = np.array([(n_episodes + i) // n_envs for i in range(n_envs)])
+    finished = np.zeros(n_envs, dtype=int)
+    monitored = env.env_is_wrapped(Monitor)
+    returns = np.zeros(n_envs)
+    lengths = np.zeros(n_envs, dtype=int)
+    scores: list[float] = []
+    episode_lengths: list[int] = []
+
+    with ExitStack() as stack:
+        video = None if video_path is None else stack.enter_context(_EpisodeVideo(env, video_path))
+        bar = stack.enter_context(
+            tqdm(total=n_episodes, unit="episode", desc="evaluate", disable=not progress)
+        )
+        if seed is not None:
+            env.seed(seed)
+        obs = env.reset()
+        if video:
+            video.capture()
+        while (finished < targets).any():
+            actions = _epsilon_greedy_actions(policy, meter, obs, epsilon, rng)
+            obs, rewards, dones, infos = env.step(actions)
+            returns += rewards
+            lengths += 1
+            for i in np.flatnonzero(dones):
+                # A monitored env that is done without an episode summary lost a life: the game goes on.
+                if monitored[i] and "episode" not in infos[i]:
+                    continue
+                if finished[i] < targets[i]:
+                    score = float(infos[i]["episode"]["r"] if "episode" in infos[i] else returns[i])
+                    scores.append(score)
+                    episode_lengths.append(int(lengths[i]))
+                    finished[i] += 1
+                    bar.update()
+                    bar.set_postfix(score=score)
+                returns[i] = 0.0
+                lengths[i] = 0
+                if i == 0 and video:
+                    video.close()
+            if video:
+                video.capture()
+
+    energy = meter.report(energy_model)
+    score_mean = float(np.mean(scores))
+    human = None
+    if game is not None:
+        from spikeq.atari import human_normalized
+
+        human = human_normalized(game, score_mean)
+    evaluation_assumptions = [
+        f"Score: the raw game score of each of the {len(scores)} episodes (SB3 Monitor's "
+        "info['episode']['r'], else the sum of the env's rewards); score_std is the population "
+        "standard deviation (ddof=0); episode_lengths are agent steps.",
+        f"Actions: epsilon-greedy with epsilon={epsilon} per env and step; the energy statistics "
+        f"average over the {energy['decisions']} greedy decisions only (a random action runs no network).",
+    ]
+    return {
+        "episodes": len(scores),
+        "scores": scores,
+        "episode_lengths": episode_lengths,
+        "score_mean": score_mean,
+        "score_std": float(np.std(scores)),
+        "score_min": float(np.min(scores)),
+        "score_max": float(np.max(scores)),
+        "game": game,
+        "human_normalized": human,
+        "epsilon": epsilon,
+        "seed": seed,
+        "video_path": None if video_path is None else str(video_path),
+        **energy,
+        "assumptions": evaluation_assumptions + energy["assumptions"],
+    }

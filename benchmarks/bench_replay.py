@@ -3,13 +3,17 @@
 Run:  .venv/bin/python benchmarks/bench_replay.py [--transitions 20000] [--game Pong]
 
 Plays ``--transitions`` random-action transitions of the training env once (unstacked frames),
-then fills each buffer, sized to exactly that many transitions, with the same transitions stacked
-by SB3's own ``StackedObservations`` (what ``VecFrameStack`` uses) and transposed to channel-first,
-as SB3's DQN stores them. Per buffer it reports
+then fills each buffer, sized to exactly that many transitions, with the same transitions, stacked
+by SB3's own ``StackedObservations`` (what ``VecFrameStack`` uses) channel-first, as SB3's DQN
+stores them. Per buffer it reports
 
 - array bytes: ``.nbytes`` of the numpy arrays holding the buffer's data,
-- RSS growth: resident memory of this process after filling minus before creating the buffer,
-- sample time: mean wall time of ``sample(batch_size)``.
+- RSS growth: resident memory after filling minus before creating the buffer, measured in a
+  forked child per buffer, less the growth of a child that fills a buffer storing nothing,
+- add time: mean wall time of one ``add`` (one step of all envs; the frame buffer's includes
+  checking that it can rebuild the stacks it is given),
+- sample time: wall time of one ``sample(batch_size)`` (numpy gather and copy into torch tensors
+  with ``--torch-threads`` threads), the median of the means of 10 rounds.
 
 Memory per 100k and per 1M transitions is extrapolated LINEARLY from the filled buffer (both
 buffers grow linearly with capacity; the frame buffer's terminal-frame store grows with the
@@ -19,12 +23,13 @@ number of episode ends, here at the rate random play produces them).
 import argparse
 import copy
 import dataclasses
-import gc
+import multiprocessing
 import time
 from collections.abc import Callable
 
 import numpy as np
 import psutil
+import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.vec_env.stacked_observations import StackedObservations
@@ -33,6 +38,8 @@ from spikeq.atari import make_env
 from spikeq.replay import FrameReplayBuffer
 
 FRAME_SHAPE = (1, 84, 84)  # one channel-first grayscale frame
+# sample() is timed in this many rounds and the median round reported: robust to a busy machine.
+TIMING_ROUNDS = 10
 
 
 @dataclasses.dataclass
@@ -69,18 +76,20 @@ def record(game: str, num_transitions: int, n_envs: int, seed: int) -> Recording
             if dones[step, i]:
                 terminal_frames[step, i] = np.moveaxis(info["terminal_observation"], -1, 0)
     env.close()
-    return Recording(
-        frames, actions, rewards, dones, truncated, terminal_frames, env.action_space
-    )
+    return Recording(frames, actions, rewards, dones, truncated, terminal_frames, env.action_space)
 
 
-def fill(buffer: ReplayBuffer, recording: Recording, frame_stack: int) -> None:
-    """Add the recorded transitions with 4-frame stacks, the way SB3's DQN adds them."""
+def fill(buffer: ReplayBuffer, recording: Recording, frame_stack: int) -> float:
+    """Add the recorded transitions as ``frame_stack``-frame stacks, the way SB3's DQN adds them.
+
+    :return: seconds spent inside ``buffer.add``
+    """
     n_envs = recording.frames.shape[1]
     stacker = StackedObservations(
         n_envs, frame_stack, spaces.Box(0, 255, FRAME_SHAPE, np.uint8), channels_order="first"
     )
     obs = stacker.reset(recording.frames[0]).copy()
+    add_seconds = 0.0
     for step in range(len(recording.actions)):
         infos = [
             {"TimeLimit.truncated": bool(recording.truncated[step, i])}
@@ -96,6 +105,7 @@ def fill(buffer: ReplayBuffer, recording: Recording, frame_stack: int) -> None:
         for i, info in enumerate(infos):
             if recording.dones[step, i]:
                 next_obs[i] = info["terminal_observation"]
+        start = time.perf_counter()
         buffer.add(
             obs,
             next_obs,
@@ -104,7 +114,19 @@ def fill(buffer: ReplayBuffer, recording: Recording, frame_stack: int) -> None:
             recording.dones[step],
             infos,
         )
+        add_seconds += time.perf_counter() - start
         obs = new_obs.copy()
+    return add_seconds
+
+
+class DiscardingBuffer(ReplayBuffer):
+    """Stores nothing: its RSS growth is the cost of measuring (fork copy-on-write, frame stacker)."""
+
+    def __init__(self) -> None:
+        pass
+
+    def add(self, *args, **kwargs) -> None:
+        pass
 
 
 def array_bytes(buffer: ReplayBuffer) -> int:
@@ -121,37 +143,75 @@ def measure(
     batch_size: int,
     num_samples: int,
 ) -> dict[str, float]:
-    """Fill a fresh buffer and return its array bytes, RSS growth and mean sample time."""
-    gc.collect()
+    """Fill a fresh buffer; return its array bytes, RSS growth, mean add and sample times.
+
+    :param num_samples: number of timed ``sample`` calls; 0 skips sampling
+    """
     process = psutil.Process()
     rss_before = process.memory_info().rss
     buffer = make_buffer()
-    fill(buffer, recording, frame_stack)
+    add_us = fill(buffer, recording, frame_stack) / len(recording.actions) * 1e6
     rss_growth = process.memory_info().rss - rss_before
-    np.random.seed(0)
-    buffer.sample(batch_size)  # first call outside the timing
-    start = time.perf_counter()
-    for _ in range(num_samples):
-        buffer.sample(batch_size)
-    sample_us = (time.perf_counter() - start) / num_samples * 1e6
-    result = {"array_bytes": array_bytes(buffer), "rss_bytes": rss_growth, "sample_us": sample_us}
-    del buffer
-    gc.collect()
+    sample_us = float("nan")
+    if num_samples > 0:
+        np.random.seed(0)
+        buffer.sample(batch_size)  # first call outside the timing
+        round_means = []
+        for _ in range(TIMING_ROUNDS):
+            start = time.perf_counter()
+            for _ in range(num_samples // TIMING_ROUNDS):
+                buffer.sample(batch_size)
+            round_means.append((time.perf_counter() - start) / (num_samples // TIMING_ROUNDS))
+        sample_us = float(np.median(round_means)) * 1e6
+    return {
+        "array_bytes": array_bytes(buffer),
+        "rss_bytes": rss_growth,
+        "add_us": add_us,
+        "sample_us": sample_us,
+    }
+
+
+def measure_in_child(
+    make_buffer: Callable[[], ReplayBuffer],
+    recording: Recording,
+    frame_stack: int,
+    batch_size: int,
+    num_samples: int,
+) -> dict[str, float]:
+    """:func:`measure` in a forked child process, which shares the recording.
+
+    Each buffer then starts from the same memory state; in one process, the allocator can hand
+    a freed buffer's pages to the next one, and its RSS growth would read too small.
+    """
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(
+        target=lambda: results.put(measure(make_buffer, recording, frame_stack, batch_size, num_samples))
+    )
+    child.start()
+    result = results.get()
+    child.join()
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--game", default="Pong", help="Atari game played with random actions")
-    parser.add_argument(
-        "--transitions", type=int, default=20_000, help="transitions filled into each buffer"
-    )
+    parser.add_argument("--transitions", type=int, default=20_000, help="transitions filled into each buffer")
     parser.add_argument("--n-envs", type=int, default=1, help="parallel envs of the recording")
     parser.add_argument("--frame-stack", type=int, default=4, help="frames per observation")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of sample()")
     parser.add_argument("--samples", type=int, default=2_000, help="sample() calls timed")
     parser.add_argument("--seed", type=int, default=0, help="seed of env and actions")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads; sample() copies into torch tensors, and on a busy machine "
+        "several threads make that copy slow and noisy for every buffer alike",
+    )
     args = parser.parse_args()
+    th.set_num_threads(args.torch_threads)
 
     start = time.perf_counter()
     recording = record(args.game, args.transitions, args.n_envs, args.seed)
@@ -177,19 +237,23 @@ def main() -> None:
         ),
         "FrameReplayBuffer": lambda: FrameReplayBuffer(**buffer_kwargs),
     }
+    overhead_bytes = measure_in_child(DiscardingBuffer, recording, args.frame_stack, 0, 0)["rss_bytes"]
     results = {
-        name: measure(make, recording, args.frame_stack, args.batch_size, args.samples)
+        name: measure_in_child(make, recording, args.frame_stack, args.batch_size, args.samples)
         for name, make in buffers.items()
     }
+    for result in results.values():
+        result["rss_bytes"] -= overhead_bytes
 
     per_100k = 100_000 / num_transitions
     print(
         f"\nFilled with {num_transitions} transitions; per-100k and per-1M columns are that "
-        "measurement extrapolated linearly.\n"
+        "measurement extrapolated linearly.\nRSS: growth of the measuring process minus the "
+        f"{overhead_bytes / 1e6:.1f} MB it grows by when filling a buffer that stores nothing.\n"
     )
     header = (
         f"{'buffer':<28}{'arrays B/tr':>12}{'RSS B/tr':>10}{'arrays/100k':>13}"
-        f"{'arrays/1M':>11}{'RSS/1M':>9}{'sample(' + str(args.batch_size) + ')':>13}"
+        f"{'arrays/1M':>11}{'RSS/1M':>9}{'add()':>9}{'sample(' + str(args.batch_size) + ')':>13}"
     )
     print(header)
     print("-" * len(header))
@@ -201,6 +265,7 @@ def main() -> None:
             f"{result['array_bytes'] * per_100k / 1e9:>11.2f}GB"
             f"{result['array_bytes'] * 10 * per_100k / 1e9:>9.1f}GB"
             f"{result['rss_bytes'] * 10 * per_100k / 1e9:>7.1f}GB"
+            f"{result['add_us']:>7.0f}us"
             f"{result['sample_us']:>11.0f}us"
         )
 
@@ -210,6 +275,7 @@ def main() -> None:
         print(
             f"  {name:<26} arrays x{frame['array_bytes'] / results[name]['array_bytes']:.3f}, "
             f"RSS x{frame['rss_bytes'] / results[name]['rss_bytes']:.3f}, "
+            f"add time x{frame['add_us'] / results[name]['add_us']:.2f}, "
             f"sample time x{frame['sample_us'] / results[name]['sample_us']:.2f}"
         )
 

@@ -1,6 +1,7 @@
 """FrameReplayBuffer: SB3's replay buffer for stacked Atari frames, each frame stored once."""
 
 import copy
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -13,8 +14,10 @@ from spikeq.atari import make_env
 from spikeq.replay import FrameReplayBuffer
 
 
-def play(env: VecEnv, num_steps: int, buffers: list[ReplayBuffer], restart_at: int | None = None):
-    """Random play, each transition added to every buffer the way SB3's DQN adds it."""
+def play(
+    env: VecEnv, num_steps: int, buffers: list[ReplayBuffer], restart_at: int | None = None
+) -> Iterator[list[dict]]:
+    """Random play, each transition added to every buffer the way SB3's DQN adds it; yields infos."""
     env.action_space.seed(0)
     obs = env.reset()
     for step in range(num_steps):
@@ -45,19 +48,19 @@ def assert_same_samples(expected_buffer: ReplayBuffer, actual_buffer: ReplayBuff
 
 
 @pytest.mark.parametrize(
-    ("game", "channels_first", "handle_timeout_termination", "restart_at"),
+    ("channels_first", "handle_timeout_termination", "restart_at"),
     [
-        ("Breakout", True, True, None),  # channel-first: what SB3's DQN passes
-        ("Breakout", False, True, 150),  # channel-last: VecFrameStack's own layout
-        ("Breakout", True, False, 150),
+        (True, True, None),  # channel-first: what SB3's DQN passes
+        (False, True, 150),  # channel-last: VecFrameStack's own layout
+        (True, False, 150),
     ],
 )
 def test_samples_exactly_what_sb3_replay_buffer_samples(
-    game, channels_first, handle_timeout_termination, restart_at
+    channels_first, handle_timeout_termination, restart_at
 ):
-    # Two envs, short time limit, 100-transition buffers filled 6 times over: life losses,
-    # time-outs and wrap-around all occur.
-    env = make_env(game, n_envs=2, max_episode_steps=40, seed=1)
+    # Two Breakout envs, short time limit, 100-transition buffers filled 6 times over: life
+    # losses, time-outs and wrap-around all occur.
+    env = make_env("Breakout", n_envs=2, max_episode_steps=40, seed=1)
     if channels_first:
         env = VecTransposeImage(env)
     buffers = [
@@ -71,14 +74,15 @@ def test_samples_exactly_what_sb3_replay_buffer_samples(
         )
         for buffer_class in (ReplayBuffer, FrameReplayBuffer)
     ]
-    terminations = truncations = 0
+    life_losses = time_outs = 0
     for step, infos in enumerate(play(env, 300, buffers, restart_at)):
-        truncations += sum(info.get("TimeLimit.truncated", False) for info in infos)
-        terminations += sum("terminal_observation" in info for info in infos)
+        for info in infos:
+            time_outs += info.get("TimeLimit.truncated", False)
+            life_losses += "terminal_observation" in info and not info["TimeLimit.truncated"]
         if step % 20 == 0:
             assert_same_samples(*buffers, seed=step)
     assert_same_samples(*buffers, seed=0)
-    assert buffers[1].full and truncations > 0 and terminations > truncations
+    assert buffers[1].full and life_losses > 0 and time_outs > 0
     env.close()
 
 
@@ -89,6 +93,8 @@ def test_stores_about_one_frame_per_transition():
     for _ in play(env, 200, [frame_buffer]):
         pass
 
+    # Allocated bytes: the arrays are sized for full capacity up front (all but the frame
+    # buffer's small terminal-frame store, which grows with the episode ends).
     sb3_bytes = sum(array.nbytes for array in vars(sb3_buffer).values() if isinstance(array, np.ndarray))
     assert sb3_bytes / 2000 > 2 * 4 * 84 * 84  # obs and next_obs: 8 frames per transition
     assert frame_buffer.nbytes / 2000 < 1.1 * 84 * 84
@@ -120,6 +126,10 @@ def test_trains_sb3_dqn_on_pong_and_saves_and_loads_its_buffer(tmp_path):
     model.load_replay_buffer(tmp_path / "replay.pkl")
     assert model.replay_buffer is not trained_buffer
     assert_same_samples(trained_buffer, model.replay_buffer, seed=0)
+
+    # A new learn() resets the env mid-episode and keeps filling the loaded buffer.
+    model.learn(total_timesteps=40)
+    assert model.replay_buffer.size() == trained_buffer.size() + 40 // env.num_envs
     env.close()
 
 

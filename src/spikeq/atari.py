@@ -222,7 +222,9 @@ def make_env(
     the length in agent steps of the full game, also in the training env. ALE's own cap of
     108,000 frames (27,000 agent steps) still applies above ``max_episode_steps``.
 
-    :param game: short game name (``"Pong"``) or ALE id, see :func:`resolve_game`
+    :param game: short game name (``"Pong"``) or ALE id, see :func:`resolve_game`; an id with a
+        built-in frame skip (``"ALE/Pong-v5"``) gets frameskip=1 so that max-and-skip is the only
+        skip, and keeps its other settings (v5: sticky actions)
     :param n_envs: number of environments stepped together
     :param seed: seed of environment ``i`` is ``seed + i`` (its reset and its action space)
     :param train: ``True``: an episode ends at a lost life and rewards are clipped to their sign;
@@ -231,7 +233,8 @@ def make_env(
         presses on reset count towards it
     :param frame_stack: number of consecutive frames in one observation
     :param noop_max: at most this many no-op frames after a reset (at least 1); 0 disables them
-    :param vec_env: ``"dummy"`` (all envs in this process) or ``"subproc"`` (one process each)
+    :param vec_env: ``"dummy"`` (all envs in this process) or ``"subproc"`` (one process each;
+        a script that uses it needs the ``if __name__ == "__main__":`` guard of multiprocessing)
     :return: the vectorised, frame-stacked environment
     :raises ValueError: for an unknown game or an argument out of range
     """

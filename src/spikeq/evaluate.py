@@ -23,6 +23,7 @@ from types import TracebackType
 
 import imageio.v2 as imageio
 import numpy as np
+import torch
 from stable_baselines3 import DQN
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.policies import BasePolicy
@@ -81,7 +82,7 @@ class _EpisodeVideo:
 
 def _epsilon_greedy_actions(
     policy: BasePolicy,
-    meter: EnergyMeter,
+    meter: EnergyMeter | None,
     obs: np.ndarray,
     epsilon: float,
     rng: np.random.Generator,
@@ -93,7 +94,12 @@ def _epsilon_greedy_actions(
     greedy = ~explore
     if greedy.any():
         obs_tensor, _ = policy.obs_to_tensor(obs[greedy])
-        actions[greedy] = meter.q_values(obs_tensor).argmax(dim=1).cpu().numpy()
+        if meter is None:
+            with torch.inference_mode():
+                q_values = policy.q_net(obs_tensor)
+        else:
+            q_values = meter.q_values(obs_tensor)
+        actions[greedy] = q_values.argmax(dim=1).cpu().numpy()
     return actions
 
 
@@ -107,6 +113,7 @@ def evaluate_model(
     video_path: str | Path | None = None,
     progress: bool = True,
     game: str | None = None,
+    energy: bool = True,
 ) -> dict:
     """Play ``n_episodes`` epsilon-greedy episodes and measure scores and energy per action.
 
@@ -124,6 +131,8 @@ def evaluate_model(
         ``render_mode="rgb_array"`` envs)
     :param progress: show a progress bar over episodes
     :param game: game name for the human-normalised score (``None``: not computed)
+    :param energy: count spikes, SOPs and MACs of the greedy decisions (False: scores only, faster,
+        and the energy keys are absent)
     :return: ``scores`` (list), ``episode_lengths`` (agent steps), ``episodes``, ``score_mean``,
         ``score_std`` (population std), ``score_min``, ``score_max``, ``game``, ``human_normalized``
         (of the mean score), ``epsilon``, ``seed``, ``video_path`` and every key of
@@ -141,7 +150,7 @@ def evaluate_model(
     energy_model = load_energy_model(energy_model)
     policy = model.policy
     policy.set_training_mode(False)
-    meter = EnergyMeter(policy.q_net)
+    meter = EnergyMeter(policy.q_net) if energy else None
     rng = np.random.default_rng(seed)
     n_envs = env.num_envs
     targets = np.array([(n_episodes + i) // n_envs for i in range(n_envs)])
@@ -160,7 +169,7 @@ def evaluate_model(
         if seed is not None:
             env.seed(seed)
         obs = env.reset()
-        if video:
+        if video is not None:
             video.capture()
         while (finished < targets).any():
             actions = _epsilon_greedy_actions(policy, meter, obs, epsilon, rng)
@@ -180,15 +189,16 @@ def evaluate_model(
                     bar.set_postfix(score=score)
                 returns[i] = 0.0
                 lengths[i] = 0
-                if i == 0 and video:
+                if i == 0 and video is not None:
                     video.close()
-            if video:
+            if video is not None:
                 video.capture()
 
-    energy = meter.report(energy_model)
+    report = meter.report(energy_model) if meter is not None else {"assumptions": [], "decisions": None}
     score_mean = float(np.mean(scores))
     human = None
     if game is not None:
+        # Imported here: spikeq.atari loads ale_py, which only this score needs.
         from spikeq.atari import human_normalized
 
         human = human_normalized(game, score_mean)
@@ -197,7 +207,7 @@ def evaluate_model(
         "info['episode']['r'], else the sum of the env's rewards); score_std is the population "
         "standard deviation (ddof=0); episode_lengths are agent steps.",
         f"Actions: epsilon-greedy with epsilon={epsilon} per env and step; the energy statistics "
-        f"average over the {energy['decisions']} greedy decisions only (a random action runs no network).",
+        f"average over the {report['decisions']} greedy decisions only (a random action runs no network).",
     ]
     return {
         "episodes": len(scores),
@@ -212,6 +222,6 @@ def evaluate_model(
         "epsilon": epsilon,
         "seed": seed,
         "video_path": None if video_path is None else str(video_path),
-        **energy,
-        "assumptions": evaluation_assumptions + energy["assumptions"],
+        **report,
+        "assumptions": evaluation_assumptions + report["assumptions"],
     }

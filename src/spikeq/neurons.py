@@ -152,12 +152,15 @@ class SpikingLayer(nn.Module):
         :return: spikes and membrane potentials, both ``[T, B, ...]`` (spikes are all zero when
             ``fire`` is False)
         """
-        if current.shape[0] == 1 and num_steps > 1:
-            current = current.expand(num_steps, *current.shape[1:])
         if engine_name == "fused":
-            return engine.leaky_sequence(current * self.input_scale, self.leaky, fire=self.fire)
+            # A static current stays [1, B, ...]: the engine never expands it to T copies.
+            return engine.leaky_sequence(
+                current * self.input_scale, self.leaky, fire=self.fire, num_steps=num_steps
+            )
         if engine_name != "snntorch":
             raise ValueError(f"unknown engine {engine_name!r}; allowed: {', '.join(ENGINES)}")
+        if current.shape[0] == 1 and num_steps > 1:
+            current = current.expand(num_steps, *current.shape[1:])
         mem = torch.zeros_like(current[0])
         spikes, mems = [], []
         for current_t in current.unbind(0):

@@ -25,25 +25,35 @@ _INITIAL_TERMINAL_CAPACITY = 64
 class FrameReplayBuffer(ReplayBuffer):
     """Replay buffer for frame-stacked image observations, a drop-in ``replay_buffer_class``.
 
-    Layout (``N = buffer_size // n_envs`` rows, one transition per row and env, as in SB3)::
+    Layout, with ``N = buffer_size // n_envs`` rows (one transition per row and env, as in SB3),
+    ``k`` frames per stack and ``t`` the agent step (number of ``add`` calls) of a row::
 
-        frames    [N + k + 1, n_envs, H, W]  ring of frames; frame of agent step t in slot t % (N + k)
-        history   [N, n_envs]                how many older frames of the obs stack are real, 0..k-1
-        terminal  [n_envs per row id]        next_obs's newest frame when it is not the next ring frame
+        _frames          [N + k + 1, n_envs, H, W]  ring: the newest frame of the obs added at
+                                                    step t is in slot t % (N + k); the last slot
+                                                    is never written and stays zero
+        _history         [N, n_envs]                real frames before the newest one, 0..k-1
+        _terminal_id     [N, n_envs]                index of next_obs's newest frame in the
+                                                    terminal store, -1 when it is ring slot t + 1
+        _terminal_frames [capacity, H, W]           terminal store: grows by doubling, reuses the
+                                                    entries of overwritten rows
+        actions, rewards, dones, timeouts           as in SB3's ReplayBuffer
 
-    The observation of the transition added at step ``t`` is ``k - 1 - history`` zero frames (the
-    zero fill SB3's ``VecFrameStack`` puts in after a reset) followed by the ring frames of steps
-    ``t - history .. t``; its next observation is the same stack moved on by one frame, whose newest
-    frame is ring slot ``t + 1``, or, for a ``done`` transition, its terminal frame, kept in a small
-    separate store (the next stored observation already belongs to the next episode).
+    The observation of row ``t`` is ``k - 1 - history`` zero frames (the zero fill SB3's
+    ``VecFrameStack`` puts in after a reset) followed by the ring frames of steps
+    ``t - history .. t``. Its next observation is the same stack moved on by one frame; the newest
+    frame is ring slot ``t + 1``, except for a ``done`` transition, whose terminal frame is kept in
+    the terminal store (ring slot ``t + 1`` gets the first frame of the next episode). There are
+    no ``observations`` / ``next_observations`` arrays.
 
     Wrap-around: the ring holds ``k`` frames more than there are rows, so the ``k - 1`` older frames
     of the oldest row and the next frame of the newest row are never overwritten. Every row SB3
-    would sample is therefore valid, and sampling is SB3's own (same random draws, same rows).
+    would sample is therefore complete, and sampling is SB3's own: the same random draws pick the
+    same (row, env) pairs as in SB3's ``ReplayBuffer``.
 
     ``add`` checks that the buffer rebuilds the observation and next observation it is given
     exactly and raises ``ValueError`` otherwise, e.g. for observations that are not a frame stack.
-    An env reset without ``done`` (a second ``learn()`` call) is recognised by the zero-filled stack.
+    An env reset without ``done`` (a second ``learn()`` call) is recognised by its zero-filled
+    stack; the next frame of the row before it then moves to the terminal store.
 
     The stack axis is the smallest axis of the 3-D observation space, as SB3 decides for images
     (``is_image_space_channels_first``): ``(k, 84, 84)`` after SB3's ``VecTransposeImage`` (what DQN
@@ -118,7 +128,7 @@ class FrameReplayBuffer(ReplayBuffer):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of all arrays the buffer holds (frames, terminal frames and per-row metadata)."""
+        """Bytes allocated by the buffer's arrays: frames, terminal frames, per-row metadata."""
         arrays = (
             self._frames,
             self._terminal_frames,
@@ -173,8 +183,8 @@ class FrameReplayBuffer(ReplayBuffer):
         if previous_row != self.pos:
             for env in np.flatnonzero(restarted):
                 self._terminal_id[previous_row, env] = self._store_terminal(self._frames[slot, env])
-        for terminal_id in self._terminal_id[self.pos][self._terminal_id[self.pos] >= 0]:
-            self._terminal_free.append(int(terminal_id))
+        overwritten_ids = self._terminal_id[self.pos]
+        self._terminal_free.extend(overwritten_ids[overwritten_ids >= 0].tolist())
         self._terminal_id[self.pos] = -1
 
         self._frames[slot] = obs_frames[:, -1]
@@ -210,14 +220,13 @@ class FrameReplayBuffer(ReplayBuffer):
             np.minimum(histories + 1, self.frame_stack - 1),
             self._terminal_id[batch_inds, env_indices],
         )
+        # A time-out is not a terminal state: its next value is bootstrapped.
+        not_timeout = 1 - self.timeouts[batch_inds, env_indices]
         data = (
             self._normalize_obs(self._from_frames(obs), env),
             self.actions[batch_inds, env_indices, :],
             self._normalize_obs(self._from_frames(next_obs), env),
-            # A time-out is not a terminal state: its next value is bootstrapped.
-            (self.dones[batch_inds, env_indices] * (1 - self.timeouts[batch_inds, env_indices])).reshape(
-                -1, 1
-            ),
+            (self.dones[batch_inds, env_indices] * not_timeout).reshape(-1, 1),
             self._normalize_reward(self.rewards[batch_inds, env_indices].reshape(-1, 1), env),
         )
         return ReplayBufferSamples(*tuple(map(self.to_torch, data)))
@@ -262,6 +271,7 @@ class FrameReplayBuffer(ReplayBuffer):
         Nothing is written before every env has passed, so a rejected ``add`` changes nothing.
         """
         envs = np.arange(self.n_envs)
+        # The stack each env shows if it goes on with its episode.
         continued = self._stacks(np.full(self.n_envs, step), envs, np.maximum(self._next_history, 0))
         histories = np.zeros(self.n_envs, dtype=np.int64)
         restarted = np.zeros(self.n_envs, dtype=bool)

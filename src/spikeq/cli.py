@@ -1,0 +1,177 @@
+"""The ``spikeq`` command. Each subcommand is a thin wrapper over the library functions.
+
+    spikeq train --game Pong --model dsqn --preset paper [--any-config-field VALUE ...]
+    spikeq train --resume RUN_DIR
+    spikeq evaluate CHECKPOINT [--episodes 30] [--epsilon 0.05] [--out result.json] [--video ep.mp4]
+    spikeq export CHECKPOINT.zip OUT      (weights-only .safetensors + .json, safe to share)
+
+Bad input ends with a one-line error and exit code 2. W&B sweep agents call
+``python -m spikeq.cli train --key=value ...``: every config field is accepted with underscores or
+dashes, booleans as ``True``/``False``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, NoReturn
+
+from spikeq.config import MODELS, PRESETS, ConfigError, TrainConfig, from_dict, resolve
+
+# Fields with their own options below, or that only presets set.
+_SPECIAL = {"game", "model", "preset", "tags"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; allowed: true, false")
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "null", "") else float(text)
+
+
+def _converter(annotation: Any) -> Any:
+    hints = {"int": int, "float": float, "str": str, "bool": _bool, "float | None": _optional_float}
+    if isinstance(annotation, str):
+        return hints.get(annotation, str)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return _optional_float
+    return {int: int, float: float, bool: _bool}.get(annotation, str)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a DSQN or a baseline on an Atari game")
+    p.add_argument("--game", help="ALE game, e.g. Pong or PongNoFrameskip-v4 (default Pong)")
+    p.add_argument("--model", help=f"one of {', '.join(MODELS)} (default dsqn)")
+    p.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default paper)")
+    p.add_argument("--tags", help="comma-separated W&B tags")
+    p.add_argument("--run-dir", "--run_dir", type=Path, help="run directory (default runs/<name>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its checkpoint")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    for f in fields(TrainConfig):
+        if f.name in _SPECIAL:
+            continue
+        options = [f"--{f.name.replace('_', '-')}"]
+        if "_" in f.name:
+            options.append(f"--{f.name}")
+        p.add_argument(*options, dest=f.name, type=_converter(f.type), help="default: the preset's value")
+    p.set_defaults(handler=_train)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values = {f.name: getattr(args, f.name, None) for f in fields(TrainConfig) if f.name not in _SPECIAL}
+    overrides = {k: v for k, v in values.items() if v is not None}
+    if args.game is not None:
+        overrides["game"] = args.game
+    if args.tags is not None:
+        overrides["tags"] = [t for t in args.tags.split(",") if t]
+    return overrides
+
+
+def _print_config(config: TrainConfig) -> None:
+    width = max(len(k) for k in config.to_dict())
+    print("spikeq train: resolved config")
+    for key, value in config.to_dict().items():
+        print(f"  {key:<{width}}  {value}")
+    sys.stdout.flush()
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """The config of a new run, or of the run being resumed with the overrides given."""
+    overrides = _overrides(args)
+    if args.resume is None:
+        return resolve(args.preset or "paper", args.model or "dsqn", **overrides)
+    config_file = args.resume / "config.yaml"
+    if not config_file.exists():
+        raise ConfigError(f"cannot resume: {config_file} not found (is {args.resume} a spikeq run?)")
+    saved = TrainConfig.load(config_file)
+    for key in ("game", "model", "preset"):
+        given = overrides.get(key, getattr(args, key))
+        if given is not None and given != getattr(saved, key):
+            raise ConfigError(
+                f"--{key} {given} does not match the run being resumed ({key}={getattr(saved, key)})"
+            )
+    config = from_dict({**saved.to_dict(), **{k: v for k, v in overrides.items() if k != "game"}}).validate()
+    config.save(config_file)
+    return config
+
+
+def _train(args: argparse.Namespace) -> int:
+    from spikeq.train import open_run
+
+    try:
+        config = _train_config(args)
+        _print_config(config)
+        trainer = open_run(
+            config, run_dir=args.resume or args.run_dir, force=args.force, resume=bool(args.resume)
+        )
+    except ValueError as error:  # ConfigError, or a bad game / space found while opening the run
+        raise ConfigError(str(error).splitlines()[0]) from None
+    try:
+        print(f"run directory: {trainer.run_dir}  (W&B: {trainer.tracker.mode})", flush=True)
+        result = trainer.run()
+    finally:
+        trainer.close()
+    print(result.message, file=sys.stderr if result.exit_code else sys.stdout)
+    return result.exit_code
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write an SB3 zip as weights-only .safetensors + .json")
+    p.add_argument("checkpoint", type=Path, help="SB3 model zip (e.g. runs/.../checkpoints/best.zip)")
+    p.add_argument("out", type=Path, help="output stem: OUT.safetensors and OUT.json are written")
+    p.set_defaults(handler=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from stable_baselines3 import DQN
+
+    from spikeq import checkpoints
+
+    if not args.checkpoint.exists():
+        raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
+    model = DQN.load(args.checkpoint, device="cpu", custom_objects={"buffer_size": 1})
+    config_file = args.checkpoint.parent.parent / "config.yaml"
+    config = TrainConfig.load(config_file).to_dict() if config_file.exists() else {}
+    for path in checkpoints.export_weights(model, args.out, config):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``spikeq`` argument parser."""
+    parser = _Parser(prog="spikeq", description="Deep spiking Q-networks on Atari (snnTorch + SB3).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train(sub)
+    _add_export(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``spikeq`` console script."""
+    import spikeq  # noqa: F401  (registers SpikingPolicy)
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"spikeq {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""One typed experiment config: presets, models, YAML, command-line overrides and validation.
+
+A run's config is ``preset`` values, then the ``model``'s network choices, then explicit overrides,
+in that order; the resolved config is printed at the start of a run and saved as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spikeq.network import NetworkSpec
+
+MODELS: dict[str, dict[str, Any]] = {
+    # The paper's DSQN and its ablations (Liu et al. 2022), plus Chen et al.'s max-membrane readout.
+    "dsqn": dict(neuron="lif", readout="rate"),
+    "dsqn-if": dict(neuron="if", readout="rate"),
+    "dsqn-spike": dict(neuron="lif", readout="spike"),
+    "dsqn-mem": dict(neuron="lif", readout="max_mem"),
+    # The ANN with the same torso: SB3's CnnPolicy (NatureCNN + Linear).
+    "dqn": dict(),
+}
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names it and what is allowed."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. Defaults are the paper's protocol (REFERENCE: Liu et al. 2022).
+
+    :param game: ALE game, short (``Pong``) or full id (``PongNoFrameskip-v4``)
+    :param model: one of ``MODELS``
+    :param preset: the preset the run started from (``paper``, ``zoo``, ``smoke``)
+    :param seed: seed of the networks, exploration and environments
+    :param device: ``auto`` (a GPU when present), ``cpu``, ``cuda``, ``cuda:1`` ...
+    :param steps: agent steps to train for (paper: 50M = 200M frames)
+    :param n_envs: parallel training environments
+    :param num_steps: T, simulation steps of the spiking network (paper: 64)
+    :param tau: LIF membrane time constant (paper: 2.0)
+    :param threshold: firing threshold (paper: 1.0)
+    :param surrogate: surrogate gradient (paper: atan, alpha 2)
+    :param surrogate_slope: its shape parameter (None: default)
+    :param encoder: ``direct`` (paper) or ``poisson``
+    :param engine: ``fused`` or ``snntorch``
+    :param neuron: set by ``model`` unless overridden: ``lif`` or ``if``
+    :param readout: set by ``model`` unless overridden
+    :param learning_rate: Adam learning rate (paper: 1e-4)
+    :param batch_size: minibatch size (paper: 32)
+    :param buffer_size: replay capacity in transitions (paper: 1M)
+    :param learning_starts: agent steps before training starts (paper: 50k)
+    :param train_freq: agent steps between gradient updates (paper: 4)
+    :param gradient_steps: gradient updates each time
+    :param target_update_interval: agent steps between target-network copies (paper: 10k)
+    :param gamma: discount (paper: 0.99)
+    :param exploration_initial_eps: epsilon at the start (paper: 1.0)
+    :param exploration_final_eps: epsilon after the decay (paper: 0.1)
+    :param exploration_steps: agent steps of the linear epsilon decay (paper: 1M)
+    :param max_grad_norm: gradient-norm clip (paper: none, i.e. inf)
+    :param frame_replay: store each frame once in replay (FrameReplayBuffer), ~7 GB for 1M
+    :param eval_freq: agent steps between evaluations (paper: 250k)
+    :param eval_episodes: episodes per evaluation (paper: 30)
+    :param eval_epsilon: epsilon during evaluation (paper: 0.05)
+    :param final_eval_episodes: episodes of the final evaluation of the best checkpoint (paper: 30)
+    :param max_episode_steps: agent-step limit of an episode (paper: 18,000)
+    :param checkpoint_freq: agent steps between checkpoints
+    :param save_replay: include the replay buffer in checkpoints (exact resume, large on disk)
+    :param wandb: ``auto`` (online when logged in, else offline), ``online``, ``offline``, ``disabled``
+    :param wandb_project: W&B project name
+    :param tags: W&B tags
+    :param out_dir: parent folder of run directories
+    """
+
+    game: str = "Pong"
+    model: str = "dsqn"
+    preset: str = "paper"
+    seed: int = 0
+    device: str = "auto"
+    steps: int = 50_000_000
+    n_envs: int = 1
+    num_steps: int = 64
+    tau: float = 2.0
+    threshold: float = 1.0
+    surrogate: str = "atan"
+    surrogate_slope: float | None = None
+    encoder: str = "direct"
+    engine: str = "fused"
+    neuron: str = "lif"
+    readout: str = "rate"
+    learning_rate: float = 1e-4
+    batch_size: int = 32
+    buffer_size: int = 1_000_000
+    learning_starts: int = 50_000
+    train_freq: int = 4
+    gradient_steps: int = 1
+    target_update_interval: int = 10_000
+    gamma: float = 0.99
+    exploration_initial_eps: float = 1.0
+    exploration_final_eps: float = 0.1
+    exploration_steps: int = 1_000_000
+    max_grad_norm: float = math.inf
+    frame_replay: bool = True
+    eval_freq: int = 250_000
+    eval_episodes: int = 30
+    eval_epsilon: float = 0.05
+    final_eval_episodes: int = 30
+    max_episode_steps: int = 18_000
+    checkpoint_freq: int = 250_000
+    save_replay: bool = False
+    wandb: str = "auto"
+    wandb_project: str = "spikeq"
+    tags: list[str] = field(default_factory=list)
+    out_dir: str = "runs"
+
+    @property
+    def spiking(self) -> bool:
+        """Whether the model is a spiking network (everything but ``dqn``)."""
+        return self.model != "dqn"
+
+    def network_spec(self) -> NetworkSpec:
+        """The spiking network's hyperparameters (validated)."""
+        return NetworkSpec(
+            num_steps=self.num_steps,
+            neuron=self.neuron,
+            tau=self.tau,
+            threshold=self.threshold,
+            surrogate=self.surrogate,
+            surrogate_slope=self.surrogate_slope,
+            encoder=self.encoder,
+            readout=self.readout,
+            engine=self.engine,
+        )
+
+    def validate(self) -> TrainConfig:
+        """Check every value; raise ``ConfigError`` naming the first bad one. Returns self."""
+        if self.model not in MODELS:
+            raise ConfigError(f"unknown model {self.model!r}; allowed: {', '.join(MODELS)}")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; allowed: {', '.join(PRESETS)}")
+        if self.wandb not in WANDB_MODES:
+            raise ConfigError(f"unknown wandb mode {self.wandb!r}; allowed: {', '.join(WANDB_MODES)}")
+        for name in (
+            "steps", "n_envs", "batch_size", "buffer_size", "train_freq", "gradient_steps",
+            "target_update_interval", "eval_freq", "eval_episodes", "final_eval_episodes",
+            "max_episode_steps", "checkpoint_freq",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        for name in ("learning_starts", "exploration_steps", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name}={value!r} must be an integer >= 0")
+        if self.buffer_size < self.batch_size:
+            raise ConfigError(
+                f"buffer_size={self.buffer_size} is smaller than batch_size={self.batch_size}: "
+                "a minibatch could never be sampled"
+            )
+        for name in ("exploration_initial_eps", "exploration_final_eps", "eval_epsilon", "gamma"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name}={value!r} must lie in [0, 1]")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate={self.learning_rate!r} must be > 0")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm={self.max_grad_norm!r} must be > 0 (inf: no clipping)")
+        if self.spiking:
+            try:
+                self.network_spec()
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for YAML, JSON and W&B."""
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        """Write the config as YAML."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        """Read a config written by ``save`` (unknown keys are an error)."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return from_dict(data)
+
+
+def from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Build a config from plain data, naming unknown keys."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+    return TrainConfig(**data)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Liu et al. 2022 and its reference code: every hyperparameter of REFERENCE.md sections 1-2.
+    "paper": {},
+    # rl-baselines3-zoo's Atari DQN (hyperparams/dqn.yml): 10M steps, eps 1 -> 0.01 over 10%.
+    "zoo": dict(
+        steps=10_000_000,
+        buffer_size=100_000,
+        learning_rate=1e-4,
+        batch_size=32,
+        learning_starts=100_000,
+        target_update_interval=1_000,
+        train_freq=4,
+        exploration_final_eps=0.01,
+        exploration_steps=1_000_000,
+        max_grad_norm=10.0,
+    ),
+    # A tiny end-to-end run (about a minute on a 2-core CPU): every part of the pipeline, no learning.
+    "smoke": dict(
+        steps=1_200,
+        num_steps=4,
+        buffer_size=2_000,
+        batch_size=16,
+        learning_starts=400,
+        train_freq=8,
+        target_update_interval=200,
+        exploration_steps=600,
+        eval_freq=600,
+        eval_episodes=2,
+        final_eval_episodes=2,
+        max_episode_steps=300,
+        checkpoint_freq=300,
+        save_replay=True,
+    ),
+}
+
+
+def resolve(preset: str = "paper", model: str = "dsqn", **overrides: Any) -> TrainConfig:
+    """The config of a run: preset values, then the model's network, then ``overrides``.
+
+    :param preset: one of ``PRESETS``
+    :param model: one of ``MODELS``
+    :param overrides: any ``TrainConfig`` field
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    if model not in MODELS:
+        raise ConfigError(f"unknown model {model!r}; allowed: {', '.join(MODELS)}")
+    data = {**PRESETS[preset], **MODELS[model], **overrides, "preset": preset, "model": model}
+    return from_dict(data).validate()
+
+
+def override(config: TrainConfig, **changes: Any) -> TrainConfig:
+    """A copy of ``config`` with ``changes`` applied and validated."""
+    return replace(config, **changes).validate()

@@ -1,0 +1,174 @@
+"""Evaluating DQN agents on a real Atari game: scores, energy per action, and a video of an episode.
+
+Episodes are cut at 200 agent steps (800 emulator frames) so that a Pong game ends quickly.
+"""
+
+import math
+
+import ale_py
+import gymnasium
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import DQN
+from stable_baselines3.common.env_util import make_atari_env
+from stable_baselines3.common.vec_env import VecFrameStack
+
+import spikeq  # noqa: F401 (registers "SpikingPolicy" with DQN)
+from spikeq.evaluate import evaluate_model
+
+gymnasium.register_envs(ale_py)
+
+MAX_AGENT_STEPS = 200
+CONV1_MACS = 32 * 20 * 20 * (4 * 8 * 8)
+# Nature CNN: conv1 + conv2 64*9*9*(32*4*4) + conv3 64*7*7*(64*3*3) + fc1 3136*512 + fc2 512*6
+NATURE_MACS = CONV1_MACS + 64 * 9 * 9 * 32 * 4 * 4 + 64 * 7 * 7 * 64 * 3 * 3 + 3136 * 512 + 512 * 6
+NEURONS = {"conv1": 32 * 20 * 20, "conv2": 64 * 9 * 9, "conv3": 64 * 7 * 7, "fc1": 512}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # Batch-1 forward passes are fastest single-threaded on a busy 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pong(render_mode: str | None = "rgb_array"):
+    """The evaluation env: full game (no life-loss ends), raw rewards, 4 stacked 84x84 frames."""
+    env = make_atari_env(
+        "PongNoFrameskip-v4",
+        n_envs=1,
+        seed=0,
+        wrapper_kwargs={"terminal_on_life_loss": False, "clip_reward": False},
+        # the time limit counts emulator frames: 4 per agent step (frame skip)
+        env_kwargs={"max_episode_steps": 4 * MAX_AGENT_STEPS, "render_mode": render_mode},
+    )
+    return VecFrameStack(env, n_stack=4)
+
+
+@pytest.fixture(scope="module")
+def env():
+    env = pong()
+    yield env
+    env.close()
+
+
+def check_scores(result: dict, n_episodes: int) -> None:
+    scores = result["scores"]
+    assert result["episodes"] == len(scores) == len(result["episode_lengths"]) == n_episodes
+    assert all(isinstance(score, float) and -21 <= score <= 21 for score in scores)
+    assert result["score_mean"] == pytest.approx(np.mean(scores))
+    assert result["score_std"] == pytest.approx(np.std(scores))
+    assert (result["score_min"], result["score_max"]) == (min(scores), max(scores))
+    assert all(0 < length <= MAX_AGENT_STEPS for length in result["episode_lengths"])
+    # Pong's human-normalised score: (score - random) / (human - random), random -20.7, human 14.6
+    assert result["human_normalized"] == pytest.approx((result["score_mean"] + 20.7) / (14.6 + 20.7))
+    # About 95% of the steps are greedy at epsilon = 0.05; only those are counted.
+    steps = sum(result["episode_lengths"])
+    assert 0.85 * steps < result["decisions"] <= steps
+    assert result["energy_model"]["name"] == "45nm"
+    assert (result["energy_model"]["pj_per_mac"], result["energy_model"]["pj_per_sop"]) == (4.6, 0.9)
+    assert all(isinstance(line, str) and line for line in result["assumptions"])
+
+
+def test_a_spiking_dqn(env):
+    model = DQN("SpikingPolicy", env, policy_kwargs={"num_steps": 4}, buffer_size=1000, seed=0)
+    # An untrained DSQN barely spikes; stronger weights make every layer fire (about 10%).
+    with torch.no_grad():
+        for layer in model.policy.q_net.modules():
+            if isinstance(layer, torch.nn.Conv2d | torch.nn.Linear):
+                layer.weight *= 8
+    result = evaluate_model(model, env, n_episodes=2, epsilon=0.05, seed=0, progress=False, game="Pong")
+    check_scores(result, 2)
+    assert result["num_steps"] == 4
+
+    rates, spikes = result["firing_rate"], result["spikes_per_layer"]
+    assert set(rates) == set(NEURONS)
+    assert all(0 < rate < 1 for rate in rates.values())
+    for layer, rate in rates.items():
+        assert spikes[layer] == pytest.approx(rate * NEURONS[layer] * 4)  # rate = spikes / (neurons * T)
+    assert result["spikes_per_action"] == pytest.approx(sum(spikes.values()))
+
+    # conv1 gets the analog frames once per decision; every other layer gets spikes.
+    assert result["macs_per_layer"] == {"conv1": CONV1_MACS}
+    assert result["macs_per_action"] == CONV1_MACS
+    sops = result["sops_per_layer"]
+    assert set(sops) == {"conv2", "conv3", "fc1", "fc2"}
+    assert sops["fc1"] == pytest.approx(spikes["conv3"] * 512)  # a Linear input spike reaches all outputs
+    assert sops["fc2"] == pytest.approx(spikes["fc1"] * 6)  # the readout: n_actions per fc1 spike
+    # A conv2 input (k4 s2) lies in at most 2x2 windows of 64 channels, a conv3 input (k3 s1) in 3x3.
+    assert 0 < sops["conv2"] <= spikes["conv1"] * 4 * 64
+    assert 0 < sops["conv3"] <= spikes["conv2"] * 9 * 64
+    assert result["sops_per_action"] == pytest.approx(sum(sops.values()))
+
+    energy = 4.6 * result["macs_per_action"] + 0.9 * result["sops_per_action"]
+    assert result["energy_pj_per_action"] == pytest.approx(energy, rel=1e-12)
+    assert result["ann_energy_pj_per_action"] == pytest.approx(4.6 * NATURE_MACS, rel=1e-12)
+    assert result["energy_ratio"] == pytest.approx(energy / (4.6 * NATURE_MACS), rel=1e-12)
+
+
+def test_an_ann_dqn(env):
+    model = DQN("CnnPolicy", env, buffer_size=1000, seed=0)
+    result = evaluate_model(model, env, n_episodes=2, epsilon=0.05, seed=0, progress=False, game="Pong")
+    check_scores(result, 2)
+    assert result["num_steps"] is None
+    assert result["firing_rate"] == {}
+    assert result["spikes_per_action"] == result["sops_per_action"] == 0
+    assert result["macs_per_action"] == NATURE_MACS
+    assert result["energy_pj_per_action"] == pytest.approx(4.6 * NATURE_MACS, rel=1e-12)
+    assert result["energy_pj_per_action"] == result["ann_energy_pj_per_action"]
+    assert result["energy_ratio"] == 1.0
+
+
+def test_the_same_seed_gives_the_same_evaluation(env):
+    model = DQN("CnnPolicy", env, buffer_size=1000, seed=0)
+    first, second = (
+        evaluate_model(model, env, n_episodes=1, epsilon=0.5, seed=3, progress=False) for _ in range(2)
+    )
+    assert first["scores"] == second["scores"]
+    assert first["decisions"] == second["decisions"]
+
+
+def test_without_greedy_decisions_the_energy_is_not_a_number(env):
+    model = DQN("CnnPolicy", env, buffer_size=1000, seed=0)
+    result = evaluate_model(model, env, n_episodes=1, epsilon=1.0, seed=0, progress=False)
+    assert result["decisions"] == 0
+    assert math.isnan(result["energy_pj_per_action"])
+
+
+def test_a_video_of_the_first_episode(env, tmp_path):
+    model = DQN("CnnPolicy", env, buffer_size=1000, seed=0)
+    path = tmp_path / "videos" / "pong.mp4"
+    result = evaluate_model(model, env, n_episodes=1, seed=0, video_path=path, progress=False)
+    assert result["video_path"] == str(path)
+    assert path.stat().st_size > 0
+    with imageio.get_reader(path) as video:
+        frames = list(video.iter_data())
+    # One RGB screen of the emulator per agent step, from the reset to the last step before the end.
+    assert len(frames) == result["episode_lengths"][0]
+    assert frames[0].shape == (210, 160, 3)
+
+
+def test_a_video_needs_rgb_frames(tmp_path):
+    no_frames = pong(render_mode=None)
+    model = DQN("CnnPolicy", no_frames, buffer_size=1000, seed=0)
+    with pytest.raises(ValueError, match="render_mode is None; allowed: 'rgb_array'"):
+        evaluate_model(model, no_frames, n_episodes=1, video_path=tmp_path / "x.mp4", progress=False)
+    no_frames.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"n_episodes": 0}, "n_episodes=0 must be an integer >= 1"),
+        ({"epsilon": 1.5}, r"epsilon=1.5 must lie in \[0, 1\]"),
+        ({"energy_model": "65nm"}, "unknown energy model '65nm'"),
+    ],
+)
+def test_bad_arguments(env, kwargs, error):
+    model = DQN("CnnPolicy", env, buffer_size=1000, seed=0)
+    with pytest.raises(ValueError, match=error):
+        evaluate_model(model, env, progress=False, **kwargs)

@@ -1,0 +1,196 @@
+"""The training pipeline end to end: the real ``spikeq`` CLI on real ALE Pong with the smoke preset."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spikeq import cli
+from spikeq.config import PRESETS, resolve
+
+SPIKEQ = [sys.executable, "-m", "spikeq.cli"]
+
+
+def spikeq(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return subprocess.run([*SPIKEQ, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def eval_rows(run_dir: Path) -> list[dict]:
+    with (run_dir / "eval.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def smoke_steps() -> list[int]:
+    smoke = PRESETS["smoke"]
+    return list(range(smoke["eval_freq"], smoke["steps"] + 1, smoke["eval_freq"]))
+
+
+@pytest.mark.parametrize("model", ["dsqn", "dqn"])
+def test_smoke_run_writes_a_complete_run_directory(tmp_path, model):
+    run_dir = tmp_path / "run"
+    done = spikeq("train", "--game", "Pong", "--model", model, "--preset", "smoke", "--run-dir", str(run_dir))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resolved config" in done.stdout and "finished 1,200 steps" in done.stdout
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["game"] == "Pong" and config["model"] == model and config["preset"] == "smoke"
+    assert config["num_steps"] == PRESETS["smoke"]["num_steps"]
+
+    rows = eval_rows(run_dir)
+    assert [int(r["step"]) for r in rows] == smoke_steps()
+    for row in rows:
+        assert -21 <= float(row["score_mean"]) <= 21 and int(row["episodes"]) == 2
+        assert row["human_normalized"] != ""
+
+    ckpt = run_dir / "checkpoints"
+    latest = ckpt / (ckpt / "latest").read_text().strip()
+    assert latest.name == "step-1200" and (latest / "model.zip").exists() and (latest / "replay.pkl").exists()
+    assert json.loads((latest / "trainer.json").read_text())["num_timesteps"] == 1200
+    for name in ("best.zip", "best.safetensors", "best.json"):
+        assert (ckpt / name).exists(), name
+
+    with (run_dir / "train.csv").open() as f:
+        train_rows = list(csv.DictReader(f))
+    assert any(r.get("train/loss") for r in train_rows), "SB3's training scalars reach train.csv"
+    assert any(r.get("eval/score_mean") for r in train_rows)
+
+    result = json.loads((run_dir / "evaluation.json").read_text())
+    assert result["episodes"] == 2 and result["model"] == model and result["game"] == "Pong"
+    assert (result["spikes_per_action"] > 0) == (model == "dsqn")
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_sigterm_checkpoints_and_resume_finishes_every_evaluation_once(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    args = ["train", "--preset", "smoke", "--steps", "1800", "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(
+        [*SPIKEQ, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    deadline = time.time() + 300
+    # Interrupt once the first evaluation is written, well before the end.
+    while time.time() < deadline and not ((run_dir / "eval.csv").exists() and eval_rows(run_dir)):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "interrupted by SIGTERM" in err and f"--resume {run_dir}" in err
+    interrupted_at = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
+    assert 600 <= interrupted_at < 1800
+
+    done = spikeq("train", "--resume", str(run_dir))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "finished 1,800 steps" in done.stdout
+    assert [int(r["step"]) for r in eval_rows(run_dir)] == [600, 1200, 1800]
+    assert json.loads((run_dir / "evaluation.json").read_text())["episodes"] == 2
+
+
+def test_wandb_offline_run_holds_the_config_and_the_evaluation(tmp_path):
+    run_dir = tmp_path / "run"
+    done = spikeq(
+        "train", "--preset", "smoke", "--steps", "600", "--run-dir", str(run_dir), "--wandb", "offline"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    inspect = subprocess.run(
+        [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(wandb_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert inspect.returncode == 0, inspect.stderr
+    text = inspect.stdout
+    assert "eval/score_mean" in text
+    assert '"smoke"' in text or "smoke" in text  # the preset, from the stored config
+    assert "num_steps" in text and "exploration_final_eps" in text
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--game", "Pongg"], "unknown game 'Pongg'"),
+        (["--model", "snn"], "unknown model 'snn'; allowed: dsqn, dsqn-if, dsqn-spike, dsqn-mem, dqn"),
+        (["--preset", "fast"], "unknown preset 'fast'; allowed: paper, zoo, smoke"),
+        (["--steps", "0"], "steps=0 must be a positive integer"),
+        (["--steps", "-5"], "steps=-5 must be a positive integer"),
+        (["--num-steps", "0"], "num_steps=0 must be >= 1"),
+        (["--buffer-size", "8", "--batch-size", "32"], "buffer_size=8 is smaller than batch_size=32"),
+        (["--surrogate", "relu"], "unknown surrogate 'relu'"),
+        (["--wandb", "cloud"], "unknown wandb mode 'cloud'"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+    ],
+)
+def test_bad_training_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, message):
+    code = cli.main(["train", "--preset", "smoke", "--out-dir", str(tmp_path), *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not list(tmp_path.iterdir()), "nothing is created for a bad command"
+
+
+def test_unknown_game_suggests_close_names(capsys, tmp_path):
+    assert cli.main(["train", "--game", "Breakot", "--out-dir", str(tmp_path)]) == 2
+    assert "Breakout" in capsys.readouterr().err
+
+
+def test_cli_errors_have_no_traceback_in_a_real_process(tmp_path):
+    done = spikeq("train", "--game", "Pongg", "--out-dir", str(tmp_path))
+    assert done.returncode == 2
+    assert done.stderr.startswith("spikeq train: error: unknown game 'Pongg'")
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_resume_errors(tmp_path, capsys):
+    assert cli.main(["train", "--resume", str(tmp_path / "missing")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    resolve("smoke", "dsqn").save(run_dir / "config.yaml")
+    assert cli.main(["train", "--resume", str(run_dir)]) == 2
+    assert "no checkpoint to resume" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", str(run_dir), "--game", "Breakout"]) == 2
+    assert "--game Breakout does not match the run being resumed (game=Pong)" in capsys.readouterr().err
+
+
+def test_existing_run_directory_is_never_overwritten_without_force(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("keep me")
+    assert cli.main(["train", "--preset", "smoke", "--run-dir", str(run_dir)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (run_dir / "notes.txt").read_text() == "keep me"
+
+
+def test_unwritable_output_directory(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert cli.main(["train", "--preset", "smoke", "--out-dir", str(blocker / "runs")]) == 2
+    assert "cannot write to output directory" in capsys.readouterr().err
+
+
+def test_presets_and_overrides_resolve_in_order():
+    config = resolve("zoo", "dsqn-if", learning_rate=3e-4)
+    assert config.buffer_size == 100_000 and config.exploration_final_eps == 0.01  # zoo
+    assert config.neuron == "if"  # model
+    assert config.learning_rate == 3e-4  # override
+    paper = resolve("paper", "dsqn")
+    assert (paper.steps, paper.buffer_size, paper.learning_starts, paper.target_update_interval) == (
+        50_000_000, 1_000_000, 50_000, 10_000
+    )  # fmt: skip
+    assert (paper.num_steps, paper.eval_freq, paper.eval_episodes, paper.eval_epsilon) == (
+        64,
+        250_000,
+        30,
+        0.05,
+    )

@@ -11,16 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SPIKEQ
+from conftest import run_spikeq as spikeq
 
 from spikeq import cli
 from spikeq.config import PRESETS, resolve
-
-SPIKEQ = [sys.executable, "-m", "spikeq.cli"]
-
-
-def spikeq(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    return subprocess.run([*SPIKEQ, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def eval_rows(run_dir: Path) -> list[dict]:
@@ -34,9 +29,8 @@ def smoke_steps() -> list[int]:
 
 
 @pytest.mark.parametrize("model", ["dsqn", "dqn"])
-def test_smoke_run_writes_a_complete_run_directory(tmp_path, model):
-    run_dir = tmp_path / "run"
-    done = spikeq("train", "--game", "Pong", "--model", model, "--preset", "smoke", "--run-dir", str(run_dir))
+def test_smoke_run_writes_a_complete_run_directory(smoke_run, model):
+    run_dir, done = smoke_run(model)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resolved config" in done.stdout and "finished 1,200 steps" in done.stdout
 
@@ -64,13 +58,19 @@ def test_smoke_run_writes_a_complete_run_directory(tmp_path, model):
 
     result = json.loads((run_dir / "evaluation.json").read_text())
     assert result["episodes"] == 2 and result["model"] == model and result["game"] == "Pong"
-    assert (result["spikes_per_action"] > 0) == (model == "dsqn")
+    if model == "dsqn":
+        assert list(result["firing_rate"]) == ["conv1", "conv2", "conv3", "fc1"]
+        assert result["macs_per_action"] == 32 * 20 * 20 * (4 * 8 * 8)  # the static conv1, once
+        energy = 4.6 * result["macs_per_action"] + 0.9 * result["sops_per_action"]
+        assert result["energy_pj_per_action"] == pytest.approx(energy)
+    else:
+        assert result["firing_rate"] == {} and result["energy_ratio"] == 1.0
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
 def test_sigterm_checkpoints_and_resume_finishes_every_evaluation_once(tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     args = ["train", "--preset", "smoke", "--steps", "1800", "--run-dir", str(run_dir)]
     proc = subprocess.Popen(
         [*SPIKEQ, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
@@ -81,7 +81,7 @@ def test_sigterm_checkpoints_and_resume_finishes_every_evaluation_once(tmp_path)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "interrupted by SIGTERM" in err and f"--resume {run_dir}" in err
     interrupted_at = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
@@ -117,7 +117,7 @@ def test_wandb_offline_run_holds_the_config_and_the_evaluation(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--game", "Pongg"], "unknown game 'Pongg'"),
+        (["--game", "Pongg"], "Unknown Atari game 'Pongg'"),
         (["--model", "snn"], "unknown model 'snn'; allowed: dsqn, dsqn-if, dsqn-spike, dsqn-mem, dqn"),
         (["--preset", "fast"], "unknown preset 'fast'; allowed: paper, zoo, smoke"),
         (["--steps", "0"], "steps=0 must be a positive integer"),
@@ -146,7 +146,7 @@ def test_unknown_game_suggests_close_names(capsys, tmp_path):
 def test_cli_errors_have_no_traceback_in_a_real_process(tmp_path):
     done = spikeq("train", "--game", "Pongg", "--out-dir", str(tmp_path))
     assert done.returncode == 2
-    assert done.stderr.startswith("spikeq train: error: unknown game 'Pongg'")
+    assert done.stderr.startswith("spikeq train: error: Unknown Atari game 'Pongg'")
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
 
 

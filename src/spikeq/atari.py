@@ -177,14 +177,16 @@ def human_normalized(game: str, score: float) -> float | None:
     return (score - random_score) / (human_score - random_score)
 
 
-def _make_frame_skipped_env(env_id: str, noop_max: int, max_episode_steps: int) -> gym.Env:
+def _make_frame_skipped_env(
+    env_id: str, noop_max: int, max_episode_steps: int, render_mode: str | None = None
+) -> gym.Env:
     """ALE env -> no-op reset -> max-and-skip -> time limit in agent steps (the Monitor goes on top)."""
     _register_ale()
     kwargs = {}
     # Ids with a built-in frame skip (Pong-v4, ALE/Pong-v5) would skip FRAME_SKIP times more.
     if gym.spec(env_id).kwargs.get("frameskip", 1) != 1:
         kwargs["frameskip"] = 1
-    env = gym.make(env_id, **kwargs)
+    env = gym.make(env_id, render_mode=render_mode, **kwargs)
     if noop_max > 0:
         env = NoopResetEnv(env, noop_max=noop_max)
     env = MaxAndSkipEnv(env, skip=FRAME_SKIP)
@@ -213,6 +215,7 @@ def make_env(
     frame_stack: int = 4,
     noop_max: int = 30,
     vec_env: str = "dummy",
+    render_mode: str | None = None,
 ) -> VecEnv:
     """Build the paper's Atari environment as a Stable-Baselines3 ``VecEnv``.
 
@@ -235,6 +238,7 @@ def make_env(
     :param noop_max: at most this many no-op frames after a reset (at least 1); 0 disables them
     :param vec_env: ``"dummy"`` (all envs in this process) or ``"subproc"`` (one process each;
         a script that uses it needs the ``if __name__ == "__main__":`` guard of multiprocessing)
+    :param render_mode: ``"rgb_array"`` to record videos (``evaluate_model(video_path=...)``)
     :return: the vectorised, frame-stacked environment
     :raises ValueError: for an unknown game or an argument out of range
     """
@@ -255,6 +259,7 @@ def make_env(
             env_id,
             noop_max=noop_max,
             max_episode_steps=max_episode_steps,
+            render_mode=render_mode,
         ),
         n_envs=n_envs,
         seed=seed,

@@ -152,11 +152,118 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="score a checkpoint and measure its energy per action")
+    p.add_argument("checkpoint", type=Path, help="SB3 zip, or weights-only .safetensors/.json")
+    p.add_argument("--game", help="ALE game (default: the game stored with the checkpoint)")
+    p.add_argument("--episodes", type=int, default=30, help="episodes to play (paper: 30)")
+    p.add_argument("--epsilon", type=float, default=0.05, help="random-action probability (paper: 0.05)")
+    p.add_argument("--max-episode-steps", type=int, default=18_000, help="agent-step cap (paper: 18,000)")
+    p.add_argument("--noop-max", type=int, default=30, help="random no-ops at reset (paper: 30)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the env and the exploration")
+    p.add_argument("--energy-model", default="45nm", help="45nm, loihi, or a YAML profile")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--out", type=Path, help="JSON file for the results (default: print only)")
+    p.add_argument("--video", type=Path, help="record the first episode to this MP4 file")
+    p.set_defaults(handler=_evaluate)
+
+
+def _checkpoint_game(path: Path) -> str | None:
+    """The game a checkpoint was trained on: from a weights-only JSON or the run's config.yaml."""
+    if path.suffix in (".safetensors", ".json"):
+        from spikeq.checkpoints import read_weights_meta
+
+        return read_weights_meta(path).get("config", {}).get("game")
+    for folder in (path.parent, path.parent.parent, path.parent.parent.parent):
+        if (folder / "config.yaml").exists():
+            return TrainConfig.load(folder / "config.yaml").game
+    return None
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from spikeq import atari
+    from spikeq.checkpoints import load_model
+    from spikeq.energy import load_energy_model
+    from spikeq.evaluate import evaluate_model
+    from spikeq.train import resolve_device
+
+    try:
+        if not args.checkpoint.exists():
+            raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
+        game = args.game or _checkpoint_game(args.checkpoint)
+        if game is None:
+            raise ConfigError(f"cannot tell which game {args.checkpoint} plays; pass --game")
+        if args.episodes < 1:
+            raise ConfigError(f"--episodes {args.episodes} must be >= 1")
+        if not 0 <= args.epsilon <= 1:
+            raise ConfigError(f"--epsilon {args.epsilon} must lie in [0, 1]")
+        energy_model = load_energy_model(args.energy_model)
+        env = atari.make_env(
+            game,
+            n_envs=1,
+            seed=args.seed,
+            train=False,
+            max_episode_steps=args.max_episode_steps,
+            noop_max=args.noop_max,
+            render_mode="rgb_array" if args.video else None,
+        )
+        model = load_model(args.checkpoint, env, resolve_device(args.device))
+    except ValueError as error:
+        raise ConfigError(str(error).splitlines()[0]) from None
+    result = evaluate_model(
+        model,
+        env,
+        n_episodes=args.episodes,
+        epsilon=args.epsilon,
+        seed=args.seed,
+        energy_model=energy_model,
+        video_path=args.video,
+        game=atari.game_short_name(atari.resolve_game(game)),
+    )
+    env.close()
+    result = {"checkpoint": str(args.checkpoint), **result}
+    print(format_evaluation(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(f"written: {args.out}")
+    return 0
+
+
+def _fmt(value: Any, spec: str = ",.1f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def format_evaluation(result: dict[str, Any]) -> str:
+    """A short human-readable summary of ``evaluate_model``'s result."""
+    lines = [
+        f"{result.get('game')}: score {result['score_mean']:.2f} ± {result['score_std']:.2f} "
+        f"(min {result['score_min']:.1f}, max {result['score_max']:.1f}, {result['episodes']} episodes, "
+        f"human-normalised {_fmt(result['human_normalized'], '.3f')})",
+    ]
+    if result.get("firing_rate"):
+        rates = ", ".join(f"{k} {v:.4f}" for k, v in result["firing_rate"].items())
+        lines.append(f"firing rate: {rates}")
+        spikes, sops = _fmt(result["spikes_per_action"]), _fmt(result["sops_per_action"])
+        lines.append(f"per action: {spikes} spikes, {sops} SOPs, {_fmt(result['macs_per_action'])} MACs")
+    model = result["energy_model"]
+    model_name = model["name"] if isinstance(model, dict) else model
+    lines.append(
+        f"energy per action ({model_name}): {_fmt(result['energy_pj_per_action'])} pJ; "
+        f"ANN with the same layers {_fmt(result['ann_energy_pj_per_action'])} pJ; "
+        f"ratio {_fmt(result['energy_ratio'], '.4f')}"
+    )
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``spikeq`` argument parser."""
     parser = _Parser(prog="spikeq", description="Deep spiking Q-networks on Atari (snnTorch + SB3).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
+    _add_evaluate(sub)
     _add_export(sub)
     return parser
 

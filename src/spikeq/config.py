@@ -42,6 +42,8 @@ class TrainConfig:
     :param device: ``auto`` (a GPU when present), ``cpu``, ``cuda``, ``cuda:1`` ...
     :param steps: agent steps to train for (paper: 50M = 200M frames)
     :param n_envs: parallel training environments
+    :param torch_threads: CPU threads for torch (0: torch's default); 1 is fastest for small networks
+        on a few cores, where spare cores run the emulator
     :param num_steps: T, simulation steps of the spiking network (paper: 64)
     :param tau: LIF membrane time constant (paper: 2.0)
     :param threshold: firing threshold (paper: 1.0)
@@ -84,6 +86,7 @@ class TrainConfig:
     device: str = "auto"
     steps: int = 50_000_000
     n_envs: int = 1
+    torch_threads: int = 0
     num_steps: int = 64
     tau: float = 2.0
     threshold: float = 1.0
@@ -153,7 +156,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
-        for name in ("learning_starts", "exploration_steps", "seed"):
+        for name in ("learning_starts", "exploration_steps", "seed", "torch_threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 0")
@@ -233,6 +236,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_episode_steps=300,
         checkpoint_freq=300,
         save_replay=True,
+        torch_threads=1,
     ),
 }
 

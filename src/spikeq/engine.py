@@ -2,31 +2,41 @@
 
 A feedforward spiking network can be run layer by layer instead of step by step: each layer's synaptic
 input for all T steps is one conv/matmul over ``[T*B, ...]`` (``over_time``), and only the membrane
-recurrence runs sequentially (``leaky_sequence``). The recurrence is a custom autograd Function: the
-forward loop runs without building a graph and keeps only the membrane sequence; the backward runs the
-adjoint recurrence in reverse. Both read the snnTorch ``Leaky`` module's own beta, threshold, reset
-mechanism and surrogate function, so spikes are identical to calling ``Leaky`` step by step and
-gradients equal within float rounding.
+recurrence runs sequentially (``leaky_sequence``, or ``spike_sequence`` for hidden layers, whose
+membrane nobody reads). The recurrence is a custom autograd Function: the forward loop runs without
+building a graph; the backward runs the adjoint recurrence in reverse. Both read the snnTorch ``Leaky``
+module's own beta, threshold, reset mechanism and surrogate function, so spikes and membranes are
+bit-identical to calling ``Leaky`` step by step, and gradients equal within float rounding.
 
-Speed on a CPU comes from three things: every loop step is a few out-of-place-free kernels writing
-straight into the preallocated ``[T, B, ...]`` outputs (three per step for the paper's hard reset); a
-static current (direct input coding: the same current at every step) is passed as ``[1, B, ...]`` and
-never expanded to T copies, forward or backward; and the backward works on chunks of steps small enough
-to stay in cache, so the surrogate gradient and the adjoint recurrence do not stream ``[T, B, ...]``
-temporaries through memory.
+What makes it fast on a CPU (``benchmarks/bench_engine.py`` measures it):
+
+- a loop step is three or four kernels that write into preallocated buffers, without temporaries;
+- a static current (direct input coding: the same current at every step) stays ``[1, B, ...]``; it is
+  never expanded to T copies, forward or backward;
+- the input scale (1/tau) is applied inside the loop, not as a pass of its own, forward and backward;
+- without autograd the membrane is not stored; with it, a hidden layer's backward writes the gradient
+  over the stored membrane, so a layer costs one ``[T, B, ...]`` buffer besides its spikes (none with
+  ``recompute`` and a static current);
+- the backward runs in chunks of steps small enough to stay in cache, and evaluates snnTorch's ATan
+  surrogate (the paper's) in place in three kernels; other surrogates are differentiated with autograd.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from snntorch import surrogate as snn_surrogate
 from torch import nn
 
 # snnTorch's reset_mechanism_val: 0 subtract, 1 zero, 2 none
 RESET_SUBTRACT, RESET_ZERO, RESET_NONE = 0, 1, 2
 # The backward processes this many neuron-steps at a time (about 1 MB of float32 per temporary).
 CHUNK_ELEMENTS = 1 << 18
+# Up to this many neuron-steps the forward loop prefers whole-sequence kernels to per-step ones.
+SMALL_ELEMENTS = 1 << 19
 
 
 def over_time(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -43,185 +53,314 @@ def over_time(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _integrate(
     current: torch.Tensor,
+    num_steps: int,
     beta: torch.Tensor,
     threshold: torch.Tensor,
     reset: int,
-    mem: torch.Tensor,
+    input_scale: float,
+    mem: torch.Tensor | None,
     spikes: torch.Tensor | None,
 ) -> None:
-    """Run the membrane recurrence, writing U into ``mem`` and, unless None, S (0/1) into ``spikes``.
+    """Run the membrane recurrence, writing U into ``mem`` and S (0/1) into ``spikes`` where not None.
 
     The float operations and their order are snnTorch ``Leaky``'s, so U is bit-identical:
 
-        zero:      U[t] = beta * ((1 - S[t-1]) * U[t-1]) + I[t]
-        subtract:  U[t] = (beta * U[t-1] + I[t]) - S[t-1] * threshold
-        none:      U[t] = beta * U[t-1] + I[t]
+        zero:      U[t] = beta * ((1 - S[t-1]) * U[t-1]) + input_scale * I[t]
+        subtract:  U[t] = (beta * U[t-1] + input_scale * I[t]) - S[t-1] * threshold
+        none:      U[t] = beta * U[t-1] + input_scale * I[t]
         S[t] = (U[t] - threshold > 0),  U[-1] = 0
 
     ``addcmul`` may fuse its multiply and add into one rounding (it does on CPU); it is used only where
-    the product is exact (one factor is 0 or 1), so fused and unfused give the same bits.
+    the product is exact (one factor is 0 or 1), so fused and unfused give the same bits. (With the zero
+    reset, S may be recorded as not(U <= threshold): the same for every membrane that is not NaN.)
 
     :param current: ``[T, B, ...]``, or ``[1, B, ...]`` for the same current at every step
     :param reset: ``RESET_ZERO``, ``RESET_SUBTRACT`` or ``RESET_NONE``
-    :param mem: ``[T, B, ...]`` output buffer for U
-    :param spikes: ``[T, B, ...]`` output buffer for S, or None
+    :param mem: ``[T, B, ...]`` buffer for U, or None: U is then kept for one step only
+    :param spikes: ``[T, B, ...]`` buffer for S, or None
     """
-    steps = mem.shape[0]
-    currents = current.unbind(0) if current.shape[0] == steps else current.unbind(0) * steps
-    mems = mem.unbind(0)
-    prev = torch.zeros_like(mems[0])
-    decayed = torch.empty_like(prev)
-    if reset == RESET_NONE:
-        for t in range(steps):
-            torch.mul(prev, beta, out=decayed)
-            prev = torch.add(decayed, currents[t], out=mems[t])
-        if spikes is not None:
-            torch.gt(mem, threshold, out=spikes)
-        return
-    # Per-step spike (or keep) records: into ``spikes`` when wanted, else two alternating buffers.
-    records = spikes.unbind(0) if spikes is not None else [torch.empty_like(prev), decayed.clone()] * steps
+    u = torch.zeros_like(current[0])
+    decayed = torch.empty_like(u)
+    mems = mem.unbind(0) if mem is not None else [u] * num_steps
+    static = current.shape[0] != num_steps
+    # A small sequence is cheaper as one kernel over all T steps than as T kernels (fewer launches);
+    # a large one is cheaper step by step (no new [T, B, ...] tensor, each step in cache).
+    small = num_steps * u.numel() <= SMALL_ELEMENTS
+    prescale = input_scale != 1 and (static or small)
+    if prescale:
+        current = current * input_scale
+    currents = current.unbind(0) * (num_steps if static else 1)
+    scaled = torch.empty_like(u) if input_scale != 1 and not prescale else None
+
+    def drive(t: int) -> torch.Tensor:
+        return currents[t] if scaled is None else torch.mul(currents[t], input_scale, out=scaled)
+
     if reset == RESET_ZERO:
-        # The loop records keep = 1 - S, the reset's factor, and turns it into S at the end.
-        keep = (prev <= threshold).to(prev.dtype)
-        for t in range(steps):
-            torch.mul(prev, beta, out=decayed)
-            prev = torch.addcmul(currents[t], decayed, keep, out=mems[t])
-            keep = torch.le(prev, threshold, out=records[t])
-        if spikes is not None:
+        # keep = 1 - S[t], the reset's factor. A small sequence records keep in the spike buffer and
+        # turns the record into S at the end.
+        record_keep = spikes is not None and small
+        keeps = spikes.unbind(0) if record_keep else [torch.empty_like(u)] * num_steps
+        keep = (u <= threshold).to(u.dtype)
+        for t in range(num_steps):
+            torch.mul(u, beta, out=decayed)
+            u = torch.addcmul(drive(t), decayed, keep, out=mems[t])
+            keep = torch.le(u, threshold, out=keeps[t])
+            if spikes is not None and not record_keep:
+                torch.gt(u, threshold, out=spikes[t])
+        if record_keep:
             torch.eq(spikes, 0, out=spikes)
+    elif reset == RESET_SUBTRACT:
+        spike = (u > threshold).to(u.dtype)  # S[t-1]
+        for t in range(num_steps):
+            torch.mul(u, beta, out=decayed)
+            u = torch.add(decayed, drive(t), out=mems[t])
+            u.addcmul_(spike, threshold, value=-1)
+            spike = torch.gt(u, threshold, out=spike if spikes is None else spikes[t])
+    else:
+        for t in range(num_steps):
+            torch.mul(u, beta, out=decayed)
+            u = torch.add(decayed, drive(t), out=mems[t])
+            if spikes is not None:
+                torch.gt(u, threshold, out=spikes[t])
+
+
+def _atan_alpha(spike_fn: Callable[[torch.Tensor], torch.Tensor]) -> float | None:
+    """alpha if ``spike_fn`` is snnTorch's ATan surrogate (the paper's), else None."""
+    probe = torch.zeros((), requires_grad=True)
+    with torch.enable_grad():
+        node = spike_fn(probe).grad_fn
+    return node.alpha if type(node) is snn_surrogate.ATan._backward_cls else None
+
+
+def _surrogate_times(
+    grad_spikes: torch.Tensor,
+    u: torch.Tensor,
+    threshold: torch.Tensor,
+    factor: float,
+    spike_fn: Callable[[torch.Tensor], torch.Tensor],
+    atan_alpha: float | None,
+    out: torch.Tensor,
+) -> None:
+    """out = factor * grad_spikes * surrogate'(u - threshold); ``out`` may be ``u`` itself.
+
+    snnTorch's ATan, alpha / 2 / (1 + (pi / 2 * alpha * x)^2), takes three kernels: with
+    y = pi / 2 * alpha * (u - threshold) and k = 2 / (alpha * factor), the result is
+    grad_spikes / (k + k * y^2). Any other surrogate function is differentiated with autograd.
+    """
+    if atan_alpha is not None:
+        c = math.pi / 2 * atan_alpha
+        k = 2 / (atan_alpha * factor)
+        torch.add(threshold * -c, u, alpha=c, out=out)
+        torch.addcmul(out.new_tensor(k), out, out, value=k, out=out)
+        torch.div(grad_spikes, out, out=out)
         return
-    spike = (prev > threshold).to(prev.dtype)
-    for t in range(steps):
-        torch.mul(prev, beta, out=decayed)
-        prev = torch.add(decayed, currents[t], out=mems[t])
-        prev.addcmul_(spike, threshold, value=-1)
-        spike = torch.gt(prev, threshold, out=records[t])
+    with torch.enable_grad():
+        x = (u - threshold).requires_grad_()
+        (product,) = torch.autograd.grad(spike_fn(x), x, grad_spikes)
+    torch.mul(product, factor, out=out)
 
 
 def _adjoint(
     mem: torch.Tensor,
-    beta: torch.Tensor,
-    threshold: torch.Tensor,
-    reset: int,
-    spike_fn: Callable[[torch.Tensor], torch.Tensor],
     grad_spikes: torch.Tensor | None,
     grad_mem: torch.Tensor | None,
-    static: bool,
-    needs_grad: tuple[bool, bool],
+    ctx: Any,
+    beta: torch.Tensor,
+    threshold: torch.Tensor,
+    out: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Backward of ``_integrate``: the adjoint G[t] = dL/dU[t], run in reverse, a chunk of steps at a time.
+    """Backward of ``_integrate``, in reverse a chunk of steps at a time (chunks stay in cache).
 
-        G[t] = grad_mem[t] + grad_spikes[t] * surrogate'(U[t] - threshold) + G[t+1] * dU[t+1]/dU[t]
-        dU[t+1]/dU[t] = beta * (1 - S[t]) (zero reset; the reset is detached), beta otherwise
-        dL/dI[t] = G[t];  dL/dbeta = sum_t G[t+1] * (1 - S[t]) * U[t] (zero) or G[t+1] * U[t]
-        dL/dthreshold = -sum_t grad_spikes[t] * surrogate'(U[t] - thr) (- sum_t G[t+1] * S[t]: subtract)
+    With G[t] = dL/dU[t], the adjoint runs as H = input_scale * G, which is dL/dI directly:
 
-    :param mem: ``[T, B, ...]`` the membrane of the forward pass
-    :param spike_fn: the surrogate spike function, differentiated with autograd so that any snnTorch
-        surrogate works
-    :param grad_spikes: ``[T, B, ...]`` or None (spikes unused or the neurons do not fire)
+        H[t] = input_scale * (grad_mem[t] + grad_spikes[t] * surrogate'(U[t] - threshold))
+               + dU[t+1]/dU[t] * H[t+1]
+        dU[t+1]/dU[t] = beta * (1 - S[t]) with the zero reset (the reset is detached), beta otherwise
+        dL/dbeta = sum_t G[t+1] * (1 - S[t]) * U[t] (zero reset) or sum_t G[t+1] * U[t]
+        dL/dthreshold = -sum_t grad_spikes[t] * surrogate'(U[t] - threshold) [- sum_t G[t+1] * S[t]]
+
+    :param mem: ``[T, B, ...]`` U of the forward pass
+    :param grad_spikes: ``[T, B, ...]`` or None (spikes unused, or the neurons do not fire)
     :param grad_mem: ``[T, B, ...]`` or None
-    :param static: the current was ``[1, B, ...]``: return its gradient summed over the steps
-    :param needs_grad: whether beta and threshold need gradients
-    :return: gradients of the current, beta and threshold (None where not needed)
+    :param ctx: the autograd context (reset, input_scale, spike_fn, static, needs_input_grad)
+    :param out: ``[T, B, ...]`` buffer for H; each chunk of ``mem`` is read before the same chunk of
+        ``out`` is written, so ``out`` may be ``mem`` itself
+    :return: the gradients of the current (``out``, or for a static current its sum over the steps,
+        ``[1, B, ...]``), beta and threshold (None where not needed)
     """
-    steps = mem.shape[0]
-    chunk = max(1, CHUNK_ELEMENTS // max(1, mem[0].numel()))
-    grad_current = None if static else torch.empty_like(mem)
-    buffer = mem.new_empty((min(chunk, steps), *mem.shape[1:])) if static else None
-    summed = torch.zeros_like(mem[0]) if static else None
-    carry = torch.zeros_like(mem[0])  # G[t1], the adjoint of the step after the chunk
-    beta_sum = torch.zeros_like(mem[0]) if needs_grad[0] else None
-    threshold_sum = torch.zeros_like(mem[0]) if needs_grad[1] else None
+    steps, scale, reset = mem.shape[0], ctx.input_scale, ctx.reset
+    atan_alpha = _atan_alpha(ctx.spike_fn) if grad_spikes is not None else None
+    chunk = min(steps, max(1, CHUNK_ELEMENTS // max(1, mem[0].numel())))
+    # dU[t+1]/dU[t]: with a scalar beta on the CPU, the factor beta goes into the adjoint's kernel
+    # as a number, and only 1 - S is computed per step.
+    beta_value = float(beta) if beta.numel() == 1 and beta.device.type == "cpu" else None
+    keep = mem.new_empty((chunk, *mem.shape[1:])) if reset == RESET_ZERO else None
+    carry = torch.zeros_like(mem[0])  # H[t+1]
+    summed = torch.zeros_like(mem[0]) if ctx.static else None
+    beta_sum = torch.zeros_like(mem[0]) if ctx.needs_input_grad[1] else None
+    threshold_sum = torch.zeros_like(mem[0]) if ctx.needs_input_grad[2] else None
     for end in range(steps, 0, -chunk):
         start = max(0, end - chunk)
-        u = mem[start:end]
-        g = buffer[: end - start] if static else grad_current[start:end]
-        if grad_mem is None:
-            g.zero_()
+        u, h = mem[start:end], out[start:end]
+        # Everything read from U comes first: h may overwrite it.
+        if keep is not None:
+            factors = torch.le(u, threshold, out=keep[: end - start])
+            if beta_value is None:
+                factors.mul_(beta)
         else:
-            g.copy_(grad_mem[start:end])
+            factors = None if beta_value is not None else beta.expand_as(u)
+        if beta_sum is not None:
+            through_beta = u * (u <= threshold) if reset == RESET_ZERO else u.clone()
+        if threshold_sum is not None and reset == RESET_SUBTRACT:
+            reset_spikes = u > threshold
         if grad_spikes is not None:
-            with torch.enable_grad():
-                shifted = (u - threshold).requires_grad_()
-                (through_spikes,) = torch.autograd.grad(spike_fn(shifted), shifted, grad_spikes[start:end])
-            g += through_spikes
+            _surrogate_times(grad_spikes[start:end], u, threshold, scale, ctx.spike_fn, atan_alpha, out=h)
             if threshold_sum is not None:
-                threshold_sum -= through_spikes.sum(0)
-        spiked = u > threshold if reset != RESET_NONE else None
-        decay = torch.where(spiked, 0.0, beta) if reset == RESET_ZERO else beta.expand_as(u)
-        # Terms of beta and threshold that need G[t+1] at the chunk's last step use the carry.
-        if beta_sum is not None:
-            x = torch.where(spiked, 0.0, u) if reset == RESET_ZERO else u
-            beta_sum.addcmul_(carry, x[-1])
-        if threshold_sum is not None and reset == RESET_SUBTRACT:
-            threshold_sum.sub_(carry * spiked[-1])
-        for t in range(end - start - 1, -1, -1):
-            carry = g[t].addcmul_(carry, decay[t])
-        if beta_sum is not None:
-            beta_sum += (g[1:] * x[:-1]).sum(0)
-        if threshold_sum is not None and reset == RESET_SUBTRACT:
-            threshold_sum -= (g[1:] * spiked[:-1]).sum(0)
-        if static:
-            summed += g.sum(0)
-            carry = carry.clone()
-    grad_beta = None if beta_sum is None else beta_sum.sum_to_size(beta.shape)
-    grad_threshold = None if threshold_sum is None else threshold_sum.sum_to_size(threshold.shape)
-    return (summed.unsqueeze(0) if static else grad_current), grad_beta, grad_threshold
+                threshold_sum -= h.sum(0)
+            if grad_mem is not None:
+                h.add_(grad_mem[start:end], alpha=scale)
+        elif grad_mem is not None:
+            torch.mul(grad_mem[start:end], scale, out=h)
+        else:
+            h.zero_()
+        for i in range(end - start - 1, -1, -1):
+            if beta_sum is not None:
+                beta_sum.addcmul_(carry, through_beta[i])
+            if threshold_sum is not None and reset == RESET_SUBTRACT:
+                threshold_sum.addcmul_(carry, reset_spikes[i], value=-1)
+            if factors is None:
+                carry = h[i].add_(carry, alpha=beta_value)
+            elif beta_value is None:
+                carry = h[i].addcmul_(carry, factors[i])
+            else:
+                carry = h[i].addcmul_(carry, factors[i], value=beta_value)
+        if summed is not None:
+            summed += h[0] if end - start == 1 else h.sum(0)
+    # beta_sum and threshold_sum were accumulated from H = input_scale * G.
+    grad_beta = None if beta_sum is None else (beta_sum / scale).sum_to_size(beta.shape)
+    grad_threshold = None if threshold_sum is None else (threshold_sum / scale).sum_to_size(threshold.shape)
+    return (out if summed is None else summed.unsqueeze(0)), grad_beta, grad_threshold
 
 
 class _LeakyRecurrence(torch.autograd.Function):
     """The membrane recurrence as one autograd node (see ``_integrate`` and ``_adjoint``).
 
-    Saved for backward: the membrane U only, or with ``recompute`` the current, from which the backward
-    reruns the forward loop; spikes and reset masks are recomputed from U.
+    Returns (spikes, mem). Saved for backward: the membrane U only; spikes and reset masks are
+    recomputed from it. U is an output here, so the backward writes dL/dI into a new buffer.
     """
 
     @staticmethod
     def forward(
-        ctx,
+        ctx: Any,
         current: torch.Tensor,
         beta: torch.Tensor,
         threshold: torch.Tensor,
         num_steps: int,
         reset: int,
         fire: bool,
-        recompute: bool,
+        input_scale: float,
         spike_fn: Callable[[torch.Tensor], torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (num_steps, *current.shape[1:])
         mem = current.new_empty(shape)
         spikes = current.new_empty(shape) if fire else current.new_zeros(shape)
-        _integrate(current, beta, threshold, reset, mem, spikes if fire else None)
-        ctx.save_for_backward(current if recompute else mem, beta, threshold)
-        ctx.num_steps, ctx.reset, ctx.fire, ctx.recompute = num_steps, reset, fire, recompute
-        ctx.static = current.shape[0] != num_steps
-        ctx.spike_fn = spike_fn
-        ctx.set_materialize_grads(False)
+        _integrate(current, num_steps, beta, threshold, reset, input_scale, mem, spikes if fire else None)
+        _remember(ctx, current, num_steps, reset, input_scale, spike_fn, saved=(mem, beta, threshold))
+        ctx.fire = fire
         if not fire:
             ctx.mark_non_differentiable(spikes)
         return spikes, mem
 
     @staticmethod
-    def backward(ctx, grad_spikes: torch.Tensor | None, grad_mem: torch.Tensor | None):
+    def backward(ctx: Any, grad_spikes: torch.Tensor | None, grad_mem: torch.Tensor | None) -> tuple:
+        mem, beta, threshold = ctx.saved_tensors
+        grad_spikes = grad_spikes if ctx.fire else None
+        grads = _adjoint(mem, grad_spikes, grad_mem, ctx, beta, threshold, out=torch.empty_like(mem))
+        return (*grads, None, None, None, None, None)
+
+
+class _SpikeRecurrence(torch.autograd.Function):
+    """The recurrence of a hidden layer, whose membrane nobody reads: returns the spikes only.
+
+    Saved for backward: U, or with ``recompute`` the static current, from which the backward reruns the
+    forward loop. The backward writes dL/dI over U, so it can run only once per forward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        current: torch.Tensor,
+        beta: torch.Tensor,
+        threshold: torch.Tensor,
+        num_steps: int,
+        reset: int,
+        input_scale: float,
+        recompute: bool,
+        spike_fn: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        shape = (num_steps, *current.shape[1:])
+        spikes = current.new_empty(shape)
+        mem = None if recompute else current.new_empty(shape)
+        _integrate(current, num_steps, beta, threshold, reset, input_scale, mem, spikes)
+        _remember(
+            ctx,
+            current,
+            num_steps,
+            reset,
+            input_scale,
+            spike_fn,
+            (current if mem is None else mem, beta, threshold),
+        )
+        ctx.recompute = recompute
+        ctx.done = False
+        return spikes
+
+    @staticmethod
+    def backward(ctx: Any, grad_spikes: torch.Tensor | None) -> tuple:
+        if ctx.done:
+            raise RuntimeError(
+                "the fused engine's backward reuses the layer's membrane buffer, so it can run only "
+                "once per forward pass (retain_graph=True is not supported); run the forward again"
+            )
+        ctx.done = True
         saved, beta, threshold = ctx.saved_tensors
+        mem = saved
         if ctx.recompute:
             mem = saved.new_empty((ctx.num_steps, *saved.shape[1:]))
-            _integrate(saved, beta, threshold, ctx.reset, mem, None)
-        else:
-            mem = saved
-        grads = _adjoint(
-            mem,
-            beta,
-            threshold,
-            ctx.reset,
-            ctx.spike_fn,
-            grad_spikes if ctx.fire else None,
-            grad_mem,
-            ctx.static,
-            (ctx.needs_input_grad[1], ctx.needs_input_grad[2]),
-        )
+            _integrate(saved, ctx.num_steps, beta, threshold, ctx.reset, ctx.input_scale, mem, None)
+        grads = _adjoint(mem, grad_spikes, None, ctx, beta, threshold, out=mem)
         return (*grads, None, None, None, None, None)
+
+
+def _remember(
+    ctx: Any,
+    current: torch.Tensor,
+    num_steps: int,
+    reset: int,
+    input_scale: float,
+    spike_fn: Callable[[torch.Tensor], torch.Tensor],
+    saved: tuple[torch.Tensor, ...],
+) -> None:
+    """Store what both recurrences' backward passes read."""
+    ctx.save_for_backward(*saved)
+    ctx.num_steps, ctx.reset, ctx.input_scale, ctx.spike_fn = num_steps, reset, input_scale, spike_fn
+    ctx.static = current.shape[0] != num_steps
+    ctx.set_materialize_grads(False)
+
+
+def _neuron_parameters(
+    current: torch.Tensor, leaky: nn.Module, num_steps: int | None
+) -> tuple[int, torch.Tensor, torch.Tensor, bool]:
+    """T, beta and threshold as ``Leaky`` uses them, and whether the recurrence needs autograd."""
+    steps = current.shape[0] if num_steps is None else num_steps
+    if current.shape[0] not in (1, steps):
+        raise ValueError(f"current has {current.shape[0]} steps; expected 1 (static) or num_steps={steps}")
+    beta = leaky.beta.clamp(0, 1).to(current.dtype)
+    threshold = leaky.threshold.to(current.dtype)
+    needs_grad = torch.is_grad_enabled() and (
+        current.requires_grad or beta.requires_grad or threshold.requires_grad
+    )
+    return steps, beta, threshold, needs_grad
 
 
 def leaky_sequence(
@@ -229,31 +368,59 @@ def leaky_sequence(
     leaky: nn.Module,
     fire: bool = True,
     num_steps: int | None = None,
-    recompute: bool = False,
+    input_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run an snnTorch ``Leaky`` over a whole current sequence with the fused recurrence.
 
-    :param current: ``[T, B, ...]`` input current, already scaled; or ``[1, B, ...]`` with
-        ``num_steps`` = T for the same current at every step (direct input), which is never expanded
+    :param current: ``[T, B, ...]`` input current; or ``[1, B, ...]`` with ``num_steps`` = T for the
+        same current at every step (direct input), which is never expanded to T copies
     :param leaky: the ``snntorch.Leaky`` whose beta, threshold, reset mechanism and surrogate are used
     :param fire: False for non-spiking integrators (spikes returned as zeros, no reset)
     :param num_steps: T; None takes ``current.shape[0]``
-    :param recompute: keep the current instead of the membrane for the backward pass and recompute the
-        membrane there: less memory when the current is static (``[1, B, ...]``), one more forward loop
+    :param input_scale: factor on the current before it enters ``Leaky`` (``Leaky(input_scale * I)``)
     :return: spikes and membrane potentials, ``[T, B, ...]``
     """
-    steps = current.shape[0] if num_steps is None else num_steps
-    if current.shape[0] not in (1, steps):
-        raise ValueError(f"current has {current.shape[0]} steps; expected 1 (static) or num_steps={steps}")
-    beta = leaky.beta.clamp(0, 1).to(current.dtype)
-    threshold = leaky.threshold.to(current.dtype)
+    steps, beta, threshold, needs_grad = _neuron_parameters(current, leaky, num_steps)
     reset = int(leaky.reset_mechanism_val) if fire else RESET_NONE
-    if torch.is_grad_enabled() and (current.requires_grad or beta.requires_grad or threshold.requires_grad):
+    if needs_grad:
         return _LeakyRecurrence.apply(
-            current, beta, threshold, steps, reset, fire, recompute, leaky.spike_grad
+            current, beta, threshold, steps, reset, fire, input_scale, leaky.spike_grad
         )
     shape = (steps, *current.shape[1:])
     mem = current.new_empty(shape)
     spikes = current.new_empty(shape) if fire else current.new_zeros(shape)
-    _integrate(current, beta, threshold, reset, mem, spikes if fire else None)
+    _integrate(current, steps, beta, threshold, reset, input_scale, mem, spikes if fire else None)
     return spikes, mem
+
+
+def spike_sequence(
+    current: torch.Tensor,
+    leaky: nn.Module,
+    num_steps: int | None = None,
+    input_scale: float = 1.0,
+    recompute: bool = False,
+) -> torch.Tensor:
+    """The spikes of ``leaky_sequence`` alone, for hidden layers: faster and lighter.
+
+    Without autograd the membrane is never stored; with it, the membrane buffer is reused for the
+    gradient, so the backward can run only once per forward (no ``retain_graph``).
+
+    :param current: ``[T, B, ...]`` input current, or ``[1, B, ...]`` (static) with ``num_steps``
+    :param leaky: the ``snntorch.Leaky`` whose beta, threshold, reset mechanism and surrogate are used
+    :param num_steps: T; None takes ``current.shape[0]``
+    :param input_scale: factor on the current before it enters ``Leaky``
+    :param recompute: for a static current, keep it instead of the ``[T, B, ...]`` membrane for the
+        backward pass and recompute the membrane there (less memory, one more forward loop); a
+        sequence of currents is as large as the membrane, so this changes nothing for one
+    :return: spikes ``[T, B, ...]``
+    """
+    steps, beta, threshold, needs_grad = _neuron_parameters(current, leaky, num_steps)
+    reset = int(leaky.reset_mechanism_val)
+    if needs_grad:
+        recompute = recompute and current.shape[0] != steps
+        return _SpikeRecurrence.apply(
+            current, beta, threshold, steps, reset, input_scale, recompute, leaky.spike_grad
+        )
+    spikes = current.new_empty((steps, *current.shape[1:]))
+    _integrate(current, steps, beta, threshold, reset, input_scale, None, spikes)
+    return spikes

@@ -49,6 +49,8 @@ class NetworkSpec:
     :param encoder: ``"direct"`` (paper) or ``"poisson"``
     :param readout: ``"rate"`` (paper), ``"spike"``, ``"max_mem"``, ``"last_mem"``, ``"mean_mem"``
     :param engine: ``"fused"`` (time-batched) or ``"snntorch"`` (every layer called at every step)
+    :param recompute: fused engine: recompute the membrane of a layer with a static (direct) input in
+        the backward pass instead of storing it, T times its input: less memory, a little more time
     :param net_arch: hidden fully-connected sizes: after the convolutions for images (default
         ``(512,)``), the whole MLP for vectors (default ``(64, 64)``)
     """
@@ -65,6 +67,7 @@ class NetworkSpec:
     encoder: str = "direct"
     readout: str = "rate"
     engine: str = "fused"
+    recompute: bool = False
     net_arch: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -221,7 +224,7 @@ class SpikingQNetwork(QNetwork):
     def _torso_fused(self, x: torch.Tensor) -> list[torch.Tensor]:
         layer_spikes = []
         for synapse, neurons in zip(self.synapses, self.neurons, strict=True):
-            x, _ = neurons(over_time(synapse, x), self.num_steps, "fused")  # [T, B, ...]
+            x = neurons.spikes(over_time(synapse, x), self.num_steps, self.spec.recompute)  # [T, B, ...]
             layer_spikes.append(x)
         return layer_spikes
 

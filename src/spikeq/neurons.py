@@ -155,7 +155,7 @@ class SpikingLayer(nn.Module):
         if engine_name == "fused":
             # A static current stays [1, B, ...]: the engine never expands it to T copies.
             return engine.leaky_sequence(
-                current * self.input_scale, self.leaky, fire=self.fire, num_steps=num_steps
+                current, self.leaky, fire=self.fire, num_steps=num_steps, input_scale=self.input_scale
             )
         if engine_name != "snntorch":
             raise ValueError(f"unknown engine {engine_name!r}; allowed: {', '.join(ENGINES)}")
@@ -169,6 +169,20 @@ class SpikingLayer(nn.Module):
             mems.append(mem)
         self.clear_state()
         return torch.stack(spikes), torch.stack(mems)
+
+    def spikes(self, current: torch.Tensor, num_steps: int, recompute: bool = False) -> torch.Tensor:
+        """The spikes of ``forward`` with the fused engine, without the membrane (hidden layers).
+
+        Lighter and faster than ``forward``: the membrane is not returned, and under autograd its
+        buffer is reused for the gradient (so the backward can run only once per forward).
+
+        :param current: input current ``[T, B, ...]`` or ``[1, B, ...]`` (static)
+        :param num_steps: T
+        :param recompute: recompute the membrane in the backward pass instead of keeping it (less
+            memory for a static current, one more forward loop)
+        :return: spikes ``[T, B, ...]``
+        """
+        return engine.spike_sequence(current, self.leaky, num_steps, self.input_scale, recompute)
 
     def step(self, current: torch.Tensor, mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One time step through snnTorch's ``Leaky`` (the step-by-step engine).

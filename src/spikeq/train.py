@@ -165,6 +165,8 @@ class Trainer:
         self.env_id = atari.resolve_game(config.game)
         self.game = atari.game_short_name(self.env_id)
         self.device = resolve_device(config.device)
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
         self.stop_signal: int | None = None
         self.in_evaluation = False
         self.failure: str | None = None
@@ -243,7 +245,8 @@ class Trainer:
                 return False
         if self._due(self.config.checkpoint_freq, "last_checkpoint_step"):
             self.checkpoint()
-        return True
+        # SB3 collects train_freq steps at a time; a resumed run must still end exactly at `steps`.
+        return self.model.num_timesteps < self.config.steps
 
     def evaluate_now(self) -> dict[str, Any]:
         """Evaluate the current weights, append a row to ``eval.csv``, keep them if they are the best."""
@@ -364,7 +367,8 @@ class Trainer:
             "finished",
             self.model.num_timesteps,
             f"finished {self.model.num_timesteps:,} steps; best weights (step {self.state['best_step']:,}) "
-            f"score {result['score_mean']:.2f} ± {result['score_std']:.2f} over {result['episodes']} episodes",
+            f"score {result['score_mean']:.2f} ± {result['score_std']:.2f} "
+            f"over {result['episodes']} episodes",
             result=result,
         )
 

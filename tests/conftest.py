@@ -1,0 +1,33 @@
+"""Shared fixtures: one real smoke training run per model, reused by the pipeline and CLI tests."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# The tests' networks are tiny: one thread avoids oversubscribing the two CI cores.
+torch.set_num_threads(1)
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+SPIKEQ = [sys.executable, "-m", "spikeq.cli"]
+
+
+def run_spikeq(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """The real ``spikeq`` command in a child process (W&B offline)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*SPIKEQ, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session", params=["dsqn", "dqn"])
+def smoke_run(request, tmp_path_factory) -> tuple[str, Path, subprocess.CompletedProcess]:
+    """``spikeq train --game Pong --model MODEL --preset smoke``: (model, run directory, process)."""
+    model = request.param
+    run_dir = tmp_path_factory.mktemp(f"smoke-{model}") / "run"
+    done = run_spikeq(
+        "train", "--game", "Pong", "--model", model, "--preset", "smoke", "--run-dir", str(run_dir)
+    )
+    return model, run_dir, done

@@ -1,0 +1,85 @@
+"""``spikeq evaluate`` and ``spikeq export`` on the checkpoints of a real smoke run (Pong)."""
+
+import json
+
+import pytest
+from conftest import run_spikeq as spikeq
+
+KEYS = (
+    "score_mean", "score_std", "score_min", "score_max", "human_normalized", "firing_rate",
+    "spikes_per_action", "sops_per_action", "macs_per_action", "energy_pj_per_action",
+    "ann_energy_pj_per_action", "energy_ratio", "energy_model", "assumptions",
+)  # fmt: skip
+
+
+def evaluate(checkpoint, out, *extra):
+    done = spikeq(
+        "evaluate",
+        str(checkpoint),
+        "--episodes",
+        "2",
+        "--max-episode-steps",
+        "150",
+        "--out",
+        str(out),
+        *extra,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+@pytest.mark.parametrize("model", ["dsqn", "dqn"])
+def test_evaluate_reports_scores_and_energy(smoke_run, tmp_path, model):
+    run_dir, done = smoke_run(model)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result, stdout = evaluate(
+        run_dir / "checkpoints" / "best.zip", tmp_path / "eval.json", "--video", str(tmp_path / "ep.mp4")
+    )
+
+    for key in KEYS:
+        assert key in result, key
+    assert result["episodes"] == 2 and len(result["scores"]) == 2
+    assert result["score_min"] <= result["score_mean"] <= result["score_max"]
+    random_score, human_score = -20.7, 14.6  # Pong (REFERENCE.md section 6)
+    assert result["human_normalized"] == pytest.approx(
+        (result["score_mean"] - random_score) / (human_score - random_score)
+    )
+    assert result["energy_model"]["name"] == "45nm"
+    assert result["ann_energy_pj_per_action"] == pytest.approx(4.6 * result["ann_macs_per_action"])
+    if model == "dsqn":
+        assert set(result["firing_rate"]) == {"conv1", "conv2", "conv3", "fc1"}
+        assert all(0 <= rate <= 1 for rate in result["firing_rate"].values())
+        assert result["macs_per_action"] == 32 * 20 * 20 * (4 * 8 * 8)  # static conv1, counted once
+        assert result["energy_pj_per_action"] == pytest.approx(
+            4.6 * result["macs_per_action"] + 0.9 * result["sops_per_action"]
+        )
+        assert result["energy_ratio"] == pytest.approx(
+            result["energy_pj_per_action"] / result["ann_energy_pj_per_action"]
+        )
+        assert "firing rate:" in stdout
+    else:
+        assert result["spikes_per_action"] == 0 and result["energy_ratio"] == 1.0
+    assert (tmp_path / "ep.mp4").stat().st_size > 1000
+
+
+def test_weights_only_export_evaluates_like_the_zip(smoke_run, tmp_path):
+    run_dir, _ = smoke_run("dsqn")
+    export = spikeq("export", str(run_dir / "checkpoints" / "best.zip"), str(tmp_path / "shared"))
+    assert export.returncode == 0, export.stderr
+    meta = json.loads((tmp_path / "shared.json").read_text())
+    assert meta["format"] == "spikeq-weights-v1" and meta["config"]["game"] == "Pong"
+    from_zip, _ = evaluate(run_dir / "checkpoints" / "best.zip", tmp_path / "a.json", episodes=1)
+    from_weights, _ = evaluate(tmp_path / "shared.safetensors", tmp_path / "b.json", episodes=1)
+    assert from_weights["scores"] == from_zip["scores"]
+    assert from_weights["spikes_per_action"] == from_zip["spikes_per_action"]
+
+
+def test_evaluate_bad_input(tmp_path):
+    missing = spikeq("evaluate", str(tmp_path / "none.zip"))
+    assert (
+        missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    )
+    weird = tmp_path / "model.pt"
+    weird.write_bytes(b"")
+    unknown = spikeq("evaluate", str(weird), "--game", "Pong")
+    assert unknown.returncode == 2 and "allowed: .zip, .safetensors, .json" in unknown.stderr

@@ -94,11 +94,8 @@ def test_sigterm_checkpoints_and_resume_finishes_every_evaluation_once(tmp_path)
     assert json.loads((run_dir / "evaluation.json").read_text())["episodes"] == 2
 
 
-def test_wandb_offline_run_holds_the_config_and_the_evaluation(tmp_path):
-    run_dir = tmp_path / "run"
-    done = spikeq(
-        "train", "--preset", "smoke", "--steps", "600", "--run-dir", str(run_dir), "--wandb", "offline"
-    )
+def test_wandb_offline_run_holds_the_config_and_the_evaluation(smoke_run):
+    run_dir, done = smoke_run("dsqn")
     assert done.returncode == 0, done.stderr[-3000:]
     (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     inspect = subprocess.run(
@@ -108,10 +105,20 @@ def test_wandb_offline_run_holds_the_config_and_the_evaluation(tmp_path):
         timeout=120,
     )
     assert inspect.returncode == 0, inspect.stderr
-    text = inspect.stdout
-    assert "eval/score_mean" in text
-    assert '"smoke"' in text or "smoke" in text  # the preset, from the stored config
-    assert "num_steps" in text and "exploration_final_eps" in text
+    records = [json.loads(line) for line in inspect.stdout.splitlines() if line.startswith("{")]
+    (run,) = [r["run"] for r in records if r["type"] == "run"]
+    config = run["config"]["update"]
+    assert (config["game"], config["model"], config["preset"], config["num_steps"]) == (
+        "Pong",
+        "dsqn",
+        "smoke",
+        4,
+    )
+    assert run["tags"] == ["Pong", "dsqn"]
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    evaluations = [(h["_step"], h["eval/score_mean"]) for h in history if "eval/score_mean" in h]
+    rows = eval_rows(run_dir)
+    assert evaluations == [(int(r["step"]), float(r["score_mean"])) for r in rows]
 
 
 @pytest.mark.parametrize(
@@ -194,3 +201,14 @@ def test_presets_and_overrides_resolve_in_order():
         30,
         0.05,
     )
+
+
+def test_sweep_agent_style_arguments_are_accepted():
+    args = cli.build_parser().parse_args(
+        ["train", "--preset=zoo", "--game=Breakout", "--num_steps=16", "--seed=2", "--save_replay=True",
+         "--learning-rate=3e-4", "--surrogate_slope=4", "--tags=sweep,T16"]
+    )  # fmt: skip
+    config = cli._train_config(args)
+    assert (config.preset, config.game, config.num_steps, config.seed) == ("zoo", "Breakout", 16, 2)
+    assert config.save_replay is True and config.learning_rate == 3e-4 and config.surrogate_slope == 4.0
+    assert config.tags == ["sweep", "T16"]

@@ -236,9 +236,12 @@ def make_env(
         presses on reset count towards it
     :param frame_stack: number of consecutive frames in one observation
     :param noop_max: at most this many no-op frames after a reset (at least 1); 0 disables them
-    :param vec_env: ``"dummy"`` (all envs in this process) or ``"subproc"`` (one process each;
-        a script that uses it needs the ``if __name__ == "__main__":`` guard of multiprocessing)
-    :param render_mode: ``"rgb_array"`` to record videos (``evaluate_model(video_path=...)``)
+    :param vec_env: ``"dummy"`` (all envs in this process), ``"subproc"`` (one process each;
+        a script that uses it needs the ``if __name__ == "__main__":`` guard of multiprocessing) or
+        ``"ale"`` (ale-py's native vector env behind :class:`spikeq.vector.AleVecEnv`: the same
+        protocol, faster; frames differ slightly and no-ops are 0..noop_max-1, see that module)
+    :param render_mode: ``"rgb_array"`` to record videos (``evaluate_model(video_path=...)``); not
+        with ``vec_env="ale"``
     :return: the vectorised, frame-stacked environment
     :raises ValueError: for an unknown game or an argument out of range
     """
@@ -250,8 +253,29 @@ def make_env(
         raise ValueError(f"max_episode_steps must be an integer >= 1, got {max_episode_steps!r}")
     if noop_max < 0:
         raise ValueError(f"noop_max must be an integer >= 0, got {noop_max!r}")
-    if vec_env not in VEC_ENV_CLASSES:
-        raise ValueError(f"vec_env must be one of {sorted(VEC_ENV_CLASSES)}, got {vec_env!r}")
+    if vec_env not in {*VEC_ENV_CLASSES, "ale"}:
+        raise ValueError(f"vec_env must be one of {sorted(VEC_ENV_CLASSES)} or 'ale', got {vec_env!r}")
+    if vec_env == "ale":
+        if render_mode is not None:
+            raise ValueError(
+                f"render_mode must be None with vec_env='ale' (ale-py's vector env does not render), "
+                f"got {render_mode!r}; use vec_env='dummy' to record videos"
+            )
+        # Imported here: spikeq.vector imports this module.
+        from spikeq.vector import AleVecEnv
+
+        ale_envs = AleVecEnv(
+            game,
+            n_envs=n_envs,
+            train=train,
+            max_episode_steps=max_episode_steps,
+            frame_stack=frame_stack,
+            noop_max=noop_max,
+        )
+        # As make_vec_env: env i is reset with seed + i, the action space is seeded with seed.
+        ale_envs.seed(seed)
+        ale_envs.action_space.seed(seed)
+        return ale_envs
     env_id = resolve_game(game)
     envs = make_vec_env(
         functools.partial(

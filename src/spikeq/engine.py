@@ -10,7 +10,7 @@ bit-identical to calling ``Leaky`` step by step, and gradients equal within floa
 
 What makes it fast on a CPU (``benchmarks/bench_engine.py`` measures it):
 
-- a loop step is three or four kernels that write into preallocated buffers, without temporaries;
+- a loop step is three to five kernels that write into preallocated buffers, without temporaries;
 - a static current (direct input coding: the same current at every step) stays ``[1, B, ...]``; it is
   never expanded to T copies, forward or backward;
 - the input scale (1/tau) is applied inside the loop, not as a pass of its own, forward and backward;
@@ -124,40 +124,38 @@ def _integrate(
                 torch.gt(u, threshold, out=spikes[t])
 
 
-def _atan_alpha(spike_fn: Callable[[torch.Tensor], torch.Tensor]) -> float | None:
-    """alpha if ``spike_fn`` is snnTorch's ATan surrogate (the paper's), else None."""
+def _surrogate_product(
+    spike_fn: Callable[[torch.Tensor], torch.Tensor], threshold: torch.Tensor, factor: float
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]:
+    """A function (grad_spikes, u, out) writing factor * grad_spikes * surrogate'(u - threshold) to out.
+
+    ``out`` may be ``u`` itself. snnTorch's ATan (the paper's), alpha / 2 / (1 + (pi / 2 * alpha * x)^2),
+    is recognised by its autograd node and takes three kernels: with y = pi / 2 * alpha * (u - threshold)
+    and k = 2 / (alpha * factor), the product is grad_spikes / (k + k * y^2). Any other surrogate
+    function is differentiated with autograd.
+    """
     probe = torch.zeros((), requires_grad=True)
     with torch.enable_grad():
         node = spike_fn(probe).grad_fn
-    return node.alpha if type(node) is snn_surrogate.ATan._backward_cls else None
+    if type(node) is snn_surrogate.ATan._backward_cls:
+        c = math.pi / 2 * node.alpha
+        k = 2 / (node.alpha * factor)
+        offset, k_tensor = threshold * -c, threshold.new_tensor(k)
 
+        def atan(grad_spikes: torch.Tensor, u: torch.Tensor, out: torch.Tensor) -> None:
+            torch.add(offset, u, alpha=c, out=out)
+            torch.addcmul(k_tensor, out, out, value=k, out=out)
+            torch.div(grad_spikes, out, out=out)
 
-def _surrogate_times(
-    grad_spikes: torch.Tensor,
-    u: torch.Tensor,
-    threshold: torch.Tensor,
-    factor: float,
-    spike_fn: Callable[[torch.Tensor], torch.Tensor],
-    atan_alpha: float | None,
-    out: torch.Tensor,
-) -> None:
-    """out = factor * grad_spikes * surrogate'(u - threshold); ``out`` may be ``u`` itself.
+        return atan
 
-    snnTorch's ATan, alpha / 2 / (1 + (pi / 2 * alpha * x)^2), takes three kernels: with
-    y = pi / 2 * alpha * (u - threshold) and k = 2 / (alpha * factor), the result is
-    grad_spikes / (k + k * y^2). Any other surrogate function is differentiated with autograd.
-    """
-    if atan_alpha is not None:
-        c = math.pi / 2 * atan_alpha
-        k = 2 / (atan_alpha * factor)
-        torch.add(threshold * -c, u, alpha=c, out=out)
-        torch.addcmul(out.new_tensor(k), out, out, value=k, out=out)
-        torch.div(grad_spikes, out, out=out)
-        return
-    with torch.enable_grad():
-        x = (u - threshold).requires_grad_()
-        (product,) = torch.autograd.grad(spike_fn(x), x, grad_spikes)
-    torch.mul(product, factor, out=out)
+    def through_autograd(grad_spikes: torch.Tensor, u: torch.Tensor, out: torch.Tensor) -> None:
+        with torch.enable_grad():
+            x = (u - threshold).requires_grad_()
+            (product,) = torch.autograd.grad(spike_fn(x), x, grad_spikes)
+        torch.mul(product, factor, out=out)
+
+    return through_autograd
 
 
 def _adjoint(
@@ -189,7 +187,7 @@ def _adjoint(
         ``[1, B, ...]``), beta and threshold (None where not needed)
     """
     steps, scale, reset = mem.shape[0], ctx.input_scale, ctx.reset
-    atan_alpha = _atan_alpha(ctx.spike_fn) if grad_spikes is not None else None
+    surrogate = _surrogate_product(ctx.spike_fn, threshold, scale) if grad_spikes is not None else None
     chunk = min(steps, max(1, CHUNK_ELEMENTS // max(1, mem[0].numel())))
     # dU[t+1]/dU[t]: with a scalar beta on the CPU, the factor beta goes into the adjoint's kernel
     # as a number, and only 1 - S is computed per step.
@@ -214,7 +212,7 @@ def _adjoint(
         if threshold_sum is not None and reset == RESET_SUBTRACT:
             reset_spikes = u > threshold
         if grad_spikes is not None:
-            _surrogate_times(grad_spikes[start:end], u, threshold, scale, ctx.spike_fn, atan_alpha, out=h)
+            surrogate(grad_spikes[start:end], u, h)
             if threshold_sum is not None:
                 threshold_sum -= h.sum(0)
             if grad_mem is not None:

@@ -47,6 +47,9 @@ class TrainConfig:
     :param num_steps: T, simulation steps of the spiking network (paper: 64)
     :param tau: LIF membrane time constant (paper: 2.0)
     :param threshold: firing threshold (paper: 1.0)
+    :param reset: ``zero`` (paper) or ``subtract``
+    :param learn_beta: trainable membrane decay per layer
+    :param learn_threshold: trainable threshold per layer
     :param surrogate: surrogate gradient (paper: atan, alpha 2)
     :param surrogate_slope: its shape parameter (None: default)
     :param encoder: ``direct`` (paper) or ``poisson``
@@ -90,6 +93,9 @@ class TrainConfig:
     num_steps: int = 64
     tau: float = 2.0
     threshold: float = 1.0
+    reset: str = "zero"
+    learn_beta: bool = False
+    learn_threshold: bool = False
     surrogate: str = "atan"
     surrogate_slope: float | None = None
     encoder: str = "direct"
@@ -133,6 +139,9 @@ class TrainConfig:
             neuron=self.neuron,
             tau=self.tau,
             threshold=self.threshold,
+            reset=self.reset,
+            learn_beta=self.learn_beta,
+            learn_threshold=self.learn_threshold,
             surrogate=self.surrogate,
             surrogate_slope=self.surrogate_slope,
             encoder=self.encoder,

@@ -1,6 +1,6 @@
 """Environment stepping: SB3's DummyVecEnv and SubprocVecEnv against ale-py's native vector env.
 
-Run:  .venv/bin/python benchmarks/bench_envs.py [--game Pong] [--n-envs 1 4 8] [--steps 2000] [--rounds 3]
+Run:  .venv/bin/python benchmarks/bench_envs.py [--game Pong] [--n-envs 1 4 8] [--steps 1000] [--rounds 3]
 
 Every contender is ``spikeq.atari.make_env`` (the paper's training env: no-op reset, max-and-skip 4,
 time limit, Monitor, lost life ends the episode, FIRE reset, 84x84 grayscale, clipped rewards,
@@ -66,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--game", default="Pong", help="game name or ALE id (default: Pong)")
     parser.add_argument("--n-envs", type=int, nargs="+", default=[1, 4, 8], help="numbers of games")
-    parser.add_argument("--steps", type=int, default=2000, help="vector steps per round (default: 2000)")
+    parser.add_argument("--steps", type=int, default=1000, help="vector steps per round (default: 1000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per contender, median reported")
     parser.add_argument("--seed", type=int, default=0, help="seed of the envs and the random actions")
     args = parser.parse_args()

@@ -25,6 +25,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "dqn": dict(),
 }
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+VEC_ENVS = ("dummy", "subproc", "ale")
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,8 @@ class TrainConfig:
     :param device: ``auto`` (a GPU when present), ``cpu``, ``cuda``, ``cuda:1`` ...
     :param steps: agent steps to train for (paper: 50M = 200M frames)
     :param n_envs: parallel training environments
+    :param vec_env: how they are stepped: ``dummy`` (SB3, one process), ``subproc`` (SB3, a process
+        each) or ``ale`` (ale-py's native vector env, threads in C++; the same games step for step)
     :param torch_threads: CPU threads for torch (0: torch's default); 1 is fastest for small networks
         on a few cores, where spare cores run the emulator
     :param num_steps: T, simulation steps of the spiking network (paper: 64)
@@ -89,6 +92,7 @@ class TrainConfig:
     device: str = "auto"
     steps: int = 50_000_000
     n_envs: int = 1
+    vec_env: str = "dummy"
     torch_threads: int = 0
     num_steps: int = 64
     tau: float = 2.0
@@ -155,6 +159,8 @@ class TrainConfig:
             raise ConfigError(f"unknown model {self.model!r}; allowed: {', '.join(MODELS)}")
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; allowed: {', '.join(PRESETS)}")
+        if self.vec_env not in VEC_ENVS:
+            raise ConfigError(f"unknown vec_env {self.vec_env!r}; allowed: {', '.join(VEC_ENVS)}")
         if self.wandb not in WANDB_MODES:
             raise ConfigError(f"unknown wandb mode {self.wandb!r}; allowed: {', '.join(WANDB_MODES)}")
         for name in (

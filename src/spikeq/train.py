@@ -183,6 +183,7 @@ class Trainer:
             seed=config.seed + step0,
             train=True,
             max_episode_steps=config.max_episode_steps,
+            vec_env=config.vec_env,
         )
         self.eval_env = atari.make_env(
             self.env_id, n_envs=1, seed=config.seed + 10_000 + step0, train=False,

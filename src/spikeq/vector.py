@@ -17,17 +17,25 @@ after a lost life). A vector env steps all its games together, so each game here
 ``AtariVectorEnv``: ``step_async`` sends every game its action (the games run in parallel native
 threads) and ``step_wait`` collects them, then replays the SB3 wrappers' reset logic per game.
 
-Differences from the SB3 path, all in the emulator part (``tests/test_vector.py`` checks that
-rewards, dones, episode scores and lengths, lives and time-outs are otherwise identical):
+Differences from the SB3 path, all in the emulator part; everything else is identical
+(``tests/test_vector.py`` plays both side by side without no-ops: same rewards, dones, time-outs,
+lives, episode frame numbers, full-game scores and lengths; Breakout's frames identical too):
 
 - frames: ALE converts each frame to grayscale and then takes the max of the last two; SB3 takes
-  the max of the RGB frames and then converts. Pixels differ where the two frames differ (flicker,
-  moving objects), by a few grey levels.
+  the max of the RGB frames and then converts (the grayscale values themselves are the same).
+  Pixels differ where the two frames hold different colours (moving or flickering objects): about
+  0.2% of the raw pixels in Pong and MsPacman, none in Breakout, SpaceInvaders or Boxing.
 - no-ops: ALE draws 0..noop_max-1 no-op frames after a game reset, from its own RNG; SB3 draws
   1..noop_max from the gym env's RNG (the same number of distinct starts, one frame earlier).
-- the terminal frame of a game over on the 3rd or 4th frame of a skip: ALE stops before grabbing
-  that frame, SB3 pools it. No bootstrapping happens from a game over, so learning does not see it.
-- ALE's own 108,000-frame cap counts frames from the end of the no-ops, SB3's from the game reset.
+- the newest frame of the terminal observation of a game over on the 3rd or 4th frame of a skip:
+  ALE stops before grabbing that frame, SB3 pools it. Nothing bootstraps from a game over.
+- ALE's own cap of 108,000 frames per game counts from the end of the no-ops (SB3: from the game
+  reset), and its terminal frame is the one of the previous bullet.
+- info: no ``"lives"``, ``"frame_number"`` or ``"episode_frame_number"`` keys (gymnasium's
+  AtariEnv adds them in the SB3 path); ``get_attr("lives")`` and
+  ``get_attr("episode_frame_number")`` give the current values.
+- sticky actions (``"ALE/Pong-v5"``) come from a differently seeded RNG.
+- no rendering (``render_mode`` None): videos need ``vec_env="dummy"``.
 """
 
 from __future__ import annotations
@@ -61,7 +69,13 @@ MIN_ALE_VERSION = (0, 12)
 NOOP, FIRE, FIRE_RESET_SECOND_ACTION = 0, 1, 2  # action indices, as SB3's wrappers use them
 # Settings of a registered id that the native vector env takes (frameskip: it always skips
 # FRAME_SKIP frames, as make_env's MaxAndSkipEnv does); any other setting must keep its default.
-_SPEC_KWARGS = {"game", "repeat_action_probability", "full_action_space", "frameskip", "max_num_frames_per_episode"}
+_SPEC_KWARGS = {
+    "game",
+    "repeat_action_probability",
+    "full_action_space",
+    "frameskip",
+    "max_num_frames_per_episode",
+}
 _SPEC_DEFAULTS = {"obs_type": "rgb", "mode": None, "difficulty": None}
 _ABSENT = object()
 
@@ -321,11 +335,19 @@ class AleVecEnv(VecEnv):
         observation_space = spaces.Box(0, 255, (SCREEN_SIZE, SCREEN_SIZE, frame_stack), np.uint8)
         action_space = spaces.Discrete(len(self.games[0].action_meanings))
         self._stacked_obs = np.zeros((n_envs, *observation_space.shape), dtype=np.uint8)
-        self._actions: np.ndarray | None = None
+        self._waiting = False  # between step_async and step_wait
         super().__init__(n_envs, observation_space, action_space)
 
     def reset(self) -> VecEnvObs:
-        """Reset every game (with the seeds of :meth:`seed`, used once) and return ``[n, 84, 84, k]``."""
+        """Reset every game (with the seeds of :meth:`seed`, used once) and return ``[n, 84, 84, k]``.
+
+        As in the SB3 path, a training env that last lost a life (not the game) plays on from there
+        with a no-op step instead of restarting the game.
+        """
+        if self._waiting:  # a step in flight is finished and dropped, as SB3 cancels it
+            for game in self.games:
+                game.recv_monitored()
+            self._waiting = False
         self._stacked_obs = np.zeros_like(self._stacked_obs)
         for i, game in enumerate(self.games):
             self._stacked_obs[i, :, :, -1] = game.reset(self._seeds[i])
@@ -346,16 +368,18 @@ class AleVecEnv(VecEnv):
         actions = actions.reshape(self.num_envs)
         n_actions = int(self.action_space.n)
         if not np.issubdtype(actions.dtype, np.integer) or ((actions < 0) | (actions >= n_actions)).any():
-            raise ValueError(f"actions must be integers in 0..{n_actions - 1} ({self.env_id}), got {actions.tolist()}")
+            raise ValueError(
+                f"actions must be integers in 0..{n_actions - 1} ({self.env_id}), got {actions.tolist()}"
+            )
         for game, action in zip(self.games, actions.tolist(), strict=True):
             game.send(action)
-        self._actions = actions
+        self._waiting = True
 
     def step_wait(self) -> VecEnvStepReturn:
         """Collect the step: ``(obs [n, 84, 84, k] uint8, rewards [n] float32, dones [n] bool, infos)``."""
-        if self._actions is None:
+        if not self._waiting:
             raise RuntimeError("step_wait() called without step_async(actions)")
-        self._actions = None
+        self._waiting = False
         n = self.num_envs
         frames = np.empty((n, SCREEN_SIZE, SCREEN_SIZE), dtype=np.uint8)
         rewards = np.zeros(n, dtype=np.float32)
@@ -401,10 +425,13 @@ class AleVecEnv(VecEnv):
         for i in self._get_indices(indices):
             setattr(self.games[i], attr_name, value)
 
-    def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs) -> list[Any]:
+    def env_method(
+        self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs
+    ) -> list[Any]:
         """Call a method of each game, e.g. ``env_method("get_action_meanings")``."""
         return [
-            getattr(self.games[i], method_name)(*method_args, **method_kwargs) for i in self._get_indices(indices)
+            getattr(self.games[i], method_name)(*method_args, **method_kwargs)
+            for i in self._get_indices(indices)
         ]
 
     def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:

@@ -16,6 +16,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from spikeq.atari import make_env
 from spikeq.evaluate import evaluate_model
+from spikeq.replay import FrameReplayBuffer
 from spikeq.vector import AleVecEnv
 
 
@@ -144,10 +145,18 @@ def test_evaluation_reads_life_losses_as_sb3_monitor_ends():
 
 def test_sb3_dqn_trains_and_evaluates_on_the_ale_env_as_on_the_sb3_env():
     env = make_env("Breakout", n_envs=2, seed=0, vec_env="ale")
-    model = DQN("CnnPolicy", env, buffer_size=1_000, learning_starts=1_000, seed=0)
+    model = DQN(
+        "CnnPolicy",
+        env,
+        buffer_size=1_000,
+        learning_starts=100,
+        batch_size=16,
+        replay_buffer_class=FrameReplayBuffer,  # its add() checks every stack it is given
+        seed=0,
+    )
     model.learn(total_timesteps=320)  # 40 rollouts of train_freq=4 steps of the 2 envs
 
-    assert model.num_timesteps == 320 and model.replay_buffer.size() == 160
+    assert model.num_timesteps == 320 and model.replay_buffer.size() == 160 and model._n_updates > 0
     assert model._episode_num > 0  # life losses ended episodes: terminal observations were stored
     env.close()
 

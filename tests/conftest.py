@@ -22,12 +22,27 @@ def run_spikeq(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([*SPIKEQ, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-@pytest.fixture(scope="session", params=["dsqn", "dqn"])
-def smoke_run(request, tmp_path_factory) -> tuple[str, Path, subprocess.CompletedProcess]:
-    """``spikeq train --game Pong --model MODEL --preset smoke``: (model, run directory, process)."""
-    model = request.param
-    run_dir = tmp_path_factory.mktemp(f"smoke-{model}") / "run"
-    done = run_spikeq(
-        "train", "--game", "Pong", "--model", model, "--preset", "smoke", "--run-dir", str(run_dir)
-    )
-    return model, run_dir, done
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """``smoke_run(model)``: ``spikeq train --game Pong --model MODEL --preset smoke``, run once per
+    session; returns (run directory, finished process)."""
+    runs: dict[str, tuple[Path, subprocess.CompletedProcess]] = {}
+
+    def get(model: str) -> tuple[Path, subprocess.CompletedProcess]:
+        if model not in runs:
+            run_dir = tmp_path_factory.mktemp(f"smoke-{model}") / "run"
+            args = (
+                "train",
+                "--game",
+                "Pong",
+                "--model",
+                model,
+                "--preset",
+                "smoke",
+                "--run-dir",
+                str(run_dir),
+            )
+            runs[model] = (run_dir, run_spikeq(*args))
+        return runs[model]
+
+    return get

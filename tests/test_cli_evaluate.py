@@ -12,18 +12,10 @@ KEYS = (
 )  # fmt: skip
 
 
-def evaluate(checkpoint, out, *extra):
-    done = spikeq(
-        "evaluate",
-        str(checkpoint),
-        "--episodes",
-        "2",
-        "--max-episode-steps",
-        "150",
-        "--out",
-        str(out),
-        *extra,
-    )
+def evaluate(checkpoint, out, *extra, episodes=2):
+    """``spikeq evaluate CHECKPOINT`` on short (150-step) Pong episodes; returns the JSON and stdout."""
+    args = ["--episodes", str(episodes), "--max-episode-steps", "150", "--out", str(out), *extra]
+    done = spikeq("evaluate", str(checkpoint), *args)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text()), done.stdout
 

@@ -57,6 +57,8 @@ class TrainConfig:
     :param surrogate_slope: its shape parameter (None: default)
     :param encoder: ``direct`` (paper) or ``poisson``
     :param engine: ``fused`` or ``snntorch``
+    :param recompute: fused engine: recompute the static first layer's membrane in the backward pass
+        instead of storing it (less memory, a little more time)
     :param neuron: set by ``model`` unless overridden: ``lif`` or ``if``
     :param readout: set by ``model`` unless overridden
     :param learning_rate: Adam learning rate (paper: 1e-4)
@@ -104,6 +106,7 @@ class TrainConfig:
     surrogate_slope: float | None = None
     encoder: str = "direct"
     engine: str = "fused"
+    recompute: bool = False
     neuron: str = "lif"
     readout: str = "rate"
     learning_rate: float = 1e-4
@@ -151,6 +154,7 @@ class TrainConfig:
             encoder=self.encoder,
             readout=self.readout,
             engine=self.engine,
+            recompute=self.recompute,
         )
 
     def validate(self) -> TrainConfig:

@@ -34,18 +34,11 @@ DEFAULT_MLP_ARCH = (64, 64)
 
 
 @dataclass(frozen=True)
-class NetworkSpec:
-    """Everything that defines a spiking Q-network besides its spaces (the policy's kwargs).
+class NetworkSpec(NeuronSpec):
+    """Everything that defines a spiking Q-network besides its spaces (the policy's kwargs): the
+    neuron model of every layer (the fields of ``NeuronSpec``) and the following.
 
     :param num_steps: T, simulation steps per forward pass (paper: 64)
-    :param neuron: ``"lif"`` or ``"if"``
-    :param tau: LIF membrane time constant (paper: 2.0)
-    :param threshold: firing threshold (paper: 1.0)
-    :param reset: ``"zero"`` or ``"subtract"``
-    :param surrogate: surrogate gradient name (paper: ``"atan"``)
-    :param surrogate_slope: its shape parameter (``None``: default, atan alpha = 2)
-    :param learn_beta: trainable decay per layer
-    :param learn_threshold: trainable threshold per layer
     :param encoder: ``"direct"`` (paper) or ``"poisson"``
     :param readout: ``"rate"`` (paper), ``"spike"``, ``"max_mem"``, ``"last_mem"``, ``"mean_mem"``
     :param engine: ``"fused"`` (time-batched) or ``"snntorch"`` (every layer called at every step)
@@ -56,14 +49,6 @@ class NetworkSpec:
     """
 
     num_steps: int = 64
-    neuron: str = "lif"
-    tau: float = 2.0
-    threshold: float = 1.0
-    reset: str = "zero"
-    surrogate: str = "atan"
-    surrogate_slope: float | None = None
-    learn_beta: bool = False
-    learn_threshold: bool = False
     encoder: str = "direct"
     readout: str = "rate"
     engine: str = "fused"
@@ -87,7 +72,7 @@ class NetworkSpec:
             if not arch or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in arch):
                 raise ValueError(f"net_arch={self.net_arch!r} must be a non-empty list of sizes >= 1")
             object.__setattr__(self, "net_arch", arch)
-        self.neuron_spec  # noqa: B018 (validates the neuron fields)
+        super().__post_init__()
 
     @property
     def neuron_spec(self) -> NeuronSpec:

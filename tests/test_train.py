@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import SPIKEQ
@@ -212,3 +213,24 @@ def test_sweep_agent_style_arguments_are_accepted():
     assert (config.preset, config.game, config.num_steps, config.seed) == ("zoo", "Breakout", 16, 2)
     assert config.save_replay is True and config.learning_rate == 3e-4 and config.surrogate_slope == 4.0
     assert config.tags == ["sweep", "T16"]
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    from spikeq.train import open_run
+
+    config = resolve("smoke", "dsqn", steps=600, wandb="disabled", save_replay=False)
+    trainer = open_run(config, run_dir=tmp_path / "run")
+    # NaN rewards reach the loss as soon as training starts (step 400); a checkpoint is written at 300.
+    buffer = trainer.model.replay_buffer
+    store = buffer.add
+    buffer.add = lambda obs, next_obs, action, reward, done, infos: store(
+        obs, next_obs, action, reward * np.nan, done, infos
+    )
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    assert result.status == "failed" and result.exit_code == 1
+    assert "training loss became nan" in result.message and "last good checkpoint is kept" in result.message
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step-300"

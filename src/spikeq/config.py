@@ -141,21 +141,9 @@ class TrainConfig:
 
     def network_spec(self) -> NetworkSpec:
         """The spiking network's hyperparameters (validated)."""
-        return NetworkSpec(
-            num_steps=self.num_steps,
-            neuron=self.neuron,
-            tau=self.tau,
-            threshold=self.threshold,
-            reset=self.reset,
-            learn_beta=self.learn_beta,
-            learn_threshold=self.learn_threshold,
-            surrogate=self.surrogate,
-            surrogate_slope=self.surrogate_slope,
-            encoder=self.encoder,
-            readout=self.readout,
-            engine=self.engine,
-            recompute=self.recompute,
-        )
+        # Every NetworkSpec field but net_arch (the torso's sizes stay the paper's) is a config field.
+        names = [f.name for f in fields(NetworkSpec) if f.name != "net_arch"]
+        return NetworkSpec(**{name: getattr(self, name) for name in names})
 
     def validate(self) -> TrainConfig:
         """Check every value; raise ``ConfigError`` naming the first bad one. Returns self."""

@@ -1,6 +1,6 @@
 # spikeq: every target installs what it needs into a local .venv on first use.
 #   make train GAME=Pong [MODEL=dsqn] [PRESET=paper] [STEPS=...] [SEED=0] [DEVICE=auto] [ARGS="--n-envs 4"]
-#   make test | lint | bench | evaluate CKPT=... | sweep SWEEP=experiments/sweeps/...yaml | report RUNS=runs
+#   make test | lint | format | bench | evaluate CKPT=runs/<run>/checkpoints/best.zip
 # TORCH is the pip requirement installed before everything else. The default is the CPU build;
 # for a GPU use e.g.  make install TORCH="torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124"
 
@@ -18,7 +18,7 @@ DEVICE ?= auto
 STEPS ?=
 ARGS ?=
 
-.PHONY: install train test lint format bench evaluate sweep report clean
+.PHONY: install train test lint format bench evaluate clean
 
 install: $(STAMP)
 
@@ -48,12 +48,6 @@ bench: $(STAMP)
 
 evaluate: $(STAMP)
 	$(BIN)/spikeq evaluate $(CKPT) $(ARGS)
-
-sweep: $(STAMP)
-	$(BIN)/spikeq sweep $(SWEEP) $(ARGS)
-
-report: $(STAMP)
-	$(BIN)/spikeq report $(or $(RUNS),runs) $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -2,7 +2,7 @@
 #   make train GAME=Pong [MODEL=dsqn] [PRESET=paper] [STEPS=...] [SEED=0] [DEVICE=auto] [ARGS="--n-envs 4"]
 #   make test | lint | format | bench | evaluate CKPT=runs/<run>/checkpoints/best.zip
 # TORCH is the pip requirement installed before everything else. The default is the CPU build;
-# for a GPU use e.g.  make install TORCH="torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124"
+# for a GPU use e.g.  make install TORCH="torch==2.5.1 --index-url <the CUDA wheel index for your driver>"
 
 PYTHON ?= python3
 VENV ?= .venv

@@ -75,3 +75,14 @@ def test_evaluate_bad_input(tmp_path):
     weird.write_bytes(b"")
     unknown = spikeq("evaluate", str(weird), "--game", "Pong")
     assert unknown.returncode == 2 and "allowed: .zip, .safetensors, .json" in unknown.stderr
+
+
+def test_report_plots_the_curves_of_several_runs(smoke_run, tmp_path):
+    runs = [str(smoke_run(model)[0]) for model in ("dsqn", "dqn")]
+    done = spikeq("report", *runs, "--out", str(tmp_path / "pong.png"))
+    assert done.returncode == 0, done.stderr
+    image = (tmp_path / "pong.png").read_bytes()
+    assert image.startswith(b"\x89PNG") and len(image) > 10_000
+
+    missing = spikeq("report", str(tmp_path / "no-run"), "--out", str(tmp_path / "x.png"))
+    assert missing.returncode == 2 and "has no eval.csv" in missing.stderr

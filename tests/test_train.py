@@ -41,6 +41,7 @@ def test_smoke_run_writes_a_complete_run_directory(smoke_run, model):
 
     rows = eval_rows(run_dir)
     assert [int(r["step"]) for r in rows] == smoke_steps()
+    assert (run_dir / "eval.png").read_bytes().startswith(b"\x89PNG")  # the learning curve so far
     for row in rows:
         assert -21 <= float(row["score_mean"]) <= 21 and int(row["episodes"]) == 2
         assert row["human_normalized"] != ""

@@ -4,6 +4,7 @@
     spikeq train --resume RUN_DIR
     spikeq evaluate CHECKPOINT [--episodes 30] [--epsilon 0.05] [--out result.json] [--video ep.mp4]
     spikeq export CHECKPOINT.zip OUT      (weights-only .safetensors + .json, safe to share)
+    spikeq report RUN_DIR [RUN_DIR ...] --out curves.png
 
 Bad input ends with a one-line error and exit code 2. W&B sweep agents call
 ``python -m spikeq.cli train --key=value ...``: every config field is accepted with underscores or
@@ -258,6 +259,24 @@ def format_evaluation(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="plot the evaluation curves of run directories")
+    p.add_argument("runs", type=Path, nargs="+", help="run directories")
+    p.add_argument("--out", type=Path, default=Path("curves.png"), help="image file (default curves.png)")
+    p.add_argument("--title", help="figure title (default: the games)")
+    p.set_defaults(handler=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from spikeq.report import plot_runs
+
+    try:
+        print(plot_runs(args.runs, args.out, args.title))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``spikeq`` argument parser."""
     parser = _Parser(prog="spikeq", description="Deep spiking Q-networks on Atari (snnTorch + SB3).")
@@ -265,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_export(sub)
+    _add_report(sub)
     return parser
 
 

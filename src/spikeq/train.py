@@ -30,6 +30,7 @@ from spikeq import atari, checkpoints
 from spikeq.config import ConfigError, TrainConfig
 from spikeq.evaluate import evaluate_model
 from spikeq.replay import FrameReplayBuffer
+from spikeq.report import plot_runs
 from spikeq.tracking import Tracker
 
 EVAL_COLUMNS = ("step", "score_mean", "score_std", "score_min", "score_max", "episodes", "human_normalized")
@@ -268,6 +269,7 @@ class Trainer:
         step = self.model.num_timesteps
         row = {"step": step, **{k: result[k] for k in EVAL_COLUMNS if k != "step"}}
         write_eval_rows(self.eval_csv, [*read_eval_rows(self.eval_csv), row])
+        plot_runs([self.run_dir], self.run_dir / "eval.png")
         self.state["last_eval_step"] = step
         best = self.state.get("best_score")
         if best is None or result["score_mean"] > best:

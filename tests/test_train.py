@@ -170,6 +170,8 @@ def test_resume_errors(tmp_path, capsys):
     assert "no checkpoint to resume" in capsys.readouterr().err
     assert cli.main(["train", "--resume", str(run_dir), "--game", "Breakout"]) == 2
     assert "--game Breakout does not match the run being resumed (game=Pong)" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", str(run_dir), "--learning-rate", "0.1"]) == 2
+    assert "cannot change learning_rate when resuming" in capsys.readouterr().err
 
 
 def test_existing_run_directory_is_never_overwritten_without_force(tmp_path, capsys):

@@ -23,6 +23,8 @@ from typing import Any, NoReturn
 
 from spikeq.config import MODELS, PRESETS, ConfigError, TrainConfig, from_dict, resolve
 
+# What a resumed run may change: where and how it runs, and how far it goes.
+RESUME_OVERRIDES = ("steps", "device", "wandb", "torch_threads")
 # Fields with their own options below, or that only presets set.
 _SPECIAL = {"game", "model", "preset", "tags"}
 
@@ -106,7 +108,14 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
             raise ConfigError(
                 f"--{key} {given} does not match the run being resumed ({key}={getattr(saved, key)})"
             )
-    config = from_dict({**saved.to_dict(), **{k: v for k, v in overrides.items() if k != "game"}}).validate()
+    changes = {k: v for k, v in overrides.items() if k != "game" and v != getattr(saved, k)}
+    fixed = sorted(set(changes) - set(RESUME_OVERRIDES))
+    if fixed:
+        raise ConfigError(
+            f"cannot change {', '.join(fixed)} when resuming (the checkpoint was trained with the saved "
+            f"values); allowed: {', '.join(RESUME_OVERRIDES)}"
+        )
+    config = from_dict({**saved.to_dict(), **changes}).validate()
     config.save(config_file)
     return config
 

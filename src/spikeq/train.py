@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from stable_baselines3 import DQN
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.utils import LinearSchedule
 from tqdm.auto import tqdm
 
 from spikeq import atari, checkpoints
@@ -214,6 +215,11 @@ class Trainer:
                 f"checkpoint {checkpoint} does not fit {self.env_id}: {str(error).splitlines()[0]}"
             ) from None
         self.state.update(state)
+        # The step budget may have been extended: epsilon still decays over exploration_steps.
+        model.exploration_fraction = min(1.0, self.config.exploration_steps / self.config.steps)
+        model.exploration_schedule = LinearSchedule(
+            model.exploration_initial_eps, model.exploration_final_eps, model.exploration_fraction
+        )
         # Rows written after this checkpoint were never covered by it: they are redone.
         rows = [r for r in read_eval_rows(self.eval_csv) if int(r["step"]) <= model.num_timesteps]
         write_eval_rows(self.eval_csv, rows)

@@ -45,15 +45,6 @@ NATURE_MACS = CONV1_MACS + CONV2_MACS + CONV3_MACS + FC1_MACS + FC2_MACS
 TORSO_NEURONS = 32 * 20 * 20 + 64 * 9 * 9 + 64 * 7 * 7 + 512
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Batch-1 forward passes are fastest single-threaded on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def spikes_at(channels: int, size: int, *positions: tuple[int, int, int]) -> torch.Tensor:
     """``[T=1, B=1, C, size, size]`` zeros with one spike at each (channel, row, column)."""
     spikes = torch.zeros(1, 1, channels, size, size)

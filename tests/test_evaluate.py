@@ -27,15 +27,6 @@ NATURE_MACS = CONV1_MACS + 64 * 9 * 9 * 32 * 4 * 4 + 64 * 7 * 7 * 64 * 3 * 3 + 3
 NEURONS = {"conv1": 32 * 20 * 20, "conv2": 64 * 9 * 9, "conv3": 64 * 7 * 7, "fc1": 512}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Batch-1 forward passes are fastest single-threaded on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def pong(render_mode: str | None = "rgb_array"):
     """The evaluation env: full game (no life-loss ends), raw rewards, 4 stacked 84x84 frames."""
     env = make_atari_env(

@@ -62,7 +62,7 @@ from stable_baselines3.common.vec_env import VecFrameStack
 from stable_baselines3.dqn.policies import CnnPolicy, DQNPolicy
 from torch import nn
 
-import spikeq  # noqa: F401 (registers "SpikingPolicy" with SB3's DQN)
+from spikeq import engine  # importing spikeq registers "SpikingPolicy" with SB3's DQN
 from spikeq.policy import SpikingPolicy
 
 GAME = "PongNoFrameskip-v4"
@@ -358,6 +358,7 @@ def _status_mb(key: str) -> float:
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     """Peak memory one call of ``fn`` adds, in MB (None where it cannot be measured)."""
     gc.collect()
+    engine.WORKSPACE.clear()  # buffers kept from earlier steps would not show as the step's memory
     if device.type == "cuda":
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -22,6 +22,18 @@ from spikeq.readout import READOUTS
 NEURON_RESETS = [("lif", "zero"), ("if", "zero"), ("lif", "subtract"), ("if", "subtract")]
 
 
+@pytest.fixture(autouse=True, params=["numpy", "torch"])
+def loop(request, monkeypatch):
+    """Every test runs both forward loops: numpy's ufuncs (small CPU layers) with every buffer from the
+    workspace, and PyTorch's kernels (large layers, other dtypes and devices) with fresh buffers."""
+    if request.param == "numpy":
+        monkeypatch.setattr(engine, "NUMPY_ELEMENTS", 1 << 30)
+        monkeypatch.setattr(engine.WORKSPACE, "min_bytes", 0)
+    else:
+        monkeypatch.setattr(engine, "NUMPY_ELEMENTS", -1)
+    return request.param
+
+
 def run_layer(layer, current, num_steps, engine_name, spikes_only=False, recompute=False, mem_loss=True):
     """Spikes, membrane (None for the spikes-only path) and the gradients of a fixed loss.
 

@@ -139,6 +139,75 @@ def test_without_autograd_the_engine_gives_the_same_spikes():
     assert torch.equal(spikes_mem, spikes_inference)
 
 
+def loop_spikes(layer, current, num_steps):
+    """Spikes of the step loop (``_integrate``) itself, for a static current."""
+    steps, beta, threshold, _ = engine._neuron_parameters(current, layer.leaky, num_steps)
+    spikes = torch.empty(steps, *current.shape[1:], dtype=current.dtype)
+    reset = int(layer.leaky.reset_mechanism_val)
+    engine._integrate(current, steps, beta, threshold, reset, layer.input_scale, None, spikes)
+    return spikes
+
+
+@pytest.fixture
+def loop_calls(monkeypatch):
+    """How often the step loop ran (a list that grows by one per call)."""
+    calls = []
+    integrate = engine._integrate
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return integrate(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_integrate", counted)
+    return calls
+
+
+@pytest.mark.parametrize("neuron,tau,threshold", [("lif", 2.0, 1.0), ("lif", 3.0, 0.7), ("if", 2.0, 1.3)])
+@pytest.mark.parametrize("num_steps", [2, 7, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_static_spikes_in_closed_form_equal_the_loop(loop_calls, neuron, tau, threshold, num_steps, dtype):
+    # Without autograd, a static current under the zero reset fires periodically: the engine writes
+    # the spikes without a loop. Currents sit on both sides of every step's firing boundary.
+    layer = SpikingLayer(NeuronSpec(neuron=neuron, tau=tau, threshold=threshold)).to(dtype)
+    _, beta, thr, _ = engine._neuron_parameters(torch.zeros(1, dtype=dtype), layer.leaky, num_steps)
+    drives = engine._first_spike_drives(beta.numpy(), thr.numpy(), num_steps)
+    assert np.all(np.diff(drives) >= 0)
+    boundary = torch.as_tensor(drives / drives.dtype.type(layer.input_scale))
+    near = [boundary]
+    up = down = boundary
+    for _ in range(3):
+        up = torch.nextafter(up, torch.tensor(float("inf"), dtype=dtype))
+        down = torch.nextafter(down, torch.tensor(0.0, dtype=dtype))
+        near += [up, down]
+    special = torch.tensor([0.0, -0.0, -1.0, 1e-30, threshold], dtype=dtype)
+    spread = torch.rand(200, generator=torch.Generator().manual_seed(0), dtype=dtype) * 2 * threshold
+    firing = torch.cat([*near, special, spread])
+    silent = torch.zeros(8 * len(firing), dtype=dtype)  # the closed form is for sparse firing
+    current = torch.cat([firing, silent]).reshape(1, 1, -1)
+    with torch.no_grad():
+        spikes = layer.spikes(current, num_steps)
+    assert not loop_calls  # the closed form was used
+    expected = loop_spikes(layer, current, num_steps)
+    assert torch.equal(spikes, expected)
+    assert expected.sum() > 0
+
+
+def test_closed_form_leaves_dense_learnable_and_soft_reset_layers_to_the_loop(loop_calls):
+    current = torch.full((1, 2, 50), 10.0)  # fires at every step: too many spikes to scatter
+    cases = [
+        (NeuronSpec(), current),
+        (NeuronSpec(learn_threshold=True), current / 20),
+        (NeuronSpec(reset="subtract"), current / 20),
+    ]
+    for spec, drive in cases:
+        layer = SpikingLayer(spec)
+        with torch.no_grad():
+            spikes = layer.spikes(drive, 12)
+            reference, _ = layer(drive, 12, "snntorch")
+        assert torch.equal(spikes, reference)
+    assert len(loop_calls) == len(cases)
+
+
 def test_spikes_only_backward_runs_once():
     # The backward writes the gradient over the stored membrane, so a second backward through the
     # same forward (retain_graph=True) must fail loudly rather than return wrong gradients.
@@ -200,6 +269,13 @@ def assert_engines_agree(fused, step_by_step, obs):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for name in fused.layer_names:  # hidden layers: the comparison means something only with spikes
         assert 0 < float(spikes[name].mean()) < 1, name
+    # Without autograd (acting, target networks) the engine takes other paths: the same results.
+    torch.manual_seed(1)
+    with torch.inference_mode(), fused.record() as activity:
+        assert torch.equal(fused(obs), q)
+    for a in activity:
+        if a.spikes is not None:
+            assert torch.equal(a.spikes, spikes[a.name]), a.name
 
 
 VECTOR_SPACE = spaces.Box(-1.0, 1.0, (6,), dtype=np.float32)

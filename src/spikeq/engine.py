@@ -10,7 +10,11 @@ bit-identical to calling ``Leaky`` step by step, and gradients equal within floa
 
 What makes it fast on a CPU (``benchmarks/bench_engine.py`` measures it):
 
-- a loop step is three to five kernels that write into preallocated buffers, without temporaries;
+- a loop step is three to five kernels that write into preallocated buffers, without temporaries; on
+  a CPU, a small layer's loop (a greedy action at batch 1) calls numpy's ufuncs on the same memory,
+  which cost a fraction of PyTorch's per-call overhead;
+- the large ``[T, B, ...]`` buffers come from a ``Workspace`` that reuses them across calls once
+  nothing holds them, instead of fresh memory that page-faults on first write;
 - a static current (direct input coding: the same current at every step) stays ``[1, B, ...]``; it is
   never expanded to T copies, forward or backward;
 - the input scale (1/tau) is applied inside the loop, not as a pass of its own, forward and backward;
@@ -222,31 +226,127 @@ def _integrate_numpy(
     # Without a spike buffer, two alternating buffers hold the last step's 0/1 record.
     spare = (np.empty_like(u), np.empty_like(u))
     records = list(spikes.numpy()) if spikes is not None else [spare[t % 2] for t in range(num_steps)]
+    multiply, add, less_equal, greater = np.multiply, np.add, np.less_equal, np.greater
     if reset == RESET_ZERO:
         # records hold keep = 1 - S[t] (S[t] = not(U[t] <= threshold)), turned into S at the end.
         keep = (u <= threshold_np).astype(u.dtype)
         for t in range(num_steps):
-            np.multiply(u, beta_np, out=decayed)
-            np.multiply(decayed, keep, out=decayed)
-            u = np.add(decayed, drives[t], out=mems[t])
-            keep = np.less_equal(u, threshold_np, out=records[t])
+            multiply(u, beta_np, decayed)
+            multiply(decayed, keep, decayed)
+            u = add(decayed, drives[t], mems[t])
+            keep = less_equal(u, threshold_np, records[t])
         if spikes is not None:
             record = spikes.numpy()
             np.subtract(record.dtype.type(1), record, out=record)
     elif reset == RESET_SUBTRACT:
         spike = (u > threshold_np).astype(u.dtype)  # S[t-1]
         for t in range(num_steps):
-            np.multiply(u, beta_np, out=decayed)
-            u = np.add(decayed, drives[t], out=mems[t])
-            np.multiply(spike, threshold_np, out=decayed)
-            np.subtract(u, decayed, out=u)
-            spike = np.greater(u, threshold_np, out=records[t])
+            multiply(u, beta_np, decayed)
+            u = add(decayed, drives[t], mems[t])
+            multiply(spike, threshold_np, decayed)
+            np.subtract(u, decayed, u)
+            spike = greater(u, threshold_np, records[t])
     else:
         for t in range(num_steps):
-            np.multiply(u, beta_np, out=decayed)
-            u = np.add(decayed, drives[t], out=mems[t])
+            multiply(u, beta_np, decayed)
+            u = add(decayed, drives[t], mems[t])
             if spikes is not None:
-                np.greater(u, threshold_np, out=records[t])
+                greater(u, threshold_np, records[t])
+
+
+# Tables of _first_spike_drives, by (dtype, beta, threshold, T); bounded, oldest dropped first.
+_DRIVE_TABLES: dict[tuple, np.ndarray] = {}
+_DRIVE_TABLES_KEPT = 16
+
+
+def _first_spike_drives(beta: np.ndarray, threshold: np.ndarray, num_steps: int) -> np.ndarray:
+    """The drives at which a neuron at rest first fires at each step, in ascending order.
+
+    Without reset, a constant drive d gives U[0] = d, U[t] = beta * U[t-1] + d, rounded as the loop
+    rounds. Rounding is monotone, so with 0 <= beta <= 1 and d >= 0, U[t] grows with d and with t: a
+    neuron fires first at step k(d) = #{t : d < c[t]}, where c[t] is the least float with U[t] > threshold.
+    c is found by bisection over the floats' bit patterns (ordered as the floats are, for d >= 0), all
+    steps at once. Returned reversed (ascending), ready for ``np.searchsorted``.
+    """
+    key = (beta.dtype.str, float(beta), float(threshold), num_steps)
+    table = _DRIVE_TABLES.get(key)
+    if table is not None:
+        return table
+    dtype = beta.dtype
+    bits = np.dtype(f"uint{dtype.itemsize * 8}")
+    low = np.zeros(num_steps, bits)  # 0.0: U[t] = 0 <= threshold
+    high = np.full(num_steps, np.array(np.inf, dtype).view(bits))  # inf: U[t] = inf > threshold
+    fired = np.empty(num_steps, bool)
+    with np.errstate(over="ignore", invalid="ignore"):
+        while (high - low > 1).any():
+            middle = low + (high - low) // 2
+            drive = middle.view(dtype)
+            u = drive.copy()
+            fired[0] = u[0] > threshold
+            for t in range(1, num_steps):
+                u = np.add(np.multiply(u, beta), drive)
+                fired[t] = u[t] > threshold
+            high = np.where(fired, middle, high)
+            low = np.where(fired, low, middle)
+    table = np.ascontiguousarray(high.view(dtype)[::-1])
+    if len(_DRIVE_TABLES) >= _DRIVE_TABLES_KEPT:
+        del _DRIVE_TABLES[next(iter(_DRIVE_TABLES))]
+    _DRIVE_TABLES[key] = table
+    return table
+
+
+def _periodic_spikes(
+    current: torch.Tensor,
+    num_steps: int,
+    leaky: nn.Module,
+    beta: torch.Tensor,
+    threshold: torch.Tensor,
+    input_scale: float,
+    spikes: torch.Tensor,
+) -> bool:
+    """Spikes of a constant current under the zero reset, without a loop where that is exact.
+
+    The reset returns the membrane to rest, so a neuron that first fires at step k fires at every step t
+    with (t + 1) % (k + 1) == 0; k comes from ``_first_spike_drives``. The spikes are written as a
+    scatter, so the cost is one pass to clear ``spikes`` plus one per spike: it applies while fewer
+    than one neuron-step in eight spikes. Bit-identical to ``_integrate`` (``tests/test_engine.py``).
+
+    :return: whether ``spikes`` was written; False where this does not apply (a sequence of currents,
+        another reset, learnable or non-scalar parameters, a negative threshold, no numpy dtype, not
+        on the CPU, or many spikes), and the loop must run
+    """
+    if (
+        current.shape[0] == num_steps
+        or int(leaky.reset_mechanism_val) != RESET_ZERO
+        or leaky.beta.requires_grad
+        or leaky.threshold.requires_grad
+        or beta.numel() != 1
+        or threshold.numel() != 1
+        or current.device.type != "cpu"
+        or current.dtype not in NUMPY_DTYPES
+    ):
+        return False
+    beta_np, threshold_np = beta.detach().reshape(()).numpy(), threshold.detach().reshape(()).numpy()
+    if not threshold_np >= 0:
+        return False
+    drive = current.detach().reshape(-1).numpy()
+    if input_scale != 1:
+        drive = drive * drive.dtype.type(input_scale)
+    # first = #{t : drive < c[t]}; NaN sorts last, so fires at every step, as the loop's record does.
+    first = num_steps - np.searchsorted(_first_spike_drives(beta_np, threshold_np, num_steps), drive, "right")
+    neurons = np.flatnonzero(first < num_steps)
+    period = first[neurons] + 1
+    counts = num_steps // period
+    total = int(counts.sum())
+    record = spikes.numpy().reshape(num_steps, -1)
+    if total * 8 > record.size:
+        return False
+    record.fill(0)
+    if total:
+        # spike j (0-based) of a neuron with period p falls on step (j + 1) * p - 1
+        nth = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+        record[(nth + 1) * np.repeat(period, counts) - 1, np.repeat(neurons, counts)] = 1
+    return True
 
 
 def _surrogate_product(
@@ -547,5 +647,6 @@ def spike_sequence(
             current, beta, threshold, steps, reset, input_scale, recompute, leaky.spike_grad
         )
     spikes = WORKSPACE.empty((steps, *current.shape[1:]), current)
-    _integrate(current, steps, beta, threshold, reset, input_scale, None, spikes)
+    if not _periodic_spikes(current, steps, leaky, beta, threshold, input_scale, spikes):
+        _integrate(current, steps, beta, threshold, reset, input_scale, None, spikes)
     return spikes

@@ -1,12 +1,15 @@
 """What each training preset costs: agent steps per second of the real training loop on Pong.
 
     .venv/bin/python benchmarks/bench_presets.py [--device cpu] [--steps 400] [--threads 0]
+        [--n-envs 1] [--vec-env dummy|subproc|ale] [--presets ...] [--models ...]
 
 For every preset and model the real SB3 DQN of ``spikeq.train.build_model`` runs on the real Pong env
-(the preset's network, batch size, update frequency and replay buffer), measured in two phases:
-acting only (before ``learning_starts``: one greedy forward pass per step under epsilon) and
-training (after it: plus one update every ``train_freq`` steps). The projection multiplies the
-training-phase rate by the preset's step budget; evaluation time is not included.
+(the preset's network, batch size, update frequency and replay buffer). After a warm-up of random
+actions that fills the replay buffer, two phases of ``--steps`` agent steps each are timed, with
+epsilon at the preset's final value: acting (the policy picks every action: one forward pass per
+vector step, no updates) and training (plus the preset's updates, one every ``train_freq`` agent
+steps). The projection multiplies the training rate by the preset's step budget; evaluation time is
+not included.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 import spikeq  # noqa: F401  (registers SpikingPolicy)
 from spikeq import atari
-from spikeq.config import resolve
+from spikeq.config import VEC_ENVS, resolve
 from spikeq.train import build_model
 
 
@@ -29,15 +32,19 @@ def steps_per_second(model, steps: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def measure(preset: str, model_name: str, device: str, steps: int) -> dict:
+def measure(preset: str, model_name: str, device: str, steps: int, n_envs: int, vec_env: str) -> dict:
     """Acting-only and training rates for one preset and model (exploration fixed at the final eps)."""
-    config = resolve(preset, model_name, device=device, buffer_size=10_000, learning_starts=steps)
-    env = atari.make_env("Pong", n_envs=config.n_envs, seed=0, train=True)
+    warm_up = max(steps // 4, 64)
+    config = resolve(
+        preset, model_name, device=device, buffer_size=10_000, learning_starts=warm_up, n_envs=n_envs
+    )
+    env = atari.make_env("Pong", n_envs=config.n_envs, seed=0, train=True, vec_env=vec_env)
     model = build_model(config, env, device)
-    model.exploration_rate = config.exploration_final_eps
-    model.learn(steps // 4)  # warm-up
     model.exploration_schedule = lambda _: config.exploration_final_eps
-    acting = steps_per_second(model, steps - steps // 4)
+    gradient_steps, model.gradient_steps = model.gradient_steps, 0
+    model.learn(warm_up)  # random actions fill the replay buffer (SB3's learning_starts)
+    acting = steps_per_second(model, steps)  # the policy acts, no updates
+    model.gradient_steps = gradient_steps
     training = steps_per_second(model, steps)
     env.close()
     return dict(acting=acting, training=training, budget=resolve(preset, model_name).steps, config=config)
@@ -50,17 +57,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--presets", nargs="+", default=["smoke", "zoo", "paper"])
     parser.add_argument("--models", nargs="+", default=["dsqn", "dqn"])
+    parser.add_argument("--n-envs", type=int, default=1, help="training envs (updates per agent step kept)")
+    parser.add_argument("--vec-env", default="dummy", choices=VEC_ENVS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, Pong, 1 env")
+    print(
+        f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, Pong, "
+        f"{args.n_envs} env(s) ({args.vec_env})"
+    )
     print(
         f"{'preset':<7} {'model':<6} {'T':>3} {'batch':>5} {'acting steps/s':>15} {'training steps/s':>17} "
         f"{'budget':>11} {'projected training time':>24}"
     )
     for preset in args.presets:
         for model_name in args.models:
-            r = measure(preset, model_name, args.device, args.steps)
+            r = measure(preset, model_name, args.device, args.steps, args.n_envs, args.vec_env)
             c = r["config"]
             hours = r["budget"] / r["training"] / 3600
             projection = f"{hours:.2f} h" if hours < 48 else f"{hours / 24:.1f} days"

@@ -15,8 +15,9 @@ import yaml
 from conftest import SPIKEQ
 from conftest import run_spikeq as spikeq
 
-from spikeq import cli
+from spikeq import atari, cli
 from spikeq.config import PRESETS, resolve
+from spikeq.train import build_model, sb3_update_schedule
 
 
 def eval_rows(run_dir: Path) -> list[dict]:
@@ -237,3 +238,21 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert "training loss became nan" in result.message and "last good checkpoint is kept" in result.message
     latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
     assert latest == "step-300"
+
+
+@pytest.mark.parametrize(
+    "train_freq,n_envs,expected", [(4, 1, (4, 1)), (4, 8, (1, 2)), (8, 2, (4, 1)), (4, 3, (4, 3))]
+)
+def test_update_schedule_keeps_updates_per_agent_step(train_freq, n_envs, expected):
+    assert sb3_update_schedule(train_freq, 1, n_envs) == expected
+
+
+def test_several_envs_update_once_every_train_freq_agent_steps():
+    # SB3 alone would count train_freq in vector steps: 4 envs would update 4x less often.
+    config = resolve("smoke", "dqn", n_envs=4, learning_starts=64, train_freq=8, buffer_size=1_000)
+    env = atari.make_env("Pong", n_envs=config.n_envs, seed=0, train=True)
+    model = build_model(config, env, "cpu")
+    model.learn(256)
+    env.close()
+    assert model.num_timesteps == 256
+    assert model._n_updates == (256 - 64) // 8

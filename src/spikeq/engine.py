@@ -52,10 +52,11 @@ class Workspace:
     """Reuses the engine's large CPU buffers (``[T, B, ...]`` spikes, membranes, gradients) across calls.
 
     A fresh multi-megabyte tensor costs a page fault per 4 kB page when first written (glibc maps large
-    blocks from the OS and unmaps them when freed): at T = 64 and batch 32 that is about a third of the
-    recurrence's time. A buffer handed out here is reused as soon as nothing else holds its storage (no
-    tensor, view or autograd graph), so a training step reuses the previous step's buffers. Free buffers
-    not asked for during ``keep_for`` further requests are released; ``clear()`` releases all of them.
+    blocks from the OS and unmaps them when freed): writing conv1's spikes at T = 64 and batch 32 step
+    by step took 85 ms into a fresh buffer and 12 ms into a reused one (benchmarks/README.md). A buffer
+    handed out here is reused as soon as nothing else holds its storage (no tensor, view or autograd
+    graph), so a training step reuses the previous step's buffers. Free buffers not asked for during
+    ``keep_for`` further requests are released; ``clear()`` releases all of them.
 
     :param min_bytes: smaller buffers come from malloc's heap, where reuse is cheap anyway
     :param keep_for: requests a free buffer survives without being reused
@@ -338,10 +339,10 @@ def _periodic_spikes(
     period = first[neurons] + 1
     counts = num_steps // period
     total = int(counts.sum())
-    record = spikes.numpy().reshape(num_steps, -1)
-    if total * 8 > record.size:
+    if total * 8 > spikes.numel():
         return False
-    record.fill(0)
+    spikes.zero_()
+    record = spikes.numpy().reshape(num_steps, -1)
     if total:
         # spike j (0-based) of a neuron with period p falls on step (j + 1) * p - 1
         nth = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)

@@ -106,8 +106,21 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def sb3_update_schedule(train_freq: int, gradient_steps: int, n_envs: int) -> tuple[int, int]:
+    """SB3's (train_freq, gradient_steps) for ``gradient_steps`` updates every ``train_freq`` agent steps.
+
+    SB3 counts train_freq in vector steps, each ``n_envs`` agent steps: with 8 envs, train_freq=4
+    would update once per 32 agent steps. Here the ratio of updates to agent steps stays the
+    config's whatever the number of envs: e.g. 8 envs, 1 update every 4 agent steps -> 2 updates after
+    every vector step.
+    """
+    common = math.gcd(train_freq, n_envs)
+    return train_freq // common, gradient_steps * (n_envs // common)
+
+
 def build_model(config: TrainConfig, env, device: str) -> DQN:
     """The SB3 DQN of ``config`` on ``env`` (SpikingPolicy for the DSQN models, CnnPolicy for dqn)."""
+    train_freq, gradient_steps = sb3_update_schedule(config.train_freq, config.gradient_steps, env.num_envs)
     policy_kwargs: dict[str, Any] = {}
     if config.spiking:
         policy_kwargs = {k: v for k, v in config.network_spec().to_kwargs().items() if k != "net_arch"}
@@ -120,8 +133,8 @@ def build_model(config: TrainConfig, env, device: str) -> DQN:
         batch_size=config.batch_size,
         tau=1.0,
         gamma=config.gamma,
-        train_freq=config.train_freq,
-        gradient_steps=config.gradient_steps,
+        train_freq=train_freq,
+        gradient_steps=gradient_steps,
         replay_buffer_class=FrameReplayBuffer if config.frame_replay else None,
         target_update_interval=config.target_update_interval,
         exploration_fraction=min(1.0, config.exploration_steps / config.steps),

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The engine's GPU checks in one run, well under 10 minutes on one H200:
+#   1. bench_engine.py --device cuda at T = 8, 16, 64: greedy action, training step (target: <= 4 ms
+#      and >= 5x faster than the naive snnTorch loop at T = 64, batch 32) and peak memory, every
+#      contender;
+#   2. bench_presets.py --device cuda, paper preset, Pong, 8 envs through ale-py's vector env: agent
+#      steps per second of the whole training loop (target: >= 1,000 for the DSQN), and the ANN DQN.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]        # tables in OUT_DIR (default: $OUT, else bench-gpu)
+#   DEVICE=cpu QUICK=1 bash benchmarks/gpu_check.sh /tmp/check   # dry run of the script on a CPU
+#
+# Needs spikeq's dependencies importable by $PYTHON (default python3); spikeq itself is read from
+# src/. On a machine without a package index, carry the wheels (see benchmarks/README.md, "GPU").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-bench-gpu}}
+mkdir -p "$out"
+python=${PYTHON:-python3}
+device=${DEVICE:-cuda}
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [ "${QUICK:-0}" = 1 ]; then
+    engine_args=(--quick) loop_steps=256
+else
+    engine_args=(--steps 8 16 64) loop_steps=4000
+fi
+{
+    date -u
+    "$python" -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
+} | tee "$out/machine.txt"
+"$python" benchmarks/bench_engine.py --device "$device" --loop-steps 0 "${engine_args[@]}" 2>&1 | tee "$out/engine.txt"
+"$python" benchmarks/bench_presets.py --device "$device" --presets paper --models dsqn dqn \
+    --n-envs 8 --vec-env ale --steps "$loop_steps" 2>&1 | tee "$out/loop.txt"

@@ -10,12 +10,13 @@
 #   DEVICE=cpu QUICK=1 bash benchmarks/gpu_check.sh /tmp/check   # dry run of the script on a CPU
 #
 # Needs spikeq's dependencies importable by $PYTHON (default: .venv/bin/python if there, else python3);
-# spikeq itself is read from
-# src/. On a machine without a package index, carry the wheels (see benchmarks/README.md, "GPU").
+# spikeq itself is read from src/. On a machine without a package index, carry the wheels (see
+# benchmarks/README.md, "GPU").
 set -euo pipefail
-cd "$(dirname "$0")/.."
 out=${1:-${OUT:-bench-gpu}}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
 if [ -x .venv/bin/python ]; then python=${PYTHON:-.venv/bin/python}; else python=${PYTHON:-python3}; fi
 device=${DEVICE:-cuda}
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

@@ -208,6 +208,23 @@ def test_closed_form_leaves_dense_learnable_and_soft_reset_layers_to_the_loop(lo
     assert len(loop_calls) == len(cases)
 
 
+def test_without_numpy_interop_the_torch_loop_runs(monkeypatch, loop_calls):
+    # torch built against numpy 1 cannot share memory with numpy 2: the numpy paths step aside.
+    monkeypatch.setattr(engine, "NUMPY_INTEROP", False)
+    monkeypatch.setattr(engine, "NUMPY_ELEMENTS", 1 << 30)
+
+    def no_numpy(*args):
+        raise AssertionError("the numpy loop ran without numpy interop")
+
+    monkeypatch.setattr(engine, "_integrate_numpy", no_numpy)
+    layer = SpikingLayer(NeuronSpec())
+    current = torch.cat([torch.rand(1, 3, 40) * 3, torch.zeros(1, 3, 400)], dim=2)  # sparse firing
+    with torch.no_grad():
+        spikes = layer.spikes(current, 16)
+        reference, _ = layer(current, 16, "snntorch")
+    assert loop_calls and torch.equal(spikes, reference) and spikes.sum() > 0
+
+
 def test_spikes_only_backward_runs_once():
     # The backward writes the gradient over the stored membrane, so a second backward through the
     # same forward (retain_graph=True) must fail loudly rather than return wrong gradients.

@@ -48,6 +48,18 @@ NUMPY_ELEMENTS = 1 << 16
 NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
+def _numpy_interop() -> bool:
+    """Whether torch can share CPU memory with this numpy (not where torch was built against numpy 1
+    and numpy 2 is installed): the numpy paths are skipped otherwise."""
+    try:
+        return bool(torch.ones(1).numpy()[0] == 1)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
+NUMPY_INTEROP = _numpy_interop()
+
+
 class Workspace:
     """Reuses the engine's large CPU buffers (``[T, B, ...]`` spikes, membranes, gradients) across calls.
 
@@ -153,6 +165,7 @@ def _integrate(
     if (
         current.device.type == "cpu"
         and current.dtype in NUMPY_DTYPES
+        and NUMPY_INTEROP
         and current[0].numel() <= NUMPY_ELEMENTS
     ):
         _integrate_numpy(current, num_steps, beta, threshold, reset, input_scale, mem, spikes)
@@ -325,6 +338,7 @@ def _periodic_spikes(
         or threshold.numel() != 1
         or current.device.type != "cpu"
         or current.dtype not in NUMPY_DTYPES
+        or not NUMPY_INTEROP
     ):
         return False
     beta_np, threshold_np = beta.detach().reshape(()).numpy(), threshold.detach().reshape(()).numpy()

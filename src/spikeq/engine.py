@@ -60,6 +60,17 @@ def _numpy_interop() -> bool:
 NUMPY_INTEROP = _numpy_interop()
 
 
+def _numpy_can_run(current: torch.Tensor) -> bool:
+    """Whether the numpy paths can work on ``current``'s memory (CPU, float32/64, numpy interop)."""
+    return current.device.type == "cpu" and current.dtype in NUMPY_DTYPES and NUMPY_INTEROP
+
+
+def _numpy_drive(current: torch.Tensor, input_scale: float) -> np.ndarray:
+    """input_scale * I as numpy, rounded as the torch loop rounds it (a scalar of the array's dtype)."""
+    drive = current.detach().numpy()
+    return drive * drive.dtype.type(input_scale) if input_scale != 1 else drive
+
+
 class Workspace:
     """Reuses the engine's large CPU buffers (``[T, B, ...]`` spikes, membranes, gradients) across calls.
 
@@ -162,12 +173,7 @@ def _integrate(
     :param mem: ``[T, B, ...]`` buffer for U, or None: U is then kept for one step only
     :param spikes: ``[T, B, ...]`` buffer for S, or None
     """
-    if (
-        current.device.type == "cpu"
-        and current.dtype in NUMPY_DTYPES
-        and NUMPY_INTEROP
-        and current[0].numel() <= NUMPY_ELEMENTS
-    ):
+    if _numpy_can_run(current) and current[0].numel() <= NUMPY_ELEMENTS:
         _integrate_numpy(current, num_steps, beta, threshold, reset, input_scale, mem, spikes)
         return
     u = torch.zeros_like(current[0])
@@ -229,9 +235,7 @@ def _integrate_numpy(
     order (so the same bits), at a fraction of PyTorch's per-call overhead, which is most of the cost
     of a small layer (a greedy action at batch 1 runs 64 steps x 4 layers of a few thousand neurons).
     """
-    drive = current.detach().numpy()
-    if input_scale != 1:
-        drive = drive * drive.dtype.type(input_scale)
+    drive = _numpy_drive(current, input_scale)
     drives = [drive[0]] * num_steps if current.shape[0] != num_steps else list(drive)
     beta_np, threshold_np = beta.detach().numpy(), threshold.detach().numpy()
     u = np.zeros_like(drive[0])
@@ -336,17 +340,13 @@ def _periodic_spikes(
         or leaky.threshold.requires_grad
         or beta.numel() != 1
         or threshold.numel() != 1
-        or current.device.type != "cpu"
-        or current.dtype not in NUMPY_DTYPES
-        or not NUMPY_INTEROP
+        or not _numpy_can_run(current)
     ):
         return False
     beta_np, threshold_np = beta.detach().reshape(()).numpy(), threshold.detach().reshape(()).numpy()
     if not threshold_np >= 0:
         return False
-    drive = current.detach().reshape(-1).numpy()
-    if input_scale != 1:
-        drive = drive * drive.dtype.type(input_scale)
+    drive = _numpy_drive(current, input_scale).reshape(-1)
     # first = #{t : drive < c[t]}; NaN sorts last, so fires at every step, as the loop's record does.
     first = num_steps - np.searchsorted(_first_spike_drives(beta_np, threshold_np, num_steps), drive, "right")
     neurons = np.flatnonzero(first < num_steps)

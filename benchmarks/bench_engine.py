@@ -7,7 +7,10 @@ Every contender is the same Nature-CNN DSQN (Liu et al. 2022: conv1 applied once
 LIF layers after conv1, conv2, conv3 and fc1, tau 2, threshold 1, hard reset, ATan surrogate, Q = fc2 of
 the fc1 firing rates), or its non-spiking reference, with 6 actions (Pong):
 
-- spikeq fused: ``SpikingPolicy`` with ``engine="fused"`` (time-batched layers, fused recurrence);
+- spikeq fused: ``SpikingPolicy`` with ``engine="fused"`` (time-batched layers, fused recurrence; on
+  CUDA the recurrence runs in spikeq's Triton kernels when Triton is installed);
+- spikeq fused, torch loop (CUDA only): the same with the recurrence in PyTorch kernels, step by step
+  (``SPIKEQ_RECURRENCE=torch``), to show what the Triton kernels gain;
 - spikeq fused+recompute: the same with ``recompute=True`` (conv1's layer keeps no membrane);
 - spikeq snntorch: ``SpikingPolicy`` with ``engine="snntorch"`` (every layer called at every step);
 - snntorch naive: a plain snnTorch network as the snnTorch tutorials write it, independent of spikeq
@@ -239,11 +242,15 @@ class Contender:
     :param name: its row name
     :param build: T -> (online, target) Q-networks
     :param loop_policy: (c): the SB3 policy name and policy_kwargs for T, or None to skip (c)
+    :param recurrence: where spikeq's engine runs the recurrence for it (``engine.RECURRENCES``)
+    :param cuda_only: a row that means something on CUDA only
     """
 
     name: str
     build: Callable[[int], tuple[nn.Module, nn.Module]]
     loop_policy: Callable[[int], tuple[str, dict]] | None = None
+    recurrence: str = "auto"
+    cuda_only: bool = False
 
 
 CONTENDERS = (
@@ -251,6 +258,13 @@ CONTENDERS = (
         "spikeq fused",
         lambda t: spikeq_networks(t, engine="fused"),
         lambda t: ("SpikingPolicy", dict(num_steps=t, engine="fused")),
+    ),
+    Contender(
+        "spikeq fused, torch loop",
+        lambda t: spikeq_networks(t, engine="fused"),
+        lambda t: ("SpikingPolicy", dict(num_steps=t, engine="fused")),
+        recurrence="torch",
+        cuda_only=True,
     ),
     Contender("spikeq fused+recompute", lambda t: spikeq_networks(t, engine="fused", recompute=True)),
     Contender(
@@ -424,25 +438,30 @@ def run_steps(
     obs = batch.obs[:1]
     torch.manual_seed(0)
     trainers = {}
+    recurrence = {c.name: c.recurrence for c in contenders}
     for c in contenders:
         online, target = c.build(num_steps)
         trainers[c.name] = Trainer(online.to(device), target.to(device), batch)
     rows = {c.name: Row() for c in contenders}
-    for trainer in trainers.values():  # warm-up: allocator, kernels, Adam state
+    for name, trainer in trainers.items():  # warm-up: allocator, kernels, Adam state
+        engine.use_recurrence(recurrence[name])
         greedy_action(trainer.online, obs)
         trainer.step()
     for _ in range(args.train_repeats):
         for name, trainer in trainers.items():
+            engine.use_recurrence(recurrence[name])
             rows[name].action_ms += [
                 timed(lambda t=trainer: greedy_action(t.online, obs), device) * 1e3
                 for _ in range(args.action_calls)
             ]
             rows[name].train_ms.append(timed(trainer.step, device) * 1e3)
     for name, trainer in trainers.items():
+        engine.use_recurrence(recurrence[name])
         rows[name].peak_mb = peak_memory_mb(trainer.step, device)
     del trainers
     for c in contenders:
         if c.loop_policy is not None and args.loop_steps > 0:
+            engine.use_recurrence(c.recurrence)
             policy, policy_kwargs = c.loop_policy(num_steps)
             rows[c.name].agent_steps_per_s = agent_steps_per_second(
                 policy, policy_kwargs, device, args.learning_starts, args.loop_steps
@@ -539,7 +558,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    contenders = [c for c in CONTENDERS if c.name not in args.skip]
+    contenders = [
+        c for c in CONTENDERS if c.name not in args.skip and (device.type == "cuda" or not c.cuda_only)
+    ]
     if importlib.util.find_spec("spikingjelly") is None:
         print(
             "SpikingJelly is not installed, its rows are skipped "
@@ -547,6 +568,13 @@ def main() -> None:
         )
         contenders = [c for c in contenders if c.name != "spikingjelly"]
     print(f"machine: {machine()}, device {device}")
+    if device.type == "cuda":
+        kernels = engine._triton_kernels()
+        print(
+            f"spikeq fused: recurrence in Triton {kernels.triton.__version__} kernels"
+            if kernels
+            else "Triton is not installed: spikeq fused runs the recurrence in PyTorch kernels"
+        )
     frames = pong_frames(4 * TRAIN_BATCH)
     for num_steps in args.steps:
         start = time.perf_counter()

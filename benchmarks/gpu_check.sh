@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The engine's GPU checks in one run, well under 10 minutes on one H200:
+#   0. tests/test_kernels.py on the GPU: the compiled Triton recurrence kernels against snnTorch step
+#      by step (bit-identical spikes and membranes, gradients within rounding);
 #   1. bench_engine.py --device cuda at T = 8, 16, 64: greedy action, training step (target: <= 4 ms
 #      and >= 5x faster than the naive snnTorch loop at T = 64, batch 32) and peak memory, every
 #      contender;
@@ -29,7 +31,11 @@ fi
     date -u
     "$python" -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
+    "$python" -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1
 } | tee "$out/machine.txt"
+status=0
+"$python" -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$out/kernels.txt" || status=1
 "$python" benchmarks/bench_engine.py --device "$device" --loop-steps 0 "${engine_args[@]}" 2>&1 | tee "$out/engine.txt"
 "$python" benchmarks/bench_presets.py --device "$device" --presets paper --models dsqn dqn \
     --n-envs 8 --vec-env ale --steps "$loop_steps" 2>&1 | tee "$out/loop.txt"
+exit $status

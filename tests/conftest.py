@@ -12,6 +12,10 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Without a GPU, the Triton recurrence kernels run in Triton's interpreter (tests/test_kernels.py); the
+# engine imports them on first use, after this.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SPIKEQ = [sys.executable, "-m", "spikeq.cli"]
 

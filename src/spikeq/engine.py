@@ -23,11 +23,16 @@ What makes it fast on a CPU (``benchmarks/bench_engine.py`` measures it):
   ``recompute`` and a static current);
 - the backward runs in chunks of steps small enough to stay in cache, and evaluates snnTorch's ATan
   surrogate (the paper's) in place in three kernels; other surrogates are differentiated with autograd.
+
+On a GPU the per-step kernels' launches would dominate: there the recurrence runs in spikeq.kernels'
+Triton kernels, all T steps in one launch per layer and direction (``use_recurrence`` chooses).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +51,46 @@ SMALL_ELEMENTS = 1 << 19
 # Up to this many neurons (one step, whole batch) a CPU forward loop runs on numpy's ufuncs.
 NUMPY_ELEMENTS = 1 << 16
 NUMPY_DTYPES = (torch.float32, torch.float64)
+# Where the recurrence runs: "auto" takes the Triton kernels (spikeq.kernels) for CUDA tensors when
+# Triton is installed and the PyTorch/numpy loops otherwise; "triton" takes them for every tensor (CPU
+# tensors need TRITON_INTERPRET=1, Triton's interpreter); "torch" never does. ``use_recurrence`` sets it.
+RECURRENCES = ("auto", "triton", "torch")
+_recurrence = "auto"
+_kernels: Any = None  # the imported spikeq.kernels, False where Triton cannot be imported
+
+
+def use_recurrence(name: str) -> None:
+    """Choose where the membrane recurrence runs: one of ``RECURRENCES`` (default from the
+    SPIKEQ_RECURRENCE environment variable, else "auto")."""
+    global _recurrence
+    if name not in RECURRENCES:
+        raise ValueError(f"recurrence {name!r} is not one of {', '.join(RECURRENCES)}")
+    if name == "triton" and not _triton_kernels():
+        raise RuntimeError("recurrence 'triton' needs the triton package: pip install triton")
+    _recurrence = name
+
+
+def _triton_kernels() -> Any:
+    """spikeq.kernels, imported on first use (so TRITON_INTERPRET set before then applies), or None."""
+    global _kernels
+    if _kernels is None:
+        try:
+            _kernels = importlib.import_module("spikeq.kernels")
+        except ImportError:
+            _kernels = False
+    return _kernels or None
+
+
+def _triton_can_run(current: torch.Tensor, beta: torch.Tensor, threshold: torch.Tensor) -> bool:
+    """Whether the recurrence of ``current`` runs in the Triton kernels (scalar beta and threshold)."""
+    if _recurrence == "torch" or (_recurrence == "auto" and not current.is_cuda):
+        return False
+    return (
+        beta.numel() == 1
+        and threshold.numel() == 1
+        and current.dtype in NUMPY_DTYPES
+        and _triton_kernels() is not None
+    )
 
 
 def _numpy_interop() -> bool:
@@ -61,8 +106,14 @@ NUMPY_INTEROP = _numpy_interop()
 
 
 def _numpy_can_run(current: torch.Tensor) -> bool:
-    """Whether the numpy paths can work on ``current``'s memory (CPU, float32/64, numpy interop)."""
-    return current.device.type == "cpu" and current.dtype in NUMPY_DTYPES and NUMPY_INTEROP
+    """Whether the numpy paths can work on ``current``'s memory (CPU, float32/64, numpy interop), and
+    the Triton kernels are not asked for."""
+    return (
+        current.device.type == "cpu"
+        and current.dtype in NUMPY_DTYPES
+        and NUMPY_INTEROP
+        and _recurrence != "triton"
+    )
 
 
 def _numpy_drive(current: torch.Tensor, input_scale: float) -> np.ndarray:
@@ -131,6 +182,7 @@ class Workspace:
 
 
 WORKSPACE = Workspace()
+use_recurrence(os.environ.get("SPIKEQ_RECURRENCE", "auto"))
 
 
 def over_time(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -173,6 +225,9 @@ def _integrate(
     :param mem: ``[T, B, ...]`` buffer for U, or None: U is then kept for one step only
     :param spikes: ``[T, B, ...]`` buffer for S, or None
     """
+    if _triton_can_run(current, beta, threshold):
+        _triton_kernels().integrate(current, num_steps, beta, threshold, reset, input_scale, mem, spikes)
+        return
     if _numpy_can_run(current) and current[0].numel() <= NUMPY_ELEMENTS:
         _integrate_numpy(current, num_steps, beta, threshold, reset, input_scale, mem, spikes)
         return
@@ -364,6 +419,14 @@ def _periodic_spikes(
     return True
 
 
+def _atan_alpha(spike_fn: Callable[[torch.Tensor], torch.Tensor]) -> float | None:
+    """alpha of snnTorch's ATan surrogate, recognised by its autograd node; None for other functions."""
+    probe = torch.zeros((), requires_grad=True)
+    with torch.enable_grad():
+        node = spike_fn(probe).grad_fn
+    return float(node.alpha) if type(node) is snn_surrogate.ATan._backward_cls else None
+
+
 def _surrogate_product(
     spike_fn: Callable[[torch.Tensor], torch.Tensor], threshold: torch.Tensor, factor: float
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]:
@@ -374,12 +437,10 @@ def _surrogate_product(
     and k = 2 / (alpha * factor), the product is grad_spikes / (k + k * y^2). Any other surrogate
     function is differentiated with autograd.
     """
-    probe = torch.zeros((), requires_grad=True)
-    with torch.enable_grad():
-        node = spike_fn(probe).grad_fn
-    if type(node) is snn_surrogate.ATan._backward_cls:
-        c = math.pi / 2 * node.alpha
-        k = 2 / (node.alpha * factor)
+    alpha = _atan_alpha(spike_fn)
+    if alpha is not None:
+        c = math.pi / 2 * alpha
+        k = 2 / (alpha * factor)
         offset, k_tensor = threshold * -c, threshold.new_tensor(k)
 
         def atan(grad_spikes: torch.Tensor, u: torch.Tensor, out: torch.Tensor) -> None:
@@ -426,6 +487,10 @@ def _adjoint(
     :return: the gradients of the current (``out``, or for a static current its sum over the steps,
         ``[1, B, ...]``), beta and threshold (None where not needed)
     """
+    if _triton_can_run(mem, beta, threshold):
+        alpha = _atan_alpha(ctx.spike_fn) if grad_spikes is not None else 1.0
+        if alpha is not None:
+            return _triton_kernels().adjoint(mem, grad_spikes, grad_mem, ctx, beta, threshold, out, alpha)
     steps, scale, reset = mem.shape[0], ctx.input_scale, ctx.reset
     surrogate = _surrogate_product(ctx.spike_fn, threshold, scale) if grad_spikes is not None else None
     chunk = min(steps, max(1, CHUNK_ELEMENTS // max(1, mem[0].numel())))

@@ -1,0 +1,195 @@
+"""The Triton recurrence kernels (spikeq.kernels) against snnTorch's ``Leaky`` called step by step.
+
+On a GPU the engine runs the membrane recurrence in these kernels by default. Without one, conftest.py
+sets TRITON_INTERPRET=1 and the kernels run on CPU tensors in Triton's interpreter, which executes
+their float operations one by one through numpy: spikes and membranes must equal snnTorch's bit for
+bit, and gradients within float rounding, as for the engine's PyTorch loop. On a machine with CUDA the
+same tests run the compiled kernels on the GPU.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import snntorch as snn
+import torch
+from gymnasium import spaces
+
+from spikeq import NetworkSpec, NeuronSpec, SpikingLayer, SpikingQNetwork, engine
+
+pytest.importorskip("triton")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+NEURON_RESETS = [("lif", "zero"), ("if", "zero"), ("lif", "subtract"), ("if", "subtract")]
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Run the recurrence in the Triton kernels; returns {"integrate": n, "adjoint": n} launches."""
+    kernels = engine._triton_kernels()
+    calls = {"integrate": 0, "adjoint": 0}
+
+    def counted(name):
+        original = getattr(kernels, name)
+
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        return call
+
+    for name in calls:
+        monkeypatch.setattr(kernels, name, counted(name))
+    monkeypatch.setattr(engine, "_recurrence", "triton")
+    return calls
+
+
+def layer_outputs(layer, current, num_steps, engine_name, spikes_only=False, recompute=False, mem_loss=True):
+    """Spikes, membrane (None for the spikes-only path) and the gradients of a fixed loss (weighing
+    the membrane too with ``mem_loss``)."""
+    current = current.clone().requires_grad_()
+    if spikes_only:
+        spikes, mem = layer.spikes(current, num_steps, recompute=recompute), None
+    else:
+        spikes, mem = layer(current, num_steps, engine_name)
+    weights = torch.randn(spikes.shape, generator=torch.Generator().manual_seed(1)).to(current)
+    loss = (spikes * weights).sum()
+    if mem is not None and mem_loss:
+        loss = loss + 0.1 * (mem * weights.flip(0)).sum()
+    inputs = [current, *layer.parameters()]
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads, strict=True)]
+    return spikes.detach(), None if mem is None else mem.detach(), grads
+
+
+def assert_same(got, want):
+    (spikes, mem, grads), (spikes_ref, mem_ref, grads_ref) = got, want
+    assert torch.equal(spikes, spikes_ref)
+    assert mem is None or torch.equal(mem, mem_ref)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("neuron,reset", NEURON_RESETS)
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("fire", [True, False])
+@pytest.mark.parametrize("learn", [False, True])
+def test_kernels_equal_snntorch_step_by_step(kernel_calls, neuron, reset, static, fire, learn):
+    spec = NeuronSpec(neuron=neuron, reset=reset, learn_beta=learn, learn_threshold=learn)
+    layer = SpikingLayer(spec, fire=fire).to(DEVICE)
+    num_steps = 13
+    generator = torch.Generator().manual_seed(0)
+    current = (torch.randn(1 if static else num_steps, 3, 70, generator=generator) * 1.5).to(DEVICE)
+    got = layer_outputs(layer, current, num_steps, "fused")
+    assert kernel_calls == {"integrate": 1, "adjoint": 1}
+    want = layer_outputs(layer, current, num_steps, "snntorch")
+    assert_same(got, want)
+    assert not fire or got[0].sum() > 0
+
+
+@pytest.mark.parametrize("neuron,reset", NEURON_RESETS)
+@pytest.mark.parametrize("static,recompute", [(False, False), (True, False), (True, True)])
+def test_kernels_spikes_only_path_equals_snntorch(kernel_calls, neuron, reset, static, recompute):
+    layer = SpikingLayer(NeuronSpec(neuron=neuron, reset=reset)).to(DEVICE)
+    num_steps = 9
+    current = (
+        torch.randn(1 if static else num_steps, 2, 300, generator=torch.Generator().manual_seed(3)) * 2
+    ).to(DEVICE)
+    got = layer_outputs(layer, current, num_steps, "fused", spikes_only=True, recompute=recompute)
+    # with recompute the backward runs the forward loop again
+    assert kernel_calls == {"integrate": 2 if recompute else 1, "adjoint": 1}
+    spikes, _, grads = layer_outputs(layer, current, num_steps, "snntorch", mem_loss=False)
+    assert_same(got, (spikes, None, grads))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_membranes_are_bit_identical_near_the_threshold(kernel_calls, dtype):
+    # Currents a few ulps either side of values that put the membrane exactly on the threshold.
+    layer = SpikingLayer(NeuronSpec(tau=3.0, threshold=0.7)).to(device=DEVICE, dtype=dtype)
+    base = torch.tensor([0.7 * 3, 0.35 * 3, 0.7, 2.1 / 2], dtype=dtype)
+    near = [base]
+    up = down = base
+    for _ in range(4):
+        up, down = torch.nextafter(up, up + 1), torch.nextafter(down, down - 1)
+        near += [up, down]
+    current = torch.cat(near).reshape(1, 1, -1).expand(17, 1, -1).contiguous().to(DEVICE)
+    with torch.no_grad():
+        spikes, mem = layer(current, 17, "fused")
+        spikes_ref, mem_ref = layer(current, 17, "snntorch")
+    assert kernel_calls["integrate"] == 1
+    assert torch.equal(spikes, spikes_ref) and torch.equal(mem, mem_ref)
+    assert 0 < spikes.sum() < spikes.numel()
+
+
+def test_other_surrogates_and_per_neuron_parameters_leave_the_kernels(kernel_calls):
+    # Another surrogate: forward in the kernel, backward through the PyTorch adjoint.
+    layer = SpikingLayer(NeuronSpec(surrogate="fast_sigmoid")).to(DEVICE)
+    current = (torch.randn(8, 4, 50, generator=torch.Generator().manual_seed(5)) * 2).to(DEVICE)
+    assert_same(layer_outputs(layer, current, 8, "fused"), layer_outputs(layer, current, 8, "snntorch"))
+    assert kernel_calls == {"integrate": 1, "adjoint": 0}
+    # A decay per neuron: the PyTorch loop, forward and backward.
+    leaky = snn.Leaky(beta=torch.linspace(0.2, 0.9, 50), learn_beta=True).to(DEVICE)
+    _, mem = engine.leaky_sequence(current, leaky)
+    assert kernel_calls == {"integrate": 1, "adjoint": 0}
+    u, expected = torch.zeros_like(current[0]), []
+    for i in current:
+        _, u = leaky(i, u)
+        expected.append(u)
+    assert torch.equal(mem.detach(), torch.stack(expected).detach())
+
+
+def test_dsqn_q_values_and_gradients_equal_snntorch(kernel_calls, monkeypatch):
+    space = spaces.Box(0, 255, (2, 44, 44), dtype="uint8")
+    obs = torch.randint(0, 256, (3, 2, 44, 44), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+
+    def run(engine_name, recurrence):
+        monkeypatch.setattr(engine, "_recurrence", recurrence)
+        torch.manual_seed(0)
+        spec = NetworkSpec(engine=engine_name, num_steps=6, net_arch=[32], readout="max_mem")
+        net = SpikingQNetwork(space, spaces.Discrete(4), spec).to(DEVICE, torch.float64)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(8.0)  # every layer spikes
+        with net.record() as activity:
+            q = net(obs)
+        grads = torch.autograd.grad(q.square().sum(), list(net.parameters()))
+        return q.detach(), [a.spikes for a in activity], grads
+
+    q, spikes, grads = run("fused", "triton")
+    assert kernel_calls == {"integrate": 5, "adjoint": 5}
+    assert spikes[-1] is None  # non-spiking output neurons (max_mem readout)
+    assert all(0 < float(s.mean()) < 1 for s in spikes[:-1])
+    for engine_name, recurrence, rtol, atol in [
+        ("fused", "torch", 1e-10, 1e-12),
+        ("snntorch", "torch", 1e-5, 1e-6),
+    ]:
+        # snnTorch's surrogates pass the gradient through float32: compared at float32 precision
+        q_ref, spikes_ref, grads_ref = run(engine_name, recurrence)
+        assert all(torch.equal(s, r) for s, r in zip(spikes[:-1], spikes_ref[:-1], strict=True))
+        assert torch.equal(q, q_ref)
+        for g, g_ref in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(g, g_ref, rtol=rtol, atol=atol)
+    assert kernel_calls == {"integrate": 5, "adjoint": 5}
+
+
+def test_auto_keeps_cpu_tensors_out_of_the_kernels(monkeypatch):
+    monkeypatch.setattr(engine, "_recurrence", "auto")
+    current = torch.randn(4, 2, 10)
+    _, beta, threshold, _ = engine._neuron_parameters(current, SpikingLayer(NeuronSpec()).leaky, None)
+    assert not engine._triton_can_run(current, beta, threshold)
+    monkeypatch.setattr(engine, "_recurrence", "triton")
+    assert engine._triton_can_run(current, beta, threshold)
+    assert not engine._triton_can_run(current.half(), beta.half(), threshold.half())
+    monkeypatch.setattr(engine, "_recurrence", "torch")
+    assert not engine._triton_can_run(current, beta, threshold)
+
+
+def test_bad_recurrence_names_the_value_and_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"recurrence 'cuda' is not one of auto, triton, torch"):
+        engine.use_recurrence("cuda")
+    env = {**os.environ, "SPIKEQ_RECURRENCE": "fast"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import spikeq"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode != 0 and "recurrence 'fast' is not one of auto, triton, torch" in done.stderr

@@ -352,3 +352,80 @@ def test_recompute_changes_memory_not_results():
         assert torch.equal(layer_spikes, expected_spikes[name]), name
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def periodic_spikes(num_steps, shape, periods, dtype=torch.float32):
+    """Spikes of neurons firing every p-th step, p drawn from ``periods`` (0: never)."""
+    generator = torch.Generator().manual_seed(4)
+    period = torch.tensor(periods)[torch.randint(len(periods), shape, generator=generator)]
+    t = torch.arange(1, num_steps + 1).reshape(-1, *[1] * len(shape))
+    return ((period > 0) & (t % period.clamp(min=1) == 0)).to(dtype)
+
+
+def test_distinct_steps_find_every_repeat_exactly():
+    x = periodic_spikes(24, (3, 40), [0, 1, 2, 3, 4])
+    first, inverse = engine._distinct_steps(x)
+    # step t's pattern is the set of periods 2, 3, 4 dividing t + 1: {}, {2}, {3}, {2, 4}, {2, 3}, {2, 3, 4}
+    assert len(first) == 6
+    assert torch.equal(x[first][inverse], x)
+    assert sorted(first.tolist()) == first.tolist() and inverse[first].tolist() == list(range(len(first)))
+    # mostly distinct steps: not worth it
+    assert engine._distinct_steps(torch.rand(24, 3, 40)) is None
+
+
+def test_distinct_steps_never_merge_slices_whose_keys_collide(monkeypatch):
+    x = periodic_spikes(16, (2, 30), [0, 2, 4])
+    rows = x.reshape(16, -1)
+    monkeypatch.setitem(engine._HASH_WEIGHTS, (rows.shape[1], rows.dtype), torch.zeros(2, rows.shape[1]))
+    assert engine._distinct_steps(x) is None  # every key is 0, and the slices differ
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_over_distinct_steps_equals_over_time(dtype):
+    conv = torch.nn.Conv2d(8, 16, 3, 2).to(dtype)
+    x = periodic_spikes(32, (3, 8, 11, 11), [0, 1, 2, 3, 5, 7], dtype)
+    with torch.no_grad():
+        expected = engine.over_time(conv, x)
+        got = engine.over_distinct_steps(conv, x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-12)
+    # the weights' gradient (x needs none) goes through the distinct steps: the same sums
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    grad = torch.autograd.grad((engine.over_distinct_steps(conv, x) * weights).sum(), conv.weight)[0]
+    grad_expected = torch.autograd.grad((engine.over_time(conv, x) * weights).sum(), conv.weight)[0]
+    # sums over 96 images in another order: equal within rounding relative to the largest entry
+    tolerance = (1e-5 if dtype == torch.float32 else 1e-12) * float(grad_expected.abs().max())
+    torch.testing.assert_close(grad, grad_expected, rtol=0, atol=tolerance)
+
+
+def test_spikes_that_need_a_gradient_run_every_step(monkeypatch):
+    # The spikes' own gradient must reach every step's surrogate: no deduplication under autograd.
+    calls = []
+    monkeypatch.setattr(engine, "_distinct_steps", lambda x, most=0.75: calls.append(x) or None)
+    x = periodic_spikes(8, (2, 5), [1, 2]).requires_grad_()
+    engine.over_distinct_steps(torch.nn.Linear(5, 3), x)
+    assert not calls
+    with torch.no_grad():
+        engine.over_distinct_steps(torch.nn.Linear(5, 3), x)
+    assert len(calls) == 1
+
+
+def test_a_static_first_layer_lets_the_next_run_once_per_distinct_step(monkeypatch):
+    # Direct input at T = 32: the first layer's spikes repeat, conv2 runs on the distinct steps only,
+    # and acting gives the step-by-step engine's Q and spikes exactly.
+    found = []
+    distinct_steps = engine._distinct_steps
+
+    def counted(x, most=0.75):
+        found.append(distinct_steps(x, most))
+        return found[-1]
+
+    monkeypatch.setattr(engine, "_distinct_steps", counted)
+    fused, step_by_step = make_pair(IMAGE_SPACE, num_steps=32, net_arch=[16])
+    obs = observations(IMAGE_SPACE, 2)
+    with torch.inference_mode(), fused.record() as activity:
+        q = fused(obs)
+    assert len(found) == 1 and found[0] is not None and len(found[0][0]) < 24
+    with torch.inference_mode(), step_by_step.record() as expected:
+        assert torch.equal(q, step_by_step(obs))
+    for a, b in zip(activity, expected, strict=True):
+        assert a.spikes is None or torch.equal(a.spikes, b.spikes), a.name

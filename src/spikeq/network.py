@@ -23,7 +23,7 @@ from stable_baselines3.dqn.policies import QNetwork
 from torch import nn
 
 from spikeq.encoding import ENCODERS, make_encoder
-from spikeq.engine import over_time
+from spikeq.engine import over_distinct_steps, over_time
 from spikeq.neurons import ENGINES, NeuronSpec, SpikingLayer
 from spikeq.readout import READOUTS, Readout
 
@@ -208,8 +208,12 @@ class SpikingQNetwork(QNetwork):
 
     def _torso_fused(self, x: torch.Tensor) -> list[torch.Tensor]:
         layer_spikes = []
+        static = False  # whether the previous layer's current was the same at every step
         for synapse, neurons in zip(self.synapses, self.neurons, strict=True):
-            x = neurons.spikes(over_time(synapse, x), self.num_steps, self.spec.recompute)  # [T, B, ...]
+            # the spikes of a static current repeat from step to step: see over_distinct_steps
+            current = over_distinct_steps(synapse, x) if static else over_time(synapse, x)
+            static = current.shape[0] == 1
+            x = neurons.spikes(current, self.num_steps, self.spec.recompute)  # [T, B, ...]
             layer_spikes.append(x)
         return layer_spikes
 

@@ -33,12 +33,13 @@ Measured in one process, contenders interleaved round by round so that a busy ma
     over the memory allocated before it.
 
 Inputs for (a), (b) and (d) are real Pong frames (random play). With PyTorch's default initialisation
-the DSQN does not fire at all on them; every network's weights are multiplied by ``--weight-gain``
-(default 8), which makes each spiking layer fire at 10 to 14% of its neuron-steps (printed with the
-table), as a network that acts on the frames would. The firing rates matter to the paths that
-exploit sparse spikes (spikeq's closed form for the static first layer); the peers' cost does not
-depend on them. ``--device cuda`` runs everything on
-the GPU with ``torch.cuda.synchronize`` around each timing.
+the DSQN does not fire at all on them; for (a), (b) and (d) every network's weights are multiplied by
+``--weight-gain`` (default 8), which makes each spiking layer fire in 10 to 14% of its neuron-steps at
+batch 32 (printed with the table), as a network that acts on the frames would. The firing rates
+matter to spikeq's paths that exploit the spikes' structure (the closed form and the distinct steps of
+the static first layer); the peers' cost does not depend on them. (c) trains from SB3's own
+initialisation. ``--device cuda`` runs everything on the GPU with ``torch.cuda.synchronize`` around
+each timing.
 """
 
 from __future__ import annotations

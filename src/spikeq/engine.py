@@ -229,9 +229,8 @@ def _distinct_steps(x: torch.Tensor, most: float = 0.75) -> tuple[torch.Tensor, 
     if len(groups) > most * steps:
         return None
     first = [inverse.index(j) for j in range(len(groups))]
-    repeats = [t for t, j in enumerate(inverse) if first[j] != t]
-    values = rows.numpy()
-    if not np.array_equal(values[repeats], values[[first[inverse[t]] for t in repeats]]):
+    values = rows.numpy()  # compared as views: no copies of the repeated slices
+    if not all(np.array_equal(values[t], values[first[j]]) for t, j in enumerate(inverse) if first[j] != t):
         return None
     return torch.tensor(first), torch.tensor(inverse)
 

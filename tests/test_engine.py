@@ -165,7 +165,9 @@ def loop_calls(monkeypatch):
 @pytest.mark.parametrize("neuron,tau,threshold", [("lif", 2.0, 1.0), ("lif", 3.0, 0.7), ("if", 2.0, 1.3)])
 @pytest.mark.parametrize("num_steps", [2, 7, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_static_spikes_in_closed_form_equal_the_loop(loop_calls, neuron, tau, threshold, num_steps, dtype):
+def test_static_spikes_in_closed_form_equal_the_loop(
+    loop_calls, monkeypatch, neuron, tau, threshold, num_steps, dtype
+):
     # Without autograd, a static current under the zero reset fires periodically: the engine writes
     # the spikes without a loop. Currents sit on both sides of every step's firing boundary.
     layer = SpikingLayer(NeuronSpec(neuron=neuron, tau=tau, threshold=threshold)).to(dtype)
@@ -190,6 +192,11 @@ def test_static_spikes_in_closed_form_equal_the_loop(loop_calls, neuron, tau, th
     expected = loop_spikes(layer, current, num_steps)
     assert torch.equal(spikes, expected)
     assert expected.sum() > 0
+    # for acting, the same spikes as their distinct steps (layers of up to NUMPY_ELEMENTS neurons)
+    monkeypatch.setattr(engine, "NUMPY_ELEMENTS", 1 << 16)
+    with torch.no_grad():
+        distinct, inverse = engine.periodic_steps(current, layer.leaky, num_steps, layer.input_scale)
+    assert torch.equal(distinct[inverse], expected) and len(distinct) <= num_steps
 
 
 def test_closed_form_leaves_dense_learnable_and_soft_reset_layers_to_the_loop(loop_calls):
@@ -409,22 +416,29 @@ def test_spikes_that_need_a_gradient_run_every_step(monkeypatch):
     assert len(calls) == 1
 
 
-def test_a_static_first_layer_lets_the_next_run_once_per_distinct_step(monkeypatch):
+def test_a_static_first_layer_lets_the_next_run_once_per_distinct_step(monkeypatch, loop):
     # Direct input at T = 32: the first layer's spikes repeat, conv2 runs on the distinct steps only,
-    # and acting gives the step-by-step engine's Q and spikes exactly.
-    found = []
-    distinct_steps = engine._distinct_steps
+    # and acting gives the step-by-step engine's Q and spikes exactly. A small layer's distinct steps
+    # are written without a loop (periodic_steps, with the numpy loop's size limit); a larger one's
+    # are found in its spikes (_distinct_steps; the fixture's "torch" loop sets the limit to -1).
+    found = {"periodic": [], "hashed": []}
 
-    def counted(x, most=0.75):
-        found.append(distinct_steps(x, most))
-        return found[-1]
+    def recorded(original, calls):
+        def call(*args, **kwargs):
+            calls.append(original(*args, **kwargs))
+            return calls[-1]
 
-    monkeypatch.setattr(engine, "_distinct_steps", counted)
+        return call
+
+    monkeypatch.setattr(engine, "periodic_steps", recorded(engine.periodic_steps, found["periodic"]))
+    monkeypatch.setattr(engine, "_distinct_steps", recorded(engine._distinct_steps, found["hashed"]))
     fused, step_by_step = make_pair(IMAGE_SPACE, num_steps=32, net_arch=[16])
     obs = observations(IMAGE_SPACE, 2)
     with torch.inference_mode(), fused.record() as activity:
         q = fused(obs)
-    assert len(found) == 1 and found[0] is not None and len(found[0][0]) < 24
+    used = "periodic" if loop == "numpy" else "hashed"
+    assert len(found[used]) == 1 and found[used][0] is not None and len(found[used][0][0]) < 24
+    assert all(result is None for result in found["periodic" if used == "hashed" else "hashed"])
     with torch.inference_mode(), step_by_step.record() as expected:
         assert torch.equal(q, step_by_step(obs))
     for a, b in zip(activity, expected, strict=True):

@@ -428,6 +428,38 @@ def _first_spike_drives(beta: np.ndarray, threshold: np.ndarray, num_steps: int)
     return table
 
 
+def _first_spikes(
+    current: torch.Tensor,
+    num_steps: int,
+    leaky: nn.Module,
+    beta: torch.Tensor,
+    threshold: torch.Tensor,
+    input_scale: float,
+) -> np.ndarray | None:
+    """Each neuron's first firing step (num_steps: none within T) under a static current, or None.
+
+    Applies to a static current under the zero reset with fixed scalar parameters, a threshold >= 0, a
+    numpy dtype, on the CPU; the reset then returns the membrane to rest, so a neuron that first fires
+    at step k fires at every step t with (t + 1) % (k + 1) == 0. k comes from ``_first_spike_drives``.
+    """
+    if (
+        current.shape[0] == num_steps
+        or int(leaky.reset_mechanism_val) != RESET_ZERO
+        or leaky.beta.requires_grad
+        or leaky.threshold.requires_grad
+        or beta.numel() != 1
+        or threshold.numel() != 1
+        or not _numpy_can_run(current)
+    ):
+        return None
+    beta_np, threshold_np = beta.detach().reshape(()).numpy(), threshold.detach().reshape(()).numpy()
+    if not threshold_np >= 0:
+        return None
+    drive = _numpy_drive(current, input_scale).reshape(-1)
+    # first = #{t : drive < c[t]}; NaN sorts last, so fires at every step, as the loop's record does.
+    return num_steps - np.searchsorted(_first_spike_drives(beta_np, threshold_np, num_steps), drive, "right")
+
+
 def _periodic_spikes(
     current: torch.Tensor,
     num_steps: int,
@@ -439,31 +471,17 @@ def _periodic_spikes(
 ) -> bool:
     """Spikes of a constant current under the zero reset, without a loop where that is exact.
 
-    The reset returns the membrane to rest, so a neuron that first fires at step k fires at every step t
-    with (t + 1) % (k + 1) == 0; k comes from ``_first_spike_drives``. The spikes are written as a
-    scatter, so the cost is one pass to clear ``spikes`` plus one per spike: it applies while fewer
-    than one neuron-step in eight spikes. Bit-identical to ``_integrate`` (``tests/test_engine.py``).
+    Each neuron fires periodically from its first firing step (``_first_spikes``). The spikes are
+    written as a scatter, so the cost is one pass to clear ``spikes`` plus one per spike: it applies
+    while fewer than one neuron-step in eight spikes. Bit-identical to ``_integrate``
+    (``tests/test_engine.py``).
 
-    :return: whether ``spikes`` was written; False where this does not apply (a sequence of currents,
-        another reset, learnable or non-scalar parameters, a negative threshold, no numpy dtype, not
-        on the CPU, or many spikes), and the loop must run
+    :return: whether ``spikes`` was written; False where this does not apply (see ``_first_spikes``,
+        or many spikes), and the loop must run
     """
-    if (
-        current.shape[0] == num_steps
-        or int(leaky.reset_mechanism_val) != RESET_ZERO
-        or leaky.beta.requires_grad
-        or leaky.threshold.requires_grad
-        or beta.numel() != 1
-        or threshold.numel() != 1
-        or not _numpy_can_run(current)
-    ):
+    first = _first_spikes(current, num_steps, leaky, beta, threshold, input_scale)
+    if first is None:
         return False
-    beta_np, threshold_np = beta.detach().reshape(()).numpy(), threshold.detach().reshape(()).numpy()
-    if not threshold_np >= 0:
-        return False
-    drive = _numpy_drive(current, input_scale).reshape(-1)
-    # first = #{t : drive < c[t]}; NaN sorts last, so fires at every step, as the loop's record does.
-    first = num_steps - np.searchsorted(_first_spike_drives(beta_np, threshold_np, num_steps), drive, "right")
     neurons = np.flatnonzero(first < num_steps)
     period = first[neurons] + 1
     counts = num_steps // period
@@ -477,6 +495,43 @@ def _periodic_spikes(
         nth = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
         record[(nth + 1) * np.repeat(period, counts) - 1, np.repeat(neurons, counts)] = 1
     return True
+
+
+def periodic_steps(
+    current: torch.Tensor, leaky: nn.Module, num_steps: int, input_scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The spikes of a static current as their distinct steps, without a loop: for acting.
+
+    Under the zero reset each neuron fires every k-th step (``_first_spikes``), so step t's spikes
+    are those of the neurons whose period divides t + 1, and steps with the same set of dividing
+    periods spike alike (at T = 64 a Pong frame gave 18 to 32 distinct steps). Returns the distinct
+    steps' spikes and each step's index among them: ``distinct[inverse]`` equals
+    ``spike_sequence(current, leaky, num_steps, input_scale)`` bit for bit, and the next layer's
+    synapses need to run on the distinct steps only.
+
+    :param current: ``[1, B, ...]`` the static current
+    :return: (distinct ``[K, B, ...]``, inverse int64 ``[T]``), or None where this does not apply:
+        autograd, a layer of more than ``NUMPY_ELEMENTS`` neurons (there the loop is faster than
+        writing the rows), or what ``_first_spikes`` does not take
+    """
+    steps, beta, threshold, needs_grad = _neuron_parameters(current, leaky, num_steps)
+    if needs_grad or current.shape[0] != 1 or current[0].numel() > NUMPY_ELEMENTS:
+        return None
+    first = _first_spikes(current, steps, leaky, beta, threshold, input_scale)
+    if first is None:
+        return None
+    period = first + 1  # T + 1: never fires within T steps
+    present = np.flatnonzero(np.bincount(period, minlength=steps + 2)[1 : steps + 1]) + 1
+    divides = (np.arange(1, steps + 1)[:, None] % present) == 0  # [T, periods present]
+    sets: dict[bytes, int] = {}
+    inverse = [sets.setdefault(row.tobytes(), len(sets)) for row in divides]
+    # chosen[k, p]: whether the k-th distinct step has neurons of period p fire
+    chosen = current.new_zeros((len(sets), steps + 2))
+    chosen[:, torch.from_numpy(present)] = torch.from_numpy(
+        divides[[inverse.index(k) for k in range(len(sets))]]
+    ).to(chosen.dtype)
+    distinct = chosen.index_select(1, torch.from_numpy(period))
+    return distinct.reshape(len(sets), *current.shape[1:]), torch.tensor(inverse)
 
 
 def _atan_alpha(spike_fn: Callable[[torch.Tensor], torch.Tensor]) -> float | None:

@@ -208,12 +208,21 @@ class SpikingQNetwork(QNetwork):
 
     def _torso_fused(self, x: torch.Tensor) -> list[torch.Tensor]:
         layer_spikes = []
-        static = False  # whether the previous layer's current was the same at every step
+        # The spikes of a static current repeat from step to step; without autograd the next layer's
+        # synapses run on the distinct steps only. repeats: x as (distinct steps, inverse) where the
+        # engine wrote them so (small layers); static: the previous layer's current was static.
+        repeats, static = None, False
         for synapse, neurons in zip(self.synapses, self.neurons, strict=True):
-            # the spikes of a static current repeat from step to step: see over_distinct_steps
-            current = over_distinct_steps(synapse, x) if static else over_time(synapse, x)
+            if repeats is not None:
+                current = over_time(synapse, repeats[0]).index_select(0, repeats[1])
+            else:
+                current = over_distinct_steps(synapse, x) if static else over_time(synapse, x)
             static = current.shape[0] == 1
-            x = neurons.spikes(current, self.num_steps, self.spec.recompute)  # [T, B, ...]
+            repeats = neurons.periodic_steps(current, self.num_steps) if static else None
+            if repeats is not None:
+                x = repeats[0].index_select(0, repeats[1])
+            else:
+                x = neurons.spikes(current, self.num_steps, self.spec.recompute)  # [T, B, ...]
             layer_spikes.append(x)
         return layer_spikes
 

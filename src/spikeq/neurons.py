@@ -184,6 +184,21 @@ class SpikingLayer(nn.Module):
         """
         return engine.spike_sequence(current, self.leaky, num_steps, self.input_scale, recompute)
 
+    def periodic_steps(
+        self, current: torch.Tensor, num_steps: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The spikes of a static current as (distinct steps, each step's index among them), where the
+        engine can write them without a loop (``engine.periodic_steps``); None elsewhere.
+
+        :param current: ``[1, B, ...]`` input current, the same at every step
+        :param num_steps: T
+        :return: ``distinct [K, B, ...]`` and ``inverse [T]``, with ``distinct[inverse]`` equal to
+            ``spikes(current, num_steps)``
+        """
+        if not self.fire:
+            return None
+        return engine.periodic_steps(current, self.leaky, num_steps, self.input_scale)
+
     def step(self, current: torch.Tensor, mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One time step through snnTorch's ``Leaky`` (the step-by-step engine).
 

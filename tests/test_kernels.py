@@ -15,6 +15,7 @@ import pytest
 import snntorch as snn
 import torch
 from gymnasium import spaces
+from layer_runs import assert_grads_close, run_layer
 
 from spikeq import NetworkSpec, NeuronSpec, SpikingLayer, SpikingQNetwork, engine
 
@@ -45,30 +46,11 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-def layer_outputs(layer, current, num_steps, engine_name, spikes_only=False, recompute=False, mem_loss=True):
-    """Spikes, membrane (None for the spikes-only path) and the gradients of a fixed loss (weighing
-    the membrane too with ``mem_loss``)."""
-    current = current.clone().requires_grad_()
-    if spikes_only:
-        spikes, mem = layer.spikes(current, num_steps, recompute=recompute), None
-    else:
-        spikes, mem = layer(current, num_steps, engine_name)
-    weights = torch.randn(spikes.shape, generator=torch.Generator().manual_seed(1)).to(current)
-    loss = (spikes * weights).sum()
-    if mem is not None and mem_loss:
-        loss = loss + 0.1 * (mem * weights.flip(0)).sum()
-    inputs = [current, *layer.parameters()]
-    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads, strict=True)]
-    return spikes.detach(), None if mem is None else mem.detach(), grads
-
-
 def assert_same(got, want):
     (spikes, mem, grads), (spikes_ref, mem_ref, grads_ref) = got, want
     assert torch.equal(spikes, spikes_ref)
     assert mem is None or torch.equal(mem, mem_ref)
-    for g, g_ref in zip(grads, grads_ref, strict=True):
-        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+    assert_grads_close(grads, grads_ref)
 
 
 @pytest.mark.parametrize("neuron,reset", NEURON_RESETS)
@@ -81,9 +63,9 @@ def test_kernels_equal_snntorch_step_by_step(kernel_calls, neuron, reset, static
     num_steps = 13
     generator = torch.Generator().manual_seed(0)
     current = (torch.randn(1 if static else num_steps, 3, 70, generator=generator) * 1.5).to(DEVICE)
-    got = layer_outputs(layer, current, num_steps, "fused")
+    got = run_layer(layer, current, num_steps, "fused")
     assert kernel_calls == {"integrate": 1, "adjoint": 1}
-    want = layer_outputs(layer, current, num_steps, "snntorch")
+    want = run_layer(layer, current, num_steps, "snntorch")
     assert_same(got, want)
     assert not fire or got[0].sum() > 0
 
@@ -96,10 +78,10 @@ def test_kernels_spikes_only_path_equals_snntorch(kernel_calls, neuron, reset, s
     current = (
         torch.randn(1 if static else num_steps, 2, 300, generator=torch.Generator().manual_seed(3)) * 2
     ).to(DEVICE)
-    got = layer_outputs(layer, current, num_steps, "fused", spikes_only=True, recompute=recompute)
+    got = run_layer(layer, current, num_steps, "fused", spikes_only=True, recompute=recompute)
     # with recompute the backward runs the forward loop again
     assert kernel_calls == {"integrate": 2 if recompute else 1, "adjoint": 1}
-    spikes, _, grads = layer_outputs(layer, current, num_steps, "snntorch", mem_loss=False)
+    spikes, _, grads = run_layer(layer, current, num_steps, "snntorch", mem_loss=False)
     assert_same(got, (spikes, None, grads))
 
 
@@ -126,7 +108,7 @@ def test_other_surrogates_and_per_neuron_parameters_leave_the_kernels(kernel_cal
     # Another surrogate: forward in the kernel, backward through the PyTorch adjoint.
     layer = SpikingLayer(NeuronSpec(surrogate="fast_sigmoid")).to(DEVICE)
     current = (torch.randn(8, 4, 50, generator=torch.Generator().manual_seed(5)) * 2).to(DEVICE)
-    assert_same(layer_outputs(layer, current, 8, "fused"), layer_outputs(layer, current, 8, "snntorch"))
+    assert_same(run_layer(layer, current, 8, "fused"), run_layer(layer, current, 8, "snntorch"))
     assert kernel_calls == {"integrate": 1, "adjoint": 0}
     # A decay per neuron: the PyTorch loop, forward and backward.
     leaky = snn.Leaky(beta=torch.linspace(0.2, 0.9, 50), learn_beta=True).to(DEVICE)

@@ -22,7 +22,11 @@ What makes it fast on a CPU (``benchmarks/bench_engine.py`` measures it):
   over the stored membrane, so a layer costs one ``[T, B, ...]`` buffer besides its spikes (none with
   ``recompute`` and a static current);
 - the backward runs in chunks of steps small enough to stay in cache, and evaluates snnTorch's ATan
-  surrogate (the paper's) in place in three kernels; other surrogates are differentiated with autograd.
+  surrogate (the paper's) in place in three kernels; other surrogates are differentiated with autograd;
+- without autograd, a static current under the zero reset fires periodically: its spikes come from
+  each neuron's first firing step, without a loop (``_periodic_spikes``, ``periodic_steps``), and
+  repeat from step to step, so the next layer's synapses run once per distinct step
+  (``periodic_steps``, ``over_distinct_steps``).
 
 On a GPU the per-step kernels' launches would dominate: there the recurrence runs in spikeq.kernels'
 Triton kernels, all T steps in one launch per layer and direction (``use_recurrence`` chooses).

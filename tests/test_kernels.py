@@ -7,9 +7,11 @@ bit, and gradients within float rounding, as for the engine's PyTorch loop. On a
 same tests run the compiled kernels on the GPU.
 """
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import snntorch as snn
@@ -175,3 +177,20 @@ def test_bad_recurrence_names_the_value_and_the_allowed_ones():
         [sys.executable, "-c", "import spikeq"], capture_output=True, text=True, env=env, timeout=120
     )
     assert done.returncode != 0 and "recurrence 'fast' is not one of auto, triton, torch" in done.stderr
+
+
+def test_kernels_compile_for_an_h200_and_the_forward_has_no_fused_multiply_add():
+    # Triton compiles for sm_90 without a GPU; a child process, as this one interprets the kernels.
+    # A fused multiply-add rounds once where PyTorch's separate kernels round twice: the forward
+    # would no longer give snnTorch's membranes bit for bit.
+    from kernel_ptx import VARIANTS
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("kernel_ptx.py")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["kernel"], r["constexprs"], r["dtype"]) for r in reports] == VARIANTS
+    assert all(r["size"] > 1000 for r in reports)
+    assert not any(r["fma"] for r in reports if r["kernel"] == "_forward_kernel")
+    assert any(r["fma"] for r in reports if r["kernel"] == "_adjoint_kernel")  # the check can see one

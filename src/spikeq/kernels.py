@@ -30,8 +30,8 @@ import triton.language as tl
 # Neurons per program: at batch 32 the DSQN's layers have 16k (fc1) to 410k (conv1) neurons, so a
 # layer takes 64 to 1,600 programs.
 BLOCK = 256
-# reset codes, as engine.RESET_*: snnTorch's reset_mechanism_val
-_SUBTRACT, _ZERO = 0, 1
+# reset codes, as engine.RESET_*: snnTorch's reset_mechanism_val (constexpr: read inside the kernels)
+_SUBTRACT, _ZERO = tl.constexpr(0), tl.constexpr(1)
 
 
 @triton.jit
@@ -156,9 +156,12 @@ def _adjoint_kernel(
         tl.store(threshold_terms + offsets, threshold_sum, mask=inside)
 
 
-# launch options: no fused multiply-add, so every product and sum rounds as PyTorch's kernels round it
-# (the interpreter computes with numpy, which never contracts)
-_EXACT = {} if type(_forward_kernel).__name__ == "InterpretedFunction" else {"enable_fp_fusion": False}
+# Launch options. Forward: no fused multiply-add, so every product and sum rounds as PyTorch's kernels
+# round it (tests/test_kernels.py reads the PTX). Backward: fused, gradients need only agree within
+# rounding. The interpreter computes with numpy, which never contracts, and takes neither option.
+_INTERPRETED = type(_forward_kernel).__name__ == "InterpretedFunction"
+_EXACT = {} if _INTERPRETED else {"enable_fp_fusion": False}
+_FUSED = {} if _INTERPRETED else {"enable_fp_fusion": True}
 
 
 @lru_cache(maxsize=64)
@@ -246,6 +249,7 @@ def adjoint(
             NEED_BETA=need_beta,
             NEED_THRESHOLD=need_threshold,
             BLOCK=BLOCK,
+            **_FUSED,
         )
     grad_current = out[:1] if ctx.static else out
     # the sums were accumulated from H = input_scale * G

@@ -464,28 +464,16 @@ def _first_spikes(
     return num_steps - np.searchsorted(_first_spike_drives(beta_np, threshold_np, num_steps), drive, "right")
 
 
-def _periodic_spikes(
-    current: torch.Tensor,
-    num_steps: int,
-    leaky: nn.Module,
-    beta: torch.Tensor,
-    threshold: torch.Tensor,
-    input_scale: float,
-    spikes: torch.Tensor,
-) -> bool:
+def _periodic_spikes(first: np.ndarray, num_steps: int, spikes: torch.Tensor) -> bool:
     """Spikes of a constant current under the zero reset, without a loop where that is exact.
 
-    Each neuron fires periodically from its first firing step (``_first_spikes``). The spikes are
-    written as a scatter, so the cost is one pass to clear ``spikes`` plus one per spike: it applies
-    while fewer than one neuron-step in eight spikes. Bit-identical to ``_integrate``
+    Each neuron fires periodically from its first firing step (``first``, from ``_first_spikes``). The
+    spikes are written as a scatter, so the cost is one pass to clear ``spikes`` plus one per spike:
+    it applies while fewer than one neuron-step in eight spikes. Bit-identical to ``_integrate``
     (``tests/test_engine.py``).
 
-    :return: whether ``spikes`` was written; False where this does not apply (see ``_first_spikes``,
-        or many spikes), and the loop must run
+    :return: whether ``spikes`` was written; False with many spikes, where the loop must run
     """
-    first = _first_spikes(current, num_steps, leaky, beta, threshold, input_scale)
-    if first is None:
-        return False
     neurons = np.flatnonzero(first < num_steps)
     period = first[neurons] + 1
     counts = num_steps // period
@@ -846,6 +834,7 @@ def spike_sequence(
             current, beta, threshold, steps, reset, input_scale, recompute, leaky.spike_grad
         )
     spikes = WORKSPACE.empty((steps, *current.shape[1:]), current)
-    if not _periodic_spikes(current, steps, leaky, beta, threshold, input_scale, spikes):
+    first = _first_spikes(current, steps, leaky, beta, threshold, input_scale)
+    if first is None or not _periodic_spikes(first, steps, spikes):
         _integrate(current, steps, beta, threshold, reset, input_scale, None, spikes)
     return spikes

@@ -201,6 +201,25 @@ def over_time(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(steps, batch, *y.shape[1:])
 
 
+def _groups(keys: list) -> tuple[list[int], list[int]]:
+    """For a list of hashable keys: the index of each distinct key's first occurrence, and each key's
+    index among the distinct ones (``keys[first[inverse[t]]] == keys[t]``)."""
+    index: dict = {}
+    inverse = [index.setdefault(key, len(index)) for key in keys]
+    first = [0] * len(index)
+    for t in reversed(range(len(keys))):
+        first[inverse[t]] = t
+    return first, inverse
+
+
+def _kept(cache: dict, key: tuple, value: Any, most: int) -> Any:
+    """Put ``value`` in a cache that holds at most ``most`` entries (the oldest goes first)."""
+    if len(cache) >= most:
+        del cache[next(iter(cache))]
+    cache[key] = value
+    return value
+
+
 # Keys of time slices (see _distinct_steps): two random integer weights per element, by size and dtype.
 _HASH_WEIGHTS: dict[tuple, torch.Tensor] = {}
 
@@ -224,15 +243,11 @@ def _distinct_steps(x: torch.Tensor, most: float = 0.75) -> tuple[torch.Tensor, 
     if weights is None:
         generator = torch.Generator().manual_seed(0)
         weights = torch.randint(0, 32, (2, rows.shape[1]), generator=generator, dtype=rows.dtype)
-        if len(_HASH_WEIGHTS) >= 8:  # acting and training batches: a few sizes at a time
-            del _HASH_WEIGHTS[next(iter(_HASH_WEIGHTS))]
-        _HASH_WEIGHTS[key] = weights
-    groups: dict[tuple[float, float], int] = {}
+        _kept(_HASH_WEIGHTS, key, weights, 8)  # acting and training batches: a few sizes at a time
     # torch's matmul, not numpy's: numpy's BLAS threads would spin beside torch's (measured: 2x slower)
-    inverse = [groups.setdefault(tuple(k), len(groups)) for k in torch.mm(rows, weights.t()).tolist()]
-    if len(groups) > most * steps:
+    first, inverse = _groups([tuple(k) for k in torch.mm(rows, weights.t()).tolist()])
+    if len(first) > most * steps:
         return None
-    first = [inverse.index(j) for j in range(len(groups))]
     values = rows.numpy()  # compared as views: no copies of the repeated slices
     if not all(np.array_equal(values[t], values[first[j]]) for t, j in enumerate(inverse) if first[j] != t):
         return None
@@ -426,10 +441,7 @@ def _first_spike_drives(beta: np.ndarray, threshold: np.ndarray, num_steps: int)
             high = np.where(fired, middle, high)
             low = np.where(fired, low, middle)
     table = np.ascontiguousarray(high.view(dtype)[::-1])
-    if len(_DRIVE_TABLES) >= _DRIVE_TABLES_KEPT:
-        del _DRIVE_TABLES[next(iter(_DRIVE_TABLES))]
-    _DRIVE_TABLES[key] = table
-    return table
+    return _kept(_DRIVE_TABLES, key, table, _DRIVE_TABLES_KEPT)
 
 
 def _first_spikes(
@@ -515,15 +527,12 @@ def periodic_steps(
     period = first + 1  # T + 1: never fires within T steps
     present = np.flatnonzero(np.bincount(period, minlength=steps + 2)[1 : steps + 1]) + 1
     divides = (np.arange(1, steps + 1)[:, None] % present) == 0  # [T, periods present]
-    sets: dict[bytes, int] = {}
-    inverse = [sets.setdefault(row.tobytes(), len(sets)) for row in divides]
+    first, inverse = _groups([row.tobytes() for row in divides])
     # chosen[k, p]: whether the k-th distinct step has neurons of period p fire
-    chosen = current.new_zeros((len(sets), steps + 2))
-    chosen[:, torch.from_numpy(present)] = torch.from_numpy(
-        divides[[inverse.index(k) for k in range(len(sets))]]
-    ).to(chosen.dtype)
+    chosen = current.new_zeros((len(first), steps + 2))
+    chosen[:, torch.from_numpy(present)] = torch.from_numpy(divides[first]).to(chosen.dtype)
     distinct = chosen.index_select(1, torch.from_numpy(period))
-    return distinct.reshape(len(sets), *current.shape[1:]), torch.tensor(inverse)
+    return distinct.reshape(len(first), *current.shape[1:]), torch.tensor(inverse)
 
 
 def _atan_alpha(spike_fn: Callable[[torch.Tensor], torch.Tensor]) -> float | None:

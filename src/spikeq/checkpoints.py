@@ -122,12 +122,15 @@ def _space_from_json(data: dict[str, Any]) -> spaces.Space:
     return spaces.Box(np.array(data["low"], dtype), np.array(data["high"], dtype), dtype=dtype)
 
 
-def export_weights(model: DQN, path: Path, config: dict[str, Any] | None = None) -> tuple[Path, Path]:
+def export_weights(
+    model: DQN, path: Path, config: dict[str, Any] | None = None, extra: dict[str, Any] | None = None
+) -> tuple[Path, Path]:
     """Write the online Q-network as ``<path>.safetensors`` + ``<path>.json`` (no pickles).
 
     :param model: a DQN with a SpikingPolicy or an SB3 DQN policy
     :param path: file stem; a ``.safetensors``/``.json``/``.zip`` suffix is replaced
     :param config: the run's config, stored in the JSON for reference
+    :param extra: further keys stored in the JSON (e.g. ``conversion``)
     :return: the two files written
     """
     stem = Path(path).with_suffix("")
@@ -143,6 +146,7 @@ def export_weights(model: DQN, path: Path, config: dict[str, Any] | None = None)
         "action_space": _space_to_json(model.action_space),
         "num_timesteps": model.num_timesteps,
         "config": config or {},
+        **(extra or {}),
     }
     weights, meta_file = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     save_file(tensors, str(weights))

@@ -4,6 +4,7 @@
     spikeq train --resume RUN_DIR
     spikeq evaluate CHECKPOINT [--episodes 30] [--epsilon 0.05] [--out result.json] [--video ep.mp4]
     spikeq export CHECKPOINT.zip OUT      (weights-only .safetensors + .json, safe to share)
+    spikeq convert DQN_CHECKPOINT OUT     (ANN->SNN conversion baseline, Tan et al. 2021)
     spikeq report RUN_DIR [RUN_DIR ...] --out curves.png
 
 Bad input ends with a one-line error and exit code 2. W&B sweep agents call
@@ -268,6 +269,86 @@ def format_evaluation(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    from spikeq.convert import PAPER_FRAMES, PAPER_NUM_STEPS, PAPER_PERCENTILE
+
+    p = sub.add_parser("convert", help="convert a trained ANN DQN into a spiking one (Tan et al. 2021)")
+    p.add_argument("checkpoint", type=Path, help="the ANN DQN: SB3 zip, or weights-only .safetensors/.json")
+    p.add_argument(
+        "out", type=Path, help="output stem: OUT.safetensors and OUT.json (spikeq evaluate reads them)"
+    )
+    p.add_argument("--game", help="ALE game (default: the game stored with the checkpoint)")
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=PAPER_FRAMES,
+        help=f"frames played to record activations (paper: {PAPER_FRAMES:,})",
+    )
+    p.add_argument(
+        "--num-steps", type=int, default=PAPER_NUM_STEPS, help=f"T of the SNN (paper: {PAPER_NUM_STEPS})"
+    )
+    p.add_argument(
+        "--percentile",
+        type=float,
+        default=PAPER_PERCENTILE,
+        help=f"activation percentile per layer (paper: {PAPER_PERCENTILE})",
+    )
+    p.add_argument(
+        "--epsilon", type=float, default=0.05, help="random-action probability while recording (paper: 0.05)"
+    )
+    p.add_argument(
+        "--agreement-frames",
+        type=int,
+        default=500,
+        help="further frames on which SNN and ANN actions are compared (0: skip)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the env and the exploration")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.set_defaults(handler=_convert)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from spikeq import atari
+    from spikeq.checkpoints import export_weights, load_model
+    from spikeq.convert import action_agreement, ann_layers, convert_dqn, record_frames
+    from spikeq.train import resolve_device
+
+    try:
+        if not args.checkpoint.exists():
+            raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
+        game = args.game or _checkpoint_game(args.checkpoint)
+        if game is None:
+            raise ConfigError(f"cannot tell which game {args.checkpoint} plays; pass --game")
+        if args.frames < 1:
+            raise ConfigError(f"--frames {args.frames} must be >= 1")
+        if args.agreement_frames < 0:
+            raise ConfigError(f"--agreement-frames {args.agreement_frames} must be >= 0")
+        env = atari.make_env(game, n_envs=1, seed=args.seed, train=False)
+        ann = load_model(args.checkpoint, env, resolve_device(args.device))
+        ann_layers(ann)  # an ANN DQN with ReLUs, before minutes of play
+        frames = record_frames(ann, env, args.frames + args.agreement_frames, args.epsilon, args.seed)
+        snn, conversion = convert_dqn(ann, frames[: args.frames], args.num_steps, args.percentile)
+    except ValueError as error:
+        raise ConfigError(str(error).splitlines()[0]) from None
+    scales = ", ".join(f"{name} {scale:.4g}" for name, scale in conversion.scales.items())
+    print(f"layer scales (percentile {conversion.percentile} of the positive activations): {scales}")
+    summary = conversion.to_dict()
+    if args.agreement_frames:
+        agreement = action_agreement(ann, snn, frames[args.frames :])
+        summary["agreement_frames"] = args.agreement_frames
+        summary.update(agreement)
+        print(
+            f"on {args.agreement_frames} further frames the SNN (T={args.num_steps}) chose the DQN's "
+            f"action on {agreement['agreement']:.1%}; Q rmse {agreement['q_rmse']:.4g} "
+            f"(DQN Q rms {agreement['q_scale']:.4g})"
+        )
+    config = {"game": atari.game_short_name(atari.resolve_game(game)), "model": "dsqn-converted"}
+    for path in export_weights(snn, args.out, config, extra={"conversion": summary}):
+        print(path)
+    env.close()
+    return 0
+
+
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="plot the evaluation curves of run directories")
     p.add_argument("runs", type=Path, nargs="+", help="run directories")
@@ -293,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_export(sub)
+    _add_convert(sub)
     _add_report(sub)
     return parser
 

@@ -1,0 +1,155 @@
+"""ANN->SNN conversion (Tan et al. 2021): a trained DQN becomes an IF spiking Q-network whose Q-values
+approach the DQN's as T grows, on real CartPole and Pong observations."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_spikeq
+from stable_baselines3 import DQN
+from stable_baselines3.common.env_util import make_vec_env
+from torch import nn
+
+from spikeq import atari
+from spikeq.convert import action_agreement, convert_dqn, hidden_activations, record_frames
+from spikeq.network import SpikingQNetwork
+
+
+@pytest.fixture(scope="module")
+def cartpole():
+    """A DQN trained for 2,000 steps on CartPole, and 1,200 observations it played."""
+    env = make_vec_env("CartPole-v1", n_envs=1, seed=0)
+    model = DQN("MlpPolicy", env, learning_starts=500, buffer_size=2000, seed=0, device="cpu")
+    model.learn(2000)
+    return model, record_frames(model, env, 1200, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pong():
+    """A Nature-CNN DQN (initial weights) and 160 Pong frames it played."""
+    env = atari.make_env("Pong", n_envs=1, seed=0, train=False)
+    model = DQN("CnnPolicy", env, buffer_size=1, seed=0, device="cpu")
+    return model, record_frames(model, env, 160, progress=False)
+
+
+def relu_forward(q_net: SpikingQNetwork, obs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The converted weights run as a ReLU network: Q and every hidden layer's activations."""
+    x = obs.float() / 255 if q_net.is_image else obs.float()
+    hidden = []
+    for synapse in q_net.synapses:
+        x = torch.relu(synapse(x))
+        hidden.append(x)
+    return q_net.readout.linear(x), hidden
+
+
+@pytest.mark.parametrize("game", ["cartpole", "pong"])
+def test_normalised_weights_compute_the_same_q_with_unit_scales(game, request):
+    ann, frames = request.getfixturevalue(game)
+    snn, conversion = convert_dqn(ann, frames, num_steps=8, progress=False)
+
+    obs, _ = ann.policy.obs_to_tensor(frames)
+    with torch.no_grad():
+        q, hidden = relu_forward(snn.q_net, obs)
+        q_ann = ann.q_net(obs)
+    # Rescaling a ReLU layer's output by 1/lambda and the next layer's input by lambda changes nothing.
+    torch.testing.assert_close(q, q_ann, rtol=1e-4, atol=1e-5)
+    # ... and every hidden layer's 99.9th percentile of positive activations becomes 1, the threshold.
+    for name, activations in zip(snn.q_net.layer_names, hidden, strict=True):
+        assert np.percentile(activations[activations > 0].numpy(), 99.9) == pytest.approx(1, rel=1e-3), name
+    assert list(conversion.scales) == snn.q_net.layer_names
+    assert conversion.frames == len(frames) and conversion.num_steps == 8
+
+
+def test_spiking_q_values_approach_the_dqn_as_t_grows(cartpole):
+    ann, frames = cartpole
+    train, held_out = frames[:1000], frames[1000:]
+    errors = {}
+    for num_steps in (16, 64, 256):
+        snn, _ = convert_dqn(ann, train, num_steps=num_steps, progress=False)
+        spec = snn.q_net.spec
+        assert (spec.neuron, spec.reset, spec.threshold, spec.readout) == ("if", "subtract", 1.0, "rate")
+        result = action_agreement(ann, snn, held_out, progress=False)
+        errors[num_steps] = result["q_rmse"]
+    # A rate code's error falls about as 1/T.
+    assert errors[256] < errors[64] / 2 < errors[16] / 4
+    assert errors[256] < 0.05 * result["q_scale"]
+    assert result["agreement"] >= 0.9
+
+
+def test_rate_readout_is_the_robust_firing_rate_of_the_paper():
+    """Tan et al.'s Q proxy, output spike count + final membrane of IF neurons with subtraction reset,
+    written out step by step here, is T times spikeq's rate readout fc2(mean_t S[t])."""
+    torch.manual_seed(0)
+    num_steps, fc2 = 50, nn.Linear(20, 4)
+    spikes = (torch.rand(num_steps, 3, 20) < 0.3).float()  # [T, B, F] fc1 spikes
+    membrane, count = torch.zeros(3, 4), torch.zeros(3, 4)
+    with torch.no_grad():
+        for t in range(num_steps):
+            membrane += fc2(spikes[t])
+            fired = (membrane > 1).float()
+            membrane -= fired
+            count += fired
+        rate_q = fc2(spikes.mean(0))
+    torch.testing.assert_close((count + membrane) / num_steps, rate_q)
+
+
+def test_hidden_activations_are_the_positive_relu_outputs(pong):
+    ann, frames = pong
+    activations = hidden_activations(ann, frames[:32], progress=False)
+    assert len(activations) == 4  # conv1, conv2, conv3, fc1
+    assert all(a.dtype == np.float32 and a.size and (a > 0).all() for a in activations)
+    conv1 = ann.q_net.features_extractor.cnn[0]
+    with torch.no_grad():
+        out = conv1(ann.policy.obs_to_tensor(frames[:32])[0].float() / 255)
+    assert activations[0].size == int((out > 0).sum())
+
+
+def test_bad_input_names_the_value(cartpole):
+    ann, frames = cartpole
+    with pytest.raises(ValueError, match="percentile=0"):
+        convert_dqn(ann, frames, percentile=0, progress=False)
+    with pytest.raises(ValueError, match="num_steps=0"):
+        convert_dqn(ann, frames, num_steps=0, progress=False)
+    with pytest.raises(ValueError, match="no frames"):
+        convert_dqn(ann, frames[:0], progress=False)
+    tanh = DQN("MlpPolicy", "CartPole-v1", buffer_size=1, policy_kwargs=dict(activation_fn=nn.Tanh))
+    with pytest.raises(ValueError, match="needs ReLU activations; the Q-network has Tanh"):
+        convert_dqn(tanh, frames, progress=False)
+    snn, _ = convert_dqn(ann, frames, num_steps=4, progress=False)
+    with pytest.raises(ValueError, match="already a spiking Q-network"):
+        convert_dqn(snn, frames, progress=False)
+    with pytest.raises(ValueError, match="n_frames=0"):
+        record_frames(ann, ann.get_env(), 0)
+
+
+def test_convert_command_then_evaluate(smoke_run, tmp_path):
+    """``spikeq convert`` on the smoke run's DQN, then ``spikeq evaluate`` on what it wrote."""
+    run_dir, done = smoke_run("dqn")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "converted"
+    args = ("--frames", "200", "--num-steps", "16", "--agreement-frames", "40")
+    converted = run_spikeq("convert", str(run_dir / "checkpoints" / "best.zip"), str(out), *args)
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    assert "chose the DQN's action on" in converted.stdout
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["policy"] == "SpikingPolicy" and meta["policy_kwargs"]["neuron"] == "if"
+    assert meta["config"]["game"] == "Pong"
+    conversion = meta["conversion"]
+    assert set(conversion["scales"]) == {"conv1", "conv2", "conv3", "fc1"}
+    assert conversion["frames"] == 200 and conversion["agreement_frames"] == 40
+    assert 0 <= conversion["agreement"] <= 1
+
+    result_file = tmp_path / "eval.json"
+    evaluated = run_spikeq(
+        "evaluate", str(out.with_suffix(".json")), "--episodes", "1", "--max-episode-steps", "40",
+        "--out", str(result_file),
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    result = json.loads(result_file.read_text())
+    assert result["num_steps"] == 16 and set(result["firing_rate"]) == {"conv1", "conv2", "conv3", "fc1"}
+
+    refused = run_spikeq("convert", str(out.with_suffix(".json")), str(tmp_path / "again"), "--frames", "10")
+    assert refused.returncode == 2 and "already a spiking Q-network" in refused.stderr
+    missing = run_spikeq("convert", str(tmp_path / "none.zip"), str(tmp_path / "x"), "--game", "Pong")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr

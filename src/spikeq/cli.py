@@ -191,6 +191,16 @@ def _checkpoint_game(path: Path) -> str | None:
     return None
 
 
+def _game_of(args: argparse.Namespace) -> str:
+    """``--game``, else the game stored with ``args.checkpoint``, which must exist."""
+    if not args.checkpoint.exists():
+        raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
+    game = args.game or _checkpoint_game(args.checkpoint)
+    if game is None:
+        raise ConfigError(f"cannot tell which game {args.checkpoint} plays; pass --game")
+    return game
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
@@ -201,11 +211,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from spikeq.train import resolve_device
 
     try:
-        if not args.checkpoint.exists():
-            raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
-        game = args.game or _checkpoint_game(args.checkpoint)
-        if game is None:
-            raise ConfigError(f"cannot tell which game {args.checkpoint} plays; pass --game")
+        game = _game_of(args)
         if args.episodes < 1:
             raise ConfigError(f"--episodes {args.episodes} must be >= 1")
         if not 0 <= args.epsilon <= 1:
@@ -314,11 +320,7 @@ def _convert(args: argparse.Namespace) -> int:
     from spikeq.train import resolve_device
 
     try:
-        if not args.checkpoint.exists():
-            raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
-        game = args.game or _checkpoint_game(args.checkpoint)
-        if game is None:
-            raise ConfigError(f"cannot tell which game {args.checkpoint} plays; pass --game")
+        game = _game_of(args)
         if args.frames < 1:
             raise ConfigError(f"--frames {args.frames} must be >= 1")
         if args.agreement_frames < 0:

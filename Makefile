@@ -1,6 +1,7 @@
 # spikeq: every target installs what it needs into a local .venv on first use.
 #   make train GAME=Pong [MODEL=dsqn] [PRESET=paper] [STEPS=...] [SEED=0] [DEVICE=auto] [ARGS="--n-envs 4"]
 #   make test | lint | format | bench | evaluate CKPT=runs/<run>/checkpoints/best.zip
+#   make sweep SWEEP=experiments/sweeps/readouts.yaml [ARGS="--set wandb=offline"]
 # TORCH is the pip requirement installed before everything else. The default is the CPU build;
 # for a GPU use e.g.  make install TORCH="torch==2.5.1 --index-url <the CUDA wheel index for your driver>"
 
@@ -18,7 +19,9 @@ DEVICE ?= auto
 STEPS ?=
 ARGS ?=
 
-.PHONY: install train test lint format bench evaluate clean
+SWEEP ?= experiments/sweeps/dsqn_num_steps.yaml
+
+.PHONY: install train test lint format bench evaluate sweep clean
 
 install: $(STAMP)
 
@@ -48,6 +51,9 @@ bench: $(STAMP)
 
 evaluate: $(STAMP)
 	$(BIN)/spikeq evaluate $(CKPT) $(ARGS)
+
+sweep: $(STAMP)
+	$(BIN)/spikeq sweep $(SWEEP) $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

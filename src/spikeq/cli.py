@@ -6,6 +6,7 @@
     spikeq export CHECKPOINT.zip OUT      (weights-only .safetensors + .json, safe to share)
     spikeq convert DQN_CHECKPOINT OUT     (ANN->SNN conversion baseline, Tan et al. 2021)
     spikeq report RUN_DIR [RUN_DIR ...] --out curves.png
+    spikeq sweep experiments/sweeps/FILE.yaml [--count N] [--set name=value]   (no W&B server needed)
 
 Bad input ends with a one-line error and exit code 2. W&B sweep agents call
 ``python -m spikeq.cli train --key=value ...``: every config field is accepted with underscores or
@@ -369,6 +370,56 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="run a W&B sweep file here, without a W&B server (grid, random)")
+    p.add_argument("file", type=Path, help="W&B sweep YAML (e.g. experiments/sweeps/readouts.yaml)")
+    p.add_argument(
+        "--count", type=int, help="runs: random draws (required for random), or the first N of a grid"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random draws")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="fix a parameter for every run (repeatable), e.g. --set wandb=offline --set steps=100000",
+    )
+    p.add_argument("--state", type=Path, help="record of finished runs (default runs/sweeps/<sweep>.jsonl)")
+    p.add_argument("--dry-run", action="store_true", help="print the runs' commands only")
+    p.set_defaults(handler=_sweep)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import yaml
+
+    from spikeq.sweep import expand, load_sweep, run_sweep
+
+    overrides = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--set {item!r} is not NAME=VALUE")
+        overrides[name] = yaml.safe_load(value)
+    try:
+        sweep = load_sweep(args.file, overrides)
+        runs = expand(sweep, args.count, args.seed)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    state = args.state or Path("runs") / "sweeps" / f"{sweep.name}.jsonl"
+    print(f"sweep {sweep.name}: {len(runs)} run(s), {sweep.method}; finished runs recorded in {state}")
+    try:
+        results = run_sweep(sweep, runs, state, dry_run=args.dry_run)
+    except KeyboardInterrupt:
+        print(f"sweep stopped; the same command continues it (finished runs are in {state})", file=sys.stderr)
+        return 130
+    failed = [r for r in results if r["returncode"] != 0]
+    if not args.dry_run:
+        print(f"sweep {sweep.name}: {len(results) - len(failed)} of {len(runs)} run(s) succeeded")
+        for record in failed:
+            print(f"  failed (exit {record['returncode']}): {' '.join(record['command'])}")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``spikeq`` argument parser."""
     parser = _Parser(prog="spikeq", description="Deep spiking Q-networks on Atari (snnTorch + SB3).")
@@ -378,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_convert(sub)
     _add_report(sub)
+    _add_sweep(sub)
     return parser
 
 

@@ -1,0 +1,289 @@
+"""Run a W&B sweep file here, without a W&B server: the grid and random methods.
+
+``wandb agent`` needs a W&B server that hands out the parameter sets. The same YAML file
+(``experiments/sweeps/*.yaml``) is read here instead: its parameters are expanded (every combination
+for ``grid``, ``count`` draws for ``random``) and each run's ``command`` is built with W&B's macros and
+run in turn, in this machine's Python. Each finished run is appended to a state file (JSON lines), so a
+sweep that is stopped and started again skips the runs that already succeeded; an interrupted
+``spikeq train`` prints its own resume command. Runs share the W&B group named after the sweep
+(``WANDB_RUN_GROUP``), so they appear together when synced.
+
+Supported, as W&B's sweep configuration defines them: ``method`` grid or random; parameters with
+``value``, ``values`` (optionally ``probabilities`` for random), or a ``distribution`` (``constant``,
+``categorical``, ``uniform``, ``int_uniform``, ``log_uniform_values``, ``q_uniform``) for random;
+command macros ``${env}``, ``${interpreter}``, ``${program}``, ``${args}``, ``${args_no_hyphens}``,
+``${args_no_boolean_flags}``. Bayesian search needs W&B's server and is refused with that reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+METHODS = ("grid", "random")
+DISTRIBUTIONS = ("constant", "categorical", "uniform", "int_uniform", "log_uniform_values", "q_uniform")
+MACROS = (
+    "${env}",
+    "${interpreter}",
+    "${program}",
+    "${args}",
+    "${args_no_hyphens}",
+    "${args_no_boolean_flags}",
+)
+# W&B's command when the file gives none.
+DEFAULT_COMMAND = ("${env}", "${interpreter}", "${program}", "${args}")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A parsed sweep file.
+
+    :param name: the sweep's name (``name`` in the file, else the file's stem)
+    :param method: ``grid`` or ``random``
+    :param parameters: name -> W&B parameter specification
+    :param command: the command template, W&B macros included
+    :param program: what ``${program}`` stands for
+    """
+
+    name: str
+    method: str
+    parameters: dict[str, dict[str, Any]]
+    command: tuple[str, ...]
+    program: str | None
+
+
+def _check_parameter(name: str, spec: Any, method: str) -> dict[str, Any]:
+    if not isinstance(spec, dict):
+        raise ValueError(
+            f"parameter {name!r}: expected a mapping with value, values or distribution, got {spec!r}"
+        )
+    if "parameters" in spec:
+        raise ValueError(f"parameter {name!r}: nested parameters are not supported")
+    if "value" in spec:
+        return {"value": spec["value"]}
+    distribution = spec.get("distribution", "categorical" if "values" in spec else None)
+    if distribution is None:
+        raise ValueError(f"parameter {name!r} has none of value, values, distribution")
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(
+            f"parameter {name!r}: unknown distribution {distribution!r}; allowed: {', '.join(DISTRIBUTIONS)}"
+        )
+    if distribution in ("constant", "categorical"):
+        key = "value" if distribution == "constant" else "values"
+        if key not in spec or (key == "values" and not (isinstance(spec["values"], list) and spec["values"])):
+            raise ValueError(
+                f"parameter {name!r}: distribution {distribution} needs {key!r} (a non-empty list for values)"
+            )
+        if distribution == "constant":
+            return {"value": spec["value"]}
+        probabilities = spec.get("probabilities")
+        if probabilities is not None and (
+            len(probabilities) != len(spec["values"]) or not math.isclose(sum(probabilities), 1.0)
+        ):
+            raise ValueError(f"parameter {name!r}: probabilities must match values and sum to 1")
+        return {"values": list(spec["values"]), "probabilities": probabilities}
+    if method == "grid":
+        raise ValueError(
+            f"parameter {name!r}: a grid sweep needs value or values, not distribution {distribution}"
+        )
+    if "min" not in spec or "max" not in spec or not spec["min"] < spec["max"]:
+        raise ValueError(f"parameter {name!r}: distribution {distribution} needs min < max")
+    if distribution == "log_uniform_values" and not spec["min"] > 0:
+        raise ValueError(f"parameter {name!r}: log_uniform_values needs min > 0")
+    checked = {"distribution": distribution, "min": spec["min"], "max": spec["max"]}
+    if distribution == "q_uniform":
+        checked["q"] = spec.get("q", 1)
+    return checked
+
+
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Sweep:
+    """Read and check a W&B sweep file.
+
+    :param path: the YAML file
+    :param overrides: parameters fixed to a value here (they replace the file's specification)
+    :raises ValueError: for a missing file or anything this runner cannot run, naming it
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"sweep file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a sweep configuration (a YAML mapping)")
+    method = data.get("method")
+    if method == "bayes":
+        raise ValueError(
+            "method 'bayes' needs W&B's server (its model of past runs); run it with wandb agent"
+        )
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    raw = dict(data.get("parameters") or {})
+    for name, value in (overrides or {}).items():
+        raw[name] = {"value": value}
+    if not raw:
+        raise ValueError(f"{path} has no parameters")
+    parameters = {name: _check_parameter(name, spec, method) for name, spec in raw.items()}
+    command = tuple(str(part) for part in data.get("command") or DEFAULT_COMMAND)
+    for part in command:
+        if part.startswith("${") and part not in MACROS:
+            raise ValueError(f"unknown command macro {part}; allowed: {', '.join(MACROS)}")
+    if "${program}" in command and not data.get("program"):
+        raise ValueError(f"{path}: the command uses ${{program}} but the file names no program")
+    return Sweep(str(data.get("name") or path.stem), method, parameters, command, data.get("program"))
+
+
+def _draw(spec: dict[str, Any], rng: np.random.Generator) -> Any:
+    if "value" in spec:
+        return spec["value"]
+    if "values" in spec:
+        return spec["values"][rng.choice(len(spec["values"]), p=spec["probabilities"])]
+    low, high = spec["min"], spec["max"]
+    distribution = spec["distribution"]
+    if distribution == "int_uniform":
+        return int(rng.integers(low, high + 1))
+    if distribution == "log_uniform_values":
+        return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+    value = float(rng.uniform(low, high))
+    return float(round(value / spec["q"]) * spec["q"]) if distribution == "q_uniform" else value
+
+
+def expand(sweep: Sweep, count: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """The runs' parameter sets: every combination (grid, at most ``count`` of them), or ``count``
+    random draws (random, reproducible with ``seed``)."""
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(f"count={count!r} must be an integer >= 1")
+    names = list(sweep.parameters)
+    if sweep.method == "grid":
+        choices = [
+            spec["values"] if "values" in spec else [spec["value"]] for spec in sweep.parameters.values()
+        ]
+        runs = [dict(zip(names, combination, strict=True)) for combination in itertools.product(*choices)]
+        return runs[:count]
+    if count is None:
+        raise ValueError("a random sweep needs a count (--count N)")
+    rng = np.random.default_rng(seed)
+    return [{name: _draw(sweep.parameters[name], rng) for name in names} for _ in range(count)]
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def command_for(sweep: Sweep, params: dict[str, Any]) -> list[str]:
+    """The run's command line: the template with W&B's macros replaced (``${interpreter}`` by this
+    Python, ``${env}`` by nothing: the environment is inherited)."""
+    args = [f"--{name}={_text(value)}" for name, value in params.items()]
+    expansions = {
+        "${env}": [],
+        "${interpreter}": [sys.executable],
+        "${program}": [str(sweep.program)],
+        "${args}": args,
+        "${args_no_hyphens}": [f"{name}={_text(value)}" for name, value in params.items()],
+        "${args_no_boolean_flags}": [
+            f"--{name}" if value is True else f"--{name}={_text(value)}"
+            for name, value in params.items()
+            if value is not False
+        ],
+    }
+    return [word for part in sweep.command for word in expansions.get(part, [part])]
+
+
+def _key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def read_state(path: Path) -> dict[str, dict[str, Any]]:
+    """The runs recorded in a state file, by parameter set (the last record of each)."""
+    records: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                records[_key(record["params"])] = record
+    return records
+
+
+def _run_child(command: list[str], env: dict[str, str]) -> tuple[int, bool]:
+    """Run one command to its end; return its exit code and whether this process was signalled.
+
+    The child runs in its own session, so a Ctrl-C reaches it once, forwarded from here (spikeq train
+    then checkpoints and exits; a second Ctrl-C, forwarded too, stops it at once), and SIGTERM sent to
+    this process alone reaches it as well.
+    """
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    interrupted = False
+
+    def forward(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        interrupted = True
+        process.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        returncode = process.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return returncode, interrupted
+
+
+def run_sweep(
+    sweep: Sweep,
+    runs: list[dict[str, Any]],
+    state_path: Path,
+    dry_run: bool = False,
+) -> list[dict[str, Any]]:
+    """Run each parameter set's command in turn, skipping those the state file records as succeeded.
+
+    :param sweep: from ``load_sweep``
+    :param runs: from ``expand``
+    :param state_path: JSON-lines file; one record (params, command, returncode, seconds) is appended
+        per finished run
+    :param dry_run: print the commands only
+    :return: the records of this sweep's runs (skipped ones as recorded before)
+    :raises KeyboardInterrupt: after SIGINT or SIGTERM, once the running command has exited
+    """
+    done = read_state(state_path)
+    results = []
+    env = {**os.environ}
+    env.setdefault("WANDB_RUN_GROUP", sweep.name)
+    for i, params in enumerate(runs, start=1):
+        command = command_for(sweep, params)
+        label = " ".join(f"{k}={_text(v)}" for k, v in params.items())
+        previous = done.get(_key(params))
+        if previous is not None and previous["returncode"] == 0:
+            print(f"[{i}/{len(runs)}] {label}: done before, skipped", flush=True)
+            results.append(previous)
+            continue
+        print(f"[{i}/{len(runs)}] {label}\n  {' '.join(command)}", flush=True)
+        if dry_run:
+            continue
+        started = time.perf_counter()
+        returncode, interrupted = _run_child(command, env)
+        if interrupted:
+            raise KeyboardInterrupt  # the run was stopped with the sweep: not recorded, redone next time
+        record = {
+            "params": params,
+            "command": command,
+            "returncode": returncode,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        with state_path.open("a") as state:
+            state.write(json.dumps(record, default=str) + "\n")
+        results.append(record)
+    return results

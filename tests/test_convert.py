@@ -11,7 +11,7 @@ from stable_baselines3 import DQN
 from stable_baselines3.common.env_util import make_vec_env
 from torch import nn
 
-from spikeq import atari
+from spikeq import atari, cli
 from spikeq.convert import action_agreement, convert_dqn, hidden_activations, record_frames
 from spikeq.network import SpikingQNetwork
 
@@ -123,7 +123,7 @@ def test_bad_input_names_the_value(cartpole):
         record_frames(ann, ann.get_env(), 0)
 
 
-def test_convert_command_then_evaluate(smoke_run, tmp_path):
+def test_convert_command_then_evaluate(smoke_run, tmp_path, capsys):
     """``spikeq convert`` on the smoke run's DQN, then ``spikeq evaluate`` on what it wrote."""
     run_dir, done = smoke_run("dqn")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -149,7 +149,10 @@ def test_convert_command_then_evaluate(smoke_run, tmp_path):
     result = json.loads(result_file.read_text())
     assert result["num_steps"] == 16 and set(result["firing_rate"]) == {"conv1", "conv2", "conv3", "fc1"}
 
-    refused = run_spikeq("convert", str(out.with_suffix(".json")), str(tmp_path / "again"), "--frames", "10")
-    assert refused.returncode == 2 and "already a spiking Q-network" in refused.stderr
-    missing = run_spikeq("convert", str(tmp_path / "none.zip"), str(tmp_path / "x"), "--game", "Pong")
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    # Bad input: one line on stderr, exit code 2 (in this process: no interpreter start-up).
+    assert (
+        cli.main(["convert", str(out.with_suffix(".json")), str(tmp_path / "again"), "--frames", "10"]) == 2
+    )
+    assert "already a spiking Q-network" in capsys.readouterr().err
+    assert cli.main(["convert", str(tmp_path / "none.zip"), str(tmp_path / "x"), "--game", "Pong"]) == 2
+    assert "does not exist" in capsys.readouterr().err

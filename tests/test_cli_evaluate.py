@@ -1,9 +1,14 @@
-"""``spikeq evaluate`` and ``spikeq export`` on the checkpoints of a real smoke run (Pong)."""
+"""``spikeq evaluate``, ``export``, ``report`` and ``table`` on the checkpoints of real smoke runs (Pong)."""
 
 import json
+import shutil
 
 import pytest
+import yaml
 from conftest import run_spikeq as spikeq
+
+from spikeq import cli
+from spikeq.report import results_table, write_table
 
 KEYS = (
     "score_mean", "score_std", "score_min", "score_max", "human_normalized", "firing_rate",
@@ -86,3 +91,45 @@ def test_report_plots_the_curves_of_several_runs(smoke_run, tmp_path):
 
     missing = spikeq("report", str(tmp_path / "no-run"), "--out", str(tmp_path / "x.png"))
     assert missing.returncode == 2 and "has no eval.csv" in missing.stderr
+
+
+def test_table_summarises_runs_per_game_and_model(smoke_run, tmp_path, capsys):
+    """``spikeq table``: the smoke runs, a second "seed" of the DQN run, and a standalone evaluation."""
+    dsqn, dqn = (smoke_run(model)[0] for model in ("dsqn", "dqn"))
+    second = tmp_path / "dqn-seed-1"
+    shutil.copytree(dqn, second, ignore=shutil.ignore_patterns("checkpoints", "wandb"))
+    config = yaml.safe_load((second / "config.yaml").read_text())
+    (second / "config.yaml").write_text(yaml.safe_dump({**config, "seed": 1}))
+    evaluation = json.loads((second / "evaluation.json").read_text())
+    first_score = evaluation["score_mean"]
+    (second / "evaluation.json").write_text(json.dumps({**evaluation, "score_mean": first_score + 4}))
+    standalone, _ = evaluate(dsqn / "checkpoints" / "best.zip", tmp_path / "dsqn-eval.json", episodes=1)
+    assert (standalone["model"], standalone["train_seed"]) == ("dsqn", 0)
+
+    out = tmp_path / "results.md"
+    assert (
+        cli.main(
+            ["table", str(dsqn), str(dqn), str(second), str(tmp_path / "dsqn-eval.json"), "--out", str(out)]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert out.read_text().strip() in printed
+    rows = results_table([dsqn, dqn, second, tmp_path / "dsqn-eval.json"])
+    by_model = {row["model"]: row for row in rows}
+    assert set(by_model) == {"dsqn", "dqn"}
+    assert (by_model["dqn"]["runs"], by_model["dqn"]["seeds"]) == (2, [0, 1])
+    assert by_model["dqn"]["score"] == pytest.approx(first_score + 2)
+    assert by_model["dqn"]["score_sd"] == pytest.approx(4 / 2**0.5)  # two runs 4 apart, ddof 1
+    assert by_model["dqn"]["energy_ratio"] == 1.0 and by_model["dqn"]["num_steps"] is None
+    dsqn_scores = [json.loads((dsqn / "evaluation.json").read_text())["score_mean"], standalone["score_mean"]]
+    assert by_model["dsqn"]["score"] == pytest.approx(sum(dsqn_scores) / 2)
+    assert by_model["dsqn"]["num_steps"] == 4 and 0 < by_model["dsqn"]["energy_ratio"]
+    assert "| Pong | dsqn | 4 | 2 | 0,0 |" in printed
+
+    write_table(rows, tmp_path / "results.csv")
+    assert (tmp_path / "results.csv").read_text().splitlines()[0].startswith("game,model,num_steps,runs")
+    assert cli.main(["table", str(tmp_path / "no-run")]) == 2
+    assert "neither a run directory nor an evaluation JSON" in capsys.readouterr().err
+    assert cli.main(["table", str(dsqn), "--out", str(tmp_path / "t.txt")]) == 2
+    assert "allowed suffixes .md, .csv" in capsys.readouterr().err

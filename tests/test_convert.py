@@ -148,6 +148,11 @@ def test_convert_command_then_evaluate(smoke_run, tmp_path, capsys):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     result = json.loads(result_file.read_text())
     assert result["num_steps"] == 16 and set(result["firing_rate"]) == {"conv1", "conv2", "conv3", "fc1"}
+    # The DQN and its conversion side by side: spikeq table.
+    assert (result["model"], result["train_seed"]) == ("dqn-converted", 0)
+    assert cli.main(["table", str(run_dir), str(result_file)]) == 0
+    table = capsys.readouterr().out
+    assert "| Pong | dqn | n/a | 1 | 0 |" in table and "| Pong | dqn-converted | 16 | 1 | 0 |" in table
 
     # Bad input: one line on stderr, exit code 2 (in this process: no interpreter start-up).
     assert (

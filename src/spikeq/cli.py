@@ -6,6 +6,7 @@
     spikeq export CHECKPOINT.zip OUT      (weights-only .safetensors + .json, safe to share)
     spikeq convert DQN_CHECKPOINT OUT     (ANN->SNN conversion baseline, Tan et al. 2021)
     spikeq report RUN_DIR [RUN_DIR ...] --out curves.png
+    spikeq table RUN_DIR|EVALUATION.json ... [--out results.md]   (one row per game and model)
     spikeq sweep experiments/sweeps/FILE.yaml [--count N] [--set name=value]   (no W&B server needed)
 
 Bad input ends with a one-line error and exit code 2. W&B sweep agents call
@@ -180,23 +181,24 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_evaluate)
 
 
-def _checkpoint_game(path: Path) -> str | None:
-    """The game a checkpoint was trained on: from a weights-only JSON or the run's config.yaml."""
+def _checkpoint_config(path: Path) -> dict[str, Any]:
+    """What a checkpoint was trained with (game, model, seed, ...): from a weights-only JSON or the
+    run's config.yaml; empty where neither says."""
     if path.suffix in (".safetensors", ".json"):
         from spikeq.checkpoints import read_weights_meta
 
-        return read_weights_meta(path).get("config", {}).get("game")
+        return read_weights_meta(path).get("config", {})
     for folder in (path.parent, path.parent.parent, path.parent.parent.parent):
         if (folder / "config.yaml").exists():
-            return TrainConfig.load(folder / "config.yaml").game
-    return None
+            return TrainConfig.load(folder / "config.yaml").to_dict()
+    return {}
 
 
 def _game_of(args: argparse.Namespace) -> str:
     """``--game``, else the game stored with ``args.checkpoint``, which must exist."""
     if not args.checkpoint.exists():
         raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
-    game = args.game or _checkpoint_game(args.checkpoint)
+    game = args.game or _checkpoint_config(args.checkpoint).get("game")
     if game is None:
         raise ConfigError(f"cannot tell which game {args.checkpoint} plays; pass --game")
     return game
@@ -241,7 +243,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         game=atari.game_short_name(atari.resolve_game(game)),
     )
     env.close()
-    result = {"checkpoint": str(args.checkpoint), **result}
+    trained = _checkpoint_config(args.checkpoint)
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "model": trained.get("model"),
+        "train_seed": trained.get("seed"),
+        **result,
+    }
     print(format_evaluation(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -345,7 +353,12 @@ def _convert(args: argparse.Namespace) -> int:
             f"action on {agreement['agreement']:.1%}; Q rmse {agreement['q_rmse']:.4g} "
             f"(DQN Q rms {agreement['q_scale']:.4g})"
         )
-    config = {"game": atari.game_short_name(atari.resolve_game(game)), "model": "dsqn-converted"}
+    trained = _checkpoint_config(args.checkpoint)
+    config = {
+        "game": atari.game_short_name(atari.resolve_game(game)),
+        "model": f"{trained.get('model', 'dqn')}-converted",
+        "seed": trained.get("seed"),
+    }
     for path in export_weights(snn, args.out, config, extra={"conversion": summary}):
         print(path)
     env.close()
@@ -365,6 +378,28 @@ def _report(args: argparse.Namespace) -> int:
 
     try:
         print(plot_runs(args.runs, args.out, args.title))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return 0
+
+
+def _add_table(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("table", help="one results row per game and model from finished runs")
+    p.add_argument(
+        "paths", type=Path, nargs="+", help="run directories or 'spikeq evaluate --out' JSON files"
+    )
+    p.add_argument("--out", type=Path, help="also write the table: .md (Markdown) or .csv")
+    p.set_defaults(handler=_table)
+
+
+def _table(args: argparse.Namespace) -> int:
+    from spikeq.report import format_table, results_table, write_table
+
+    try:
+        rows = results_table(args.paths)
+        print(format_table(rows))
+        if args.out:
+            print(f"written: {write_table(rows, args.out)}")
     except ValueError as error:
         raise ConfigError(str(error)) from None
     return 0
@@ -429,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_convert(sub)
     _add_report(sub)
+    _add_table(sub)
     _add_sweep(sub)
     return parser
 

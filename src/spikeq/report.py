@@ -1,21 +1,30 @@
-"""Learning curves from run directories: evaluation score against agent steps, one line per run.
+"""Learning curves and results tables from run directories.
 
     spikeq report runs/Pong-dsqn-s0-* runs/Pong-dqn-s0-* --out pong.png
+    spikeq table runs/*/ converted-evaluation.json --out results.md
 
+Curves: evaluation score against agent steps, one line per run.
 Each run's ``eval.csv`` gives the mean evaluation score (line) and its standard deviation over the
 evaluation episodes (band) at every evaluation step; runs are labelled ``<model> s<seed>`` from
 their ``config.yaml``. Training writes ``eval.png`` of its own run after every evaluation.
+
+Tables: one row per game and model, from each run's final ``evaluation.json`` (or the JSON of
+``spikeq evaluate --out``): the score averaged over runs (seeds) with its spread across runs, the
+human-normalised score, the energy ratio to the ANN and the spikes per action.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
+import numpy as np
 
 from spikeq.config import TrainConfig
 
@@ -73,4 +82,118 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=120)
     plt.close(figure)
+    return out
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """One evaluation: a finished run directory (its ``evaluation.json``, with the training seed from
+    its ``config.yaml``) or a JSON file written by ``spikeq evaluate --out``.
+
+    :raises ValueError: for anything else, or a result that does not say its game and model
+    """
+    path = Path(path)
+    if path.is_dir():
+        file = path / "evaluation.json"
+        if not file.exists():
+            raise ValueError(f"{path} has no evaluation.json: has the run finished?")
+        result = json.loads(file.read_text())
+        if (path / "config.yaml").exists():
+            config = TrainConfig.load(path / "config.yaml")
+            result = {**result, "model": result.get("model", config.model), "train_seed": config.seed}
+    elif path.suffix == ".json" and path.exists():
+        result = json.loads(path.read_text())
+        if not isinstance(result, dict) or "score_mean" not in result:
+            raise ValueError(f"{path} is not an evaluation result (spikeq evaluate --out)")
+    else:
+        raise ValueError(f"{path} is neither a run directory nor an evaluation JSON file")
+    for key in ("game", "model"):
+        if not result.get(key):
+            raise ValueError(f"{path} does not record its {key}")
+    return result
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
+def results_table(paths: list[Path]) -> list[dict[str, Any]]:
+    """One row per (game, model): the evaluations of its runs (seeds) summarised.
+
+    Columns: ``game``, ``model``, ``num_steps`` (T; None for an ANN), ``runs``, ``seeds``,
+    ``score`` (mean over runs of each run's mean score), ``score_sd`` (standard deviation of those
+    means across runs, ddof 1; None for one run), ``human_normalized``, ``energy_ratio`` (E_SNN /
+    E_ANN, 1 for an ANN) and ``spikes_per_action``, each the mean over runs.
+    """
+    if not paths:
+        raise ValueError("no run directories or evaluation files given")
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for path in paths:
+        result = read_result(path)
+        groups.setdefault((result["game"], result["model"]), []).append(result)
+    rows = []
+    for (game, model), results in groups.items():
+        scores = [r["score_mean"] for r in results]
+        rows.append(
+            {
+                "game": game,
+                "model": model,
+                "num_steps": results[0].get("num_steps"),
+                "runs": len(results),
+                "seeds": [r.get("train_seed") for r in results],
+                "score": float(np.mean(scores)),
+                "score_sd": float(np.std(scores, ddof=1)) if len(scores) > 1 else None,
+                "human_normalized": _mean([r.get("human_normalized") for r in results]),
+                "energy_ratio": _mean([r.get("energy_ratio") for r in results]),
+                "spikes_per_action": _mean([r.get("spikes_per_action") for r in results]),
+            }
+        )
+    return rows
+
+
+def _cell(value: Any, spec: str) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, list):
+        return ",".join("?" if v is None else str(v) for v in value)
+    return format(value, spec)
+
+
+_TABLE = (
+    ("game", "game", "s"),
+    ("model", "model", "s"),
+    ("T", "num_steps", "d"),
+    ("runs", "runs", "d"),
+    ("seeds", "seeds", "s"),
+    ("score", "score", ".2f"),
+    ("score sd (runs)", "score_sd", ".2f"),
+    ("human-normalised", "human_normalized", ".3f"),
+    ("energy ratio", "energy_ratio", ".4f"),
+    ("spikes / action", "spikes_per_action", ",.0f"),
+)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """``results_table``'s rows as a Markdown table."""
+    lines = ["| " + " | ".join(title for title, _, _ in _TABLE) + " |"]
+    lines.append("|" + "|".join("---" if spec == "s" else "---:" for _, _, spec in _TABLE) + "|")
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row[key], spec) for _, key, spec in _TABLE) + " |")
+    return "\n".join(lines)
+
+
+def write_table(rows: list[dict[str, Any]], out: Path) -> Path:
+    """Write ``results_table``'s rows as Markdown (``.md``) or CSV (``.csv``)."""
+    out = Path(out)
+    if out.suffix not in (".md", ".csv"):
+        raise ValueError(f"table file {out.name!r}: allowed suffixes .md, .csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".md":
+        out.write_text(format_table(rows) + "\n")
+        return out
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "seeds": _cell(row["seeds"], "s")})
     return out

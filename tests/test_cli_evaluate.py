@@ -129,6 +129,11 @@ def test_table_summarises_runs_per_game_and_model(smoke_run, tmp_path, capsys):
 
     write_table(rows, tmp_path / "results.csv")
     assert (tmp_path / "results.csv").read_text().splitlines()[0].startswith("game,model,num_steps,runs")
+    (tmp_path / "unfinished").mkdir()
+    assert cli.main(["table", str(dsqn), str(tmp_path / "unfinished")]) == 0
+    assert "skipped" in capsys.readouterr().err
+    assert cli.main(["table", str(tmp_path / "unfinished")]) == 2
+    assert "none of the directories holds a finished run" in capsys.readouterr().err
     assert cli.main(["table", str(tmp_path / "no-run")]) == 2
     assert "neither a run directory nor an evaluation JSON" in capsys.readouterr().err
     assert cli.main(["table", str(dsqn), "--out", str(tmp_path / "t.txt")]) == 2

@@ -395,8 +395,14 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
 def _table(args: argparse.Namespace) -> int:
     from spikeq.report import format_table, results_table, write_table
 
+    # Run directories that hold no result yet (unfinished runs, runs/sweeps/ under a glob) are skipped.
+    paths = [p for p in args.paths if not p.is_dir() or (p / "evaluation.json").exists()]
+    for path in sorted(set(args.paths) - set(paths)):
+        print(f"skipped {path}: no evaluation.json (not a finished run)", file=sys.stderr)
     try:
-        rows = results_table(args.paths)
+        if not paths:
+            raise ValueError("none of the directories holds a finished run's evaluation.json")
+        rows = results_table(paths)
         print(format_table(rows))
         if args.out:
             print(f"written: {write_table(rows, args.out)}")

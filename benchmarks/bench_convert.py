@@ -23,23 +23,9 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
 import spikeq  # noqa: F401  (registers SpikingPolicy)
+from spikeq.config import CARTPOLE_DQN
 from spikeq.convert import action_agreement, convert_dqn, record_frames
 from spikeq.energy import EnergyMeter
-
-# rl-baselines3-zoo, hyperparams/dqn.yml, CartPole-v1
-ZOO_CARTPOLE = dict(
-    learning_rate=2.3e-3,
-    batch_size=64,
-    buffer_size=100_000,
-    learning_starts=1000,
-    gamma=0.99,
-    target_update_interval=10,
-    train_freq=128,
-    gradient_steps=64,
-    exploration_fraction=0.16,
-    exploration_final_eps=0.04,
-    policy_kwargs=dict(net_arch=[256, 256]),
-)
 
 
 def spikes_and_sops(model: DQN, frames: np.ndarray) -> tuple[float, float]:
@@ -64,7 +50,15 @@ def main() -> None:
 
     env = make_vec_env("CartPole-v1", n_envs=1, seed=args.seed)
     started = time.perf_counter()
-    ann = DQN("MlpPolicy", env, seed=args.seed, device="cpu", **ZOO_CARTPOLE)
+    # rl-baselines3-zoo's CartPole network: two ReLU layers of 256
+    ann = DQN(
+        "MlpPolicy",
+        env,
+        seed=args.seed,
+        device="cpu",
+        policy_kwargs=dict(net_arch=[256, 256]),
+        **CARTPOLE_DQN,
+    )
     eval_env = make_vec_env("CartPole-v1", n_envs=1, seed=args.seed + 1000)
     stop = StopTrainingOnRewardThreshold(reward_threshold=475)
     evaluation = EvalCallback(

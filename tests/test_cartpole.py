@@ -13,6 +13,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from spikeq import SpikingQNetwork  # importing spikeq registers "SpikingPolicy"
+from spikeq.config import CARTPOLE_DQN
 
 BUDGET = 80_000
 
@@ -22,17 +23,8 @@ def test_spiking_dqn_learns_cartpole():
         "SpikingPolicy",
         "CartPole-v1",
         policy_kwargs=dict(num_steps=4, net_arch=[128, 128]),
-        learning_rate=2.3e-3,
-        batch_size=64,
-        buffer_size=100_000,
-        learning_starts=1_000,
-        gamma=0.99,
-        target_update_interval=10,
-        train_freq=128,
-        gradient_steps=64,
-        exploration_fraction=0.16,
-        exploration_final_eps=0.04,
         seed=0,
+        **CARTPOLE_DQN,
     )
     eval_env = DummyVecEnv([lambda: Monitor(gym.make("CartPole-v1"))])
     eval_env.seed(1)  # fixed evaluation episodes: the test is deterministic on a given machine

@@ -24,6 +24,20 @@ MODELS: dict[str, dict[str, Any]] = {
     # The ANN with the same torso: SB3's CnnPolicy (NatureCNN + Linear).
     "dqn": dict(),
 }
+# SB3 DQN keyword arguments for CartPole-v1: rl-baselines3-zoo's (hyperparams/dqn.yml) with one update
+# per two steps (64 every 128 instead of 128 every 256). For the CartPole test and benchmarks.
+CARTPOLE_DQN: dict[str, Any] = dict(
+    learning_rate=2.3e-3,
+    batch_size=64,
+    buffer_size=100_000,
+    learning_starts=1_000,
+    gamma=0.99,
+    target_update_interval=10,
+    train_freq=128,
+    gradient_steps=64,
+    exploration_fraction=0.16,
+    exploration_final_eps=0.04,
+)
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 VEC_ENVS = ("dummy", "subproc", "ale")
 

@@ -178,6 +178,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--out", type=Path, help="JSON file for the results (default: print only)")
     p.add_argument("--video", type=Path, help="record the first episode to this MP4 file")
+    p.add_argument(
+        "--perturb",
+        default="none",
+        help="perturb the observations of greedy decisions: none, gaussian:SIGMA or fgsm:EPS "
+        "(pixel range [0, 1], e.g. fgsm:0.01)",
+    )
     p.set_defaults(handler=_evaluate)
 
 
@@ -211,6 +217,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from spikeq.checkpoints import load_model
     from spikeq.energy import load_energy_model
     from spikeq.evaluate import evaluate_model
+    from spikeq.perturb import Perturbation
     from spikeq.train import resolve_device
 
     try:
@@ -220,6 +227,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not 0 <= args.epsilon <= 1:
             raise ConfigError(f"--epsilon {args.epsilon} must lie in [0, 1]")
         energy_model = load_energy_model(args.energy_model)
+        perturbation = Perturbation.parse(args.perturb)
         env = atari.make_env(
             game,
             n_envs=1,
@@ -241,6 +249,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         energy_model=energy_model,
         video_path=args.video,
         game=atari.game_short_name(atari.resolve_game(game)),
+        perturbation=perturbation,
     )
     env.close()
     trained = _checkpoint_config(args.checkpoint)

@@ -31,6 +31,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
 from spikeq.energy import EnergyMeter, EnergyModel, load_energy_model
+from spikeq.perturb import Perturbation
 
 # One frame per agent step: 60 Hz emulator frames / frame skip 4 plays the video in real time.
 VIDEO_FPS = 15
@@ -86,14 +87,18 @@ def _epsilon_greedy_actions(
     obs: np.ndarray,
     epsilon: float,
     rng: np.random.Generator,
+    perturbation: Perturbation,
+    noise_rng: np.random.Generator,
 ) -> np.ndarray:
-    """One action per env: random with probability epsilon, else greedy (batched over those envs)."""
+    """One action per env: random with probability epsilon, else greedy (batched over those envs) on
+    the perturbed observations."""
     n_envs = len(obs)
     explore = rng.random(n_envs) < epsilon
     actions = rng.integers(policy.action_space.n, size=n_envs)
     greedy = ~explore
     if greedy.any():
         obs_tensor, _ = policy.obs_to_tensor(obs[greedy])
+        obs_tensor = perturbation.apply(policy.q_net, obs_tensor, policy.observation_space, noise_rng)
         if meter is None:
             with torch.inference_mode():
                 q_values = policy.q_net(obs_tensor)
@@ -114,6 +119,7 @@ def evaluate_model(
     progress: bool = True,
     game: str | None = None,
     energy: bool = True,
+    perturbation: str | Perturbation = "none",
 ) -> dict:
     """Play ``n_episodes`` epsilon-greedy episodes and measure scores and energy per action.
 
@@ -133,9 +139,12 @@ def evaluate_model(
     :param game: game name for the human-normalised score (``None``: not computed)
     :param energy: count spikes, SOPs and MACs of the greedy decisions (False: scores only, faster,
         and the energy keys are absent)
+    :param perturbation: what the agent's observations go through before each greedy decision
+        (``spikeq.perturb``: ``"none"``, ``"gaussian:SIGMA"``, ``"fgsm:EPS"``); the noise is drawn
+        from its own generator (seeded with ``seed``), so the exploration draws do not change
     :return: ``scores`` (list), ``episode_lengths`` (agent steps), ``episodes``, ``score_mean``,
         ``score_std`` (population std), ``score_min``, ``score_max``, ``game``, ``human_normalized``
-        (of the mean score), ``epsilon``, ``seed``, ``video_path`` and every key of
+        (of the mean score), ``epsilon``, ``seed``, ``perturbation``, ``video_path`` and every key of
         ``spikeq.energy.energy_report``: ``firing_rate``, ``spikes_per_action``, ``sops_per_action``,
         ``macs_per_action``, ``energy_pj_per_action``, ``ann_energy_pj_per_action``, ``energy_ratio``,
         ``energy_model``, ``num_steps`` (``None`` for an ANN), ``decisions`` (greedy decisions
@@ -148,6 +157,9 @@ def evaluate_model(
     if not 0.0 <= epsilon <= 1.0:
         raise ValueError(f"epsilon={epsilon!r} must lie in [0, 1]")
     energy_model = load_energy_model(energy_model)
+    if isinstance(perturbation, str):
+        perturbation = Perturbation.parse(perturbation)
+    noise_rng = np.random.default_rng([1, 0 if seed is None else seed])
     policy = model.policy
     policy.set_training_mode(False)
     meter = EnergyMeter(policy.q_net) if energy else None
@@ -172,7 +184,7 @@ def evaluate_model(
         if video is not None:
             video.capture()
         while (finished < targets).any():
-            actions = _epsilon_greedy_actions(policy, meter, obs, epsilon, rng)
+            actions = _epsilon_greedy_actions(policy, meter, obs, epsilon, rng, perturbation, noise_rng)
             obs, rewards, dones, infos = env.step(actions)
             returns += rewards
             lengths += 1
@@ -209,6 +221,11 @@ def evaluate_model(
         f"Actions: epsilon-greedy with epsilon={epsilon} per env and step; the energy statistics "
         f"average over the {report['decisions']} greedy decisions only (a random action runs no network).",
     ]
+    if perturbation.kind != "none":
+        evaluation_assumptions.append(
+            f"Observations perturbed ({perturbation}) before every greedy decision (spikeq.perturb); "
+            "the game itself is not; an FGSM attacker's gradient pass is not counted as energy."
+        )
     return {
         "episodes": len(scores),
         "scores": scores,
@@ -221,6 +238,7 @@ def evaluate_model(
         "human_normalized": human,
         "epsilon": epsilon,
         "seed": seed,
+        "perturbation": str(perturbation),
         "video_path": None if video_path is None else str(video_path),
         **report,
         "assumptions": evaluation_assumptions + report["assumptions"],

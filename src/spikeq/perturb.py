@@ -1,0 +1,92 @@
+"""Observation perturbations for robustness tests: what the agent sees changes, the game does not.
+
+The paper claims DSQN is more robust than the ANN DQN; Chen et al. (2022) test spiking Q-networks
+with FGSM attacks, Patel et al. (2019) converted ones with occlusion. ``spikeq evaluate --perturb``
+applies one perturbation to every observation a greedy decision is made on:
+
+    gaussian:SIGMA   o' = clip(o + N(0, (SIGMA * R)^2), 0, R)
+    fgsm:EPS         o' = clip(o + EPS * R * sign(d/do CE(softmax Q(o), argmax_a Q(o, a))), 0, R)
+
+with R = 255 for image observations (SIGMA and EPS in units of the [0, 1] pixel range; the perturbed
+frames stay float, not re-quantised) and R = 1 without clipping for vectors. FGSM is the fast gradient
+sign method (Goodfellow et al. 2015) against the network's own greedy action (Huang et al. 2017's
+attack on DQNs); on a spiking network its gradient is the surrogate gradient the network is trained
+with. The attacker's gradient pass is not counted as the agent's energy; the decision on o' is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.preprocessing import is_image_space
+from torch import nn
+from torch.nn import functional
+
+PERTURBATIONS = ("none", "gaussian", "fgsm")
+PIXEL_RANGE = 255.0
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """One perturbation of the observations.
+
+    :param kind: one of ``PERTURBATIONS``
+    :param strength: SIGMA (gaussian) or EPS (fgsm), in units of the [0, 1] pixel range for images
+    """
+
+    kind: str = "none"
+    strength: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in PERTURBATIONS:
+            raise ValueError(f"unknown perturbation {self.kind!r}; allowed: {', '.join(PERTURBATIONS)}")
+        if not (self.strength >= 0 and np.isfinite(self.strength)):
+            raise ValueError(f"perturbation strength {self.strength!r} must be a finite number >= 0")
+
+    @classmethod
+    def parse(cls, text: str) -> Perturbation:
+        """``"none"``, ``"gaussian:0.05"`` or ``"fgsm:0.01"``."""
+        kind, _, strength = text.partition(":")
+        if kind == "none" and not strength:
+            return cls()
+        if kind not in PERTURBATIONS or not strength:
+            raise ValueError(f"perturbation {text!r} is not none, gaussian:SIGMA or fgsm:EPS")
+        try:
+            value = float(strength)
+        except ValueError:
+            raise ValueError(f"perturbation {text!r}: {strength!r} is not a number") from None
+        return cls(kind, value)
+
+    def __str__(self) -> str:
+        return "none" if self.kind == "none" else f"{self.kind}:{self.strength:g}"
+
+    def apply(
+        self, q_net: nn.Module, obs: torch.Tensor, space: spaces.Space, rng: np.random.Generator
+    ) -> torch.Tensor:
+        """The perturbed observations.
+
+        :param q_net: the Q-network deciding (FGSM differentiates through it)
+        :param obs: ``[B, *observation_shape]`` as ``policy.obs_to_tensor`` makes them
+        :param space: the observation space (images: uint8 pixels in [0, 255])
+        :param rng: draws the Gaussian noise
+        :return: float observations of the same shape
+        """
+        if self.kind == "none" or self.strength == 0:
+            return obs
+        image = is_image_space(space, check_channels=False)
+        scale = PIXEL_RANGE if image else 1.0
+        x = obs.float()
+        if self.kind == "gaussian":
+            noise = rng.normal(0.0, self.strength * scale, size=tuple(x.shape))
+            perturbed = x + torch.as_tensor(noise, dtype=x.dtype, device=x.device)
+        else:
+            x = x.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                q = q_net(x)
+                loss = functional.cross_entropy(q, q.argmax(dim=1))
+                (gradient,) = torch.autograd.grad(loss, x)
+            perturbed = x.detach() + self.strength * scale * gradient.sign()
+        return perturbed.clamp(0, PIXEL_RANGE) if image else perturbed

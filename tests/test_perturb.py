@@ -1,0 +1,101 @@
+"""Observation perturbations (robustness tests): Gaussian noise and FGSM on real Pong frames, for the
+ANN DQN and the DSQN, and ``evaluate_model`` / ``spikeq evaluate`` under them."""
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import DQN
+from torch.nn import functional
+
+from spikeq import atari, cli
+from spikeq.convert import record_frames
+from spikeq.evaluate import evaluate_model
+from spikeq.perturb import Perturbation
+
+
+@pytest.fixture(scope="module")
+def pong():
+    """The paper's evaluation env on Pong (episodes capped at 60 agent steps), and 16 frames."""
+    env = atari.make_env("Pong", n_envs=1, seed=0, train=False, max_episode_steps=60)
+    ann = DQN("CnnPolicy", env, buffer_size=1, seed=0, device="cpu")
+    return env, record_frames(ann, env, 16, progress=False)
+
+
+def models(env):
+    ann = DQN("CnnPolicy", env, buffer_size=1, seed=0, device="cpu")
+    dsqn = DQN("SpikingPolicy", env, buffer_size=1, seed=0, device="cpu", policy_kwargs=dict(num_steps=8))
+    with torch.no_grad():  # weights that fire on Pong frames (PyTorch's initialisation does not)
+        for synapse in dsqn.q_net.synapses:
+            for parameter in synapse.parameters():
+                parameter.mul_(8)
+    return {"dqn": ann, "dsqn": dsqn}
+
+
+def test_parse_names_what_is_allowed():
+    assert Perturbation.parse("fgsm:0.01") == Perturbation("fgsm", 0.01)
+    assert (
+        str(Perturbation.parse("gaussian:0.05")) == "gaussian:0.05"
+        and str(Perturbation.parse("none")) == "none"
+    )
+    with pytest.raises(ValueError, match="is not none, gaussian:SIGMA or fgsm:EPS"):
+        Perturbation.parse("blur:3")
+    with pytest.raises(ValueError, match="'x' is not a number"):
+        Perturbation.parse("fgsm:x")
+    with pytest.raises(ValueError, match="must be a finite number >= 0"):
+        Perturbation.parse("gaussian:-1")
+
+
+def test_gaussian_noise_has_its_sigma_and_stays_in_the_pixel_range(pong):
+    env, frames = pong
+    policy = models(env)["dqn"].policy
+    obs, _ = policy.obs_to_tensor(frames)
+    rng = np.random.default_rng(0)
+    noisy = Perturbation("gaussian", 0.05).apply(policy.q_net, obs, policy.observation_space, rng)
+    assert noisy.dtype == torch.float32 and noisy.shape == obs.shape
+    assert 0 <= float(noisy.min()) and float(noisy.max()) <= 255
+    # Where neither bound clips, the noise is N(0, (0.05 * 255)^2).
+    inside = (obs > 60) & (obs < 195)
+    assert float((noisy - obs.float())[inside].std()) == pytest.approx(0.05 * 255, rel=0.05)
+    assert Perturbation("gaussian", 0.0).apply(policy.q_net, obs, policy.observation_space, rng) is obs
+
+
+@pytest.mark.parametrize("model", ["dqn", "dsqn"])
+def test_fgsm_moves_each_pixel_by_eps_against_the_greedy_action(pong, model):
+    env, frames = pong
+    policy = models(env)[model].policy
+    obs, _ = policy.obs_to_tensor(frames)
+    attacked = Perturbation("fgsm", 0.02).apply(policy.q_net, obs, policy.observation_space, None)
+    change = (attacked - obs.float()).abs()
+    assert float(change.max()) <= 0.02 * 255 + 1e-4
+    assert float((change > 0).float().mean()) > 0.5  # most pixels move (the rest are clipped at 0 or 255)
+    if model == "dqn":
+        # The true gradient: the loss of the greedy action can only grow for a small step.
+        with torch.no_grad():
+            q, q_attacked = policy.q_net(obs), policy.q_net(attacked)
+        greedy = q.argmax(dim=1)
+        loss = functional.cross_entropy(q, greedy, reduction="none")
+        assert (functional.cross_entropy(q_attacked, greedy, reduction="none") > loss).float().mean() > 0.9
+
+
+def test_evaluation_under_perturbation(pong):
+    env, _ = pong
+    dsqn = models(env)["dsqn"]
+    plain = evaluate_model(dsqn, env, n_episodes=1, seed=3, progress=False)
+    zero = evaluate_model(dsqn, env, n_episodes=1, seed=3, progress=False, perturbation="gaussian:0")
+    assert zero["scores"] == plain["scores"] and zero["spikes_per_action"] == plain["spikes_per_action"]
+    attacked = evaluate_model(dsqn, env, n_episodes=1, seed=3, progress=False, perturbation="fgsm:0.05")
+    assert attacked["perturbation"] == "fgsm:0.05" and plain["perturbation"] == "none"
+    # The same exploration draws, so the same number of greedy decisions, each counted once.
+    assert (
+        attacked["decisions"] == plain["decisions"]
+        and attacked["episode_lengths"] == plain["episode_lengths"]
+    )
+    assert attacked["spikes_per_action"] != plain["spikes_per_action"]
+    assert any("fgsm:0.05" in line for line in attacked["assumptions"])
+
+
+def test_evaluate_command_refuses_a_bad_perturbation(tmp_path, capsys):
+    checkpoint = tmp_path / "dqn.zip"
+    checkpoint.write_bytes(b"not used: the perturbation is checked first")
+    assert cli.main(["evaluate", str(checkpoint), "--game", "Pong", "--perturb", "blur"]) == 2
+    assert "perturbation 'blur' is not none, gaussian:SIGMA or fgsm:EPS" in capsys.readouterr().err

@@ -106,18 +106,19 @@ def test_table_summarises_runs_per_game_and_model(smoke_run, tmp_path, capsys):
     standalone, _ = evaluate(dsqn / "checkpoints" / "best.zip", tmp_path / "dsqn-eval.json", episodes=1)
     assert (standalone["model"], standalone["train_seed"]) == ("dsqn", 0)
 
+    attacked = tmp_path / "dsqn-fgsm.json"  # as `spikeq evaluate --perturb fgsm:0.01` records it
+    attacked.write_text(json.dumps({**standalone, "perturbation": "fgsm:0.01"}))
+
     out = tmp_path / "results.md"
-    assert (
-        cli.main(
-            ["table", str(dsqn), str(dqn), str(second), str(tmp_path / "dsqn-eval.json"), "--out", str(out)]
-        )
-        == 0
-    )
+    paths = [dsqn, dqn, second, tmp_path / "dsqn-eval.json", attacked]
+    assert cli.main(["table", *map(str, paths), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert out.read_text().strip() in printed
-    rows = results_table([dsqn, dqn, second, tmp_path / "dsqn-eval.json"])
-    by_model = {row["model"]: row for row in rows}
+    rows = results_table(paths)
+    by_model = {row["model"]: row for row in rows if row["perturbation"] == "none"}
     assert set(by_model) == {"dsqn", "dqn"}
+    (fgsm,) = [row for row in rows if row["perturbation"] == "fgsm:0.01"]
+    assert (fgsm["model"], fgsm["runs"], fgsm["score"]) == ("dsqn", 1, standalone["score_mean"])
     assert (by_model["dqn"]["runs"], by_model["dqn"]["seeds"]) == (2, [0, 1])
     assert by_model["dqn"]["score"] == pytest.approx(first_score + 2)
     assert by_model["dqn"]["score_sd"] == pytest.approx(4 / 2**0.5)  # two runs 4 apart, ddof 1
@@ -125,10 +126,12 @@ def test_table_summarises_runs_per_game_and_model(smoke_run, tmp_path, capsys):
     dsqn_scores = [json.loads((dsqn / "evaluation.json").read_text())["score_mean"], standalone["score_mean"]]
     assert by_model["dsqn"]["score"] == pytest.approx(sum(dsqn_scores) / 2)
     assert by_model["dsqn"]["num_steps"] == 4 and 0 < by_model["dsqn"]["energy_ratio"]
-    assert "| Pong | dsqn | 4 | 2 | 0,0 |" in printed
+    assert "| Pong | dsqn | none | 4 | 2 | 0,0 |" in printed
 
     write_table(rows, tmp_path / "results.csv")
-    assert (tmp_path / "results.csv").read_text().splitlines()[0].startswith("game,model,num_steps,runs")
+    assert (
+        (tmp_path / "results.csv").read_text().splitlines()[0].startswith("game,model,perturbation,num_steps")
+    )
     (tmp_path / "unfinished").mkdir()
     assert cli.main(["table", str(dsqn), str(tmp_path / "unfinished")]) == 0
     assert "skipped" in capsys.readouterr().err

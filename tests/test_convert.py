@@ -152,7 +152,10 @@ def test_convert_command_then_evaluate(smoke_run, tmp_path, capsys):
     assert (result["model"], result["train_seed"]) == ("dqn-converted", 0)
     assert cli.main(["table", str(run_dir), str(result_file)]) == 0
     table = capsys.readouterr().out
-    assert "| Pong | dqn | n/a | 1 | 0 |" in table and "| Pong | dqn-converted | 16 | 1 | 0 |" in table
+    assert (
+        "| Pong | dqn | none | n/a | 1 | 0 |" in table
+        and "| Pong | dqn-converted | none | 16 | 1 | 0 |" in table
+    )
 
     # Bad input: one line on stderr, exit code 2 (in this process: no interpreter start-up).
     assert (

@@ -6,7 +6,7 @@
     spikeq export CHECKPOINT.zip OUT      (weights-only .safetensors + .json, safe to share)
     spikeq convert DQN_CHECKPOINT OUT     (ANN->SNN conversion baseline, Tan et al. 2021)
     spikeq report RUN_DIR [RUN_DIR ...] --out curves.png
-    spikeq table RUN_DIR|EVALUATION.json ... [--out results.md]   (one row per game and model)
+    spikeq table RUN_DIR|EVALUATION.json ... [--out results.md]   (a row per game, model, perturbation)
     spikeq sweep experiments/sweeps/FILE.yaml [--count N] [--set name=value]   (no W&B server needed)
 
 Bad input ends with a one-line error and exit code 2. W&B sweep agents call
@@ -393,7 +393,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _add_table(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("table", help="one results row per game and model from finished runs")
+    p = sub.add_parser("table", help="one results row per game, model and perturbation from finished runs")
     p.add_argument(
         "paths", type=Path, nargs="+", help="run directories or 'spikeq evaluate --out' JSON files"
     )

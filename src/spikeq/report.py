@@ -8,7 +8,7 @@ Each run's ``eval.csv`` gives the mean evaluation score (line) and its standard 
 evaluation episodes (band) at every evaluation step; runs are labelled ``<model> s<seed>`` from
 their ``config.yaml``. Training writes ``eval.png`` of its own run after every evaluation.
 
-Tables: one row per game and model, from each run's final ``evaluation.json`` (or the JSON of
+Tables: one row per game, model and perturbation, from each run's final ``evaluation.json`` (or the JSON of
 ``spikeq evaluate --out``): the score averaged over runs (seeds) with its spread across runs, the
 human-normalised score, the energy ratio to the ANN and the spikes per action.
 """
@@ -118,26 +118,29 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def results_table(paths: list[Path]) -> list[dict[str, Any]]:
-    """One row per (game, model): the evaluations of its runs (seeds) summarised.
+    """One row per (game, model, perturbation): the evaluations of its runs (seeds) summarised.
 
-    Columns: ``game``, ``model``, ``num_steps`` (T; None for an ANN), ``runs``, ``seeds``,
-    ``score`` (mean over runs of each run's mean score), ``score_sd`` (standard deviation of those
-    means across runs, ddof 1; None for one run), ``human_normalized``, ``energy_ratio`` (E_SNN /
-    E_ANN, 1 for an ANN) and ``spikes_per_action``, each the mean over runs.
+    Columns: ``game``, ``model``, ``perturbation`` (``spikeq evaluate --perturb``), ``num_steps`` (T;
+    None for an ANN), ``runs``, ``seeds``, ``score`` (mean over runs of each run's mean score),
+    ``score_sd`` (standard deviation of those means across runs, ddof 1; None for one run),
+    ``human_normalized``, ``energy_ratio`` (E_SNN / E_ANN, 1 for an ANN) and ``spikes_per_action``,
+    each the mean over runs.
     """
     if not paths:
         raise ValueError("no run directories or evaluation files given")
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for path in paths:
         result = read_result(path)
-        groups.setdefault((result["game"], result["model"]), []).append(result)
+        key = (result["game"], result["model"], result.get("perturbation", "none"))
+        groups.setdefault(key, []).append(result)
     rows = []
-    for (game, model), results in groups.items():
+    for (game, model, perturbation), results in groups.items():
         scores = [r["score_mean"] for r in results]
         rows.append(
             {
                 "game": game,
                 "model": model,
+                "perturbation": perturbation,
                 "num_steps": results[0].get("num_steps"),
                 "runs": len(results),
                 "seeds": [r.get("train_seed") for r in results],
@@ -162,6 +165,7 @@ def _cell(value: Any, spec: str) -> str:
 _TABLE = (
     ("game", "game", "s"),
     ("model", "model", "s"),
+    ("perturbation", "perturbation", "s"),
     ("T", "num_steps", "d"),
     ("runs", "runs", "d"),
     ("seeds", "seeds", "s"),

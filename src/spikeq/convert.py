@@ -194,13 +194,11 @@ def convert_dqn(
         if values.size == 0:
             raise ValueError(f"layer {name} was never active on the {len(frames)} frames; record more frames")
         scales.append(float(np.percentile(values, percentile)))
-    previous = [1.0, *scales]
+    # Layer l's input arrives divided by lambda_{l-1}, its output is divided by lambda_l (the Q layer: 1).
     with torch.no_grad():
-        for i, (source, target) in enumerate(zip(ann, targets, strict=True)):
-            hidden = i < len(scales)
-            divisor = scales[i] if hidden else 1.0
-            target.weight.copy_(source.weight * (previous[i] / divisor))
-            target.bias.copy_(source.bias / divisor)
+        for source, target, before, after in zip(ann, targets, [1.0, *scales], [*scales, 1.0], strict=True):
+            target.weight.copy_(source.weight * (before / after))
+            target.bias.copy_(source.bias / after)
     snn.q_net_target.load_state_dict(snn.q_net.state_dict())
     conversion = Conversion(
         percentile, dict(zip(q_net.layer_names, scales, strict=True)), len(frames), num_steps
@@ -252,6 +250,11 @@ def action_agreement(
 ) -> dict[str, float]:
     """How often the converted SNN picks the ANN's greedy action, and how far its Q-values are.
 
+    :param ann: the DQN that was converted
+    :param snn: its conversion (``convert_dqn``)
+    :param frames: ``[N, *observation_shape]`` observations (better not those it was normalised on)
+    :param batch_size: observations per forward pass (the SNN holds ``[T, batch, ...]`` spikes per layer)
+    :param progress: show a progress bar
     :return: ``agreement`` (fraction of frames with the same argmax), ``q_rmse`` (root mean square of
         SNN Q - ANN Q) and ``q_scale`` (root mean square of ANN Q, to read q_rmse against)
     """

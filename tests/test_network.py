@@ -203,8 +203,6 @@ def test_spaces_the_network_cannot_take():
         SpikingQNetwork(VECTOR_SPACE, spaces.Box(-1, 1, (2,)), NetworkSpec())
     with pytest.raises(ValueError, match="observation space Dict.* is not supported"):
         SpikingQNetwork(spaces.Dict({"a": VECTOR_SPACE}), spaces.Discrete(2), NetworkSpec())
-    with pytest.raises(ValueError, match="too small for the Nature-DQN torso"):
-        SpikingQNetwork(spaces.Box(0, 255, (4, 20, 20), np.uint8), spaces.Discrete(2), NetworkSpec())
     with pytest.raises(ValueError, match="needs bounded observations"):
         SpikingQNetwork(spaces.Box(-np.inf, np.inf, (4,)), spaces.Discrete(2), NetworkSpec(encoder="poisson"))
 

@@ -27,7 +27,11 @@ from safetensors.torch import load_file, save_file
 from stable_baselines3 import DQN
 from stable_baselines3.common.vec_env import VecEnv
 
+from spikeq.network import MinAtarCNN
+
 WEIGHTS_FORMAT = "spikeq-weights-v1"
+# Features extractors of the ANN DQNs a weights-only file may name
+FEATURE_EXTRACTORS = {"MinAtarCNN": MinAtarCNN}
 KEEP_CHECKPOINTS = 2
 
 
@@ -135,12 +139,27 @@ def export_weights(
     """
     stem = Path(path).with_suffix("")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.q_net.state_dict().items()}
-    policy_kwargs = dict(model.policy_kwargs)
-    if "optimizer_class" in policy_kwargs or "activation_fn" in policy_kwargs:
+    # The optimiser is not needed to act; a features extractor is stored by name.
+    policy_kwargs = {
+        k: v for k, v in model.policy_kwargs.items() if k not in ("optimizer_class", "optimizer_kwargs")
+    }
+    extractor = policy_kwargs.get("features_extractor_class")
+    if extractor is not None:
+        if extractor not in FEATURE_EXTRACTORS.values():
+            raise ValueError(
+                f"cannot export a policy with features extractor {extractor.__name__}; allowed: "
+                f"{', '.join(FEATURE_EXTRACTORS)}"
+            )
+        policy_kwargs["features_extractor_class"] = extractor.__name__
+    if "activation_fn" in policy_kwargs:
         raise ValueError("only policies with plain-data kwargs can be exported")
     meta = {
         "format": WEIGHTS_FORMAT,
-        "policy": type(model.policy).__name__,
+        # The name DQN(...) takes: SB3's alias ("MlpPolicy" is the class DQNPolicy)
+        "policy": next(
+            (alias for alias, cls in DQN.policy_aliases.items() if cls is type(model.policy)),
+            type(model.policy).__name__,
+        ),
         "policy_kwargs": policy_kwargs,
         "observation_space": _space_to_json(model.observation_space),
         "action_space": _space_to_json(model.action_space),
@@ -188,7 +207,15 @@ def load_model(path: Path, env: VecEnv, device: str = "auto") -> DQN:
         raise ValueError(
             f"{path.name} was trained with {expected[1]} but the environment has {env.action_space}"
         )
-    model = DQN(meta["policy"], env, policy_kwargs=meta["policy_kwargs"], device=device, **no_replay)
+    policy_kwargs = dict(meta["policy_kwargs"])
+    if "features_extractor_class" in policy_kwargs:
+        name = policy_kwargs["features_extractor_class"]
+        if name not in FEATURE_EXTRACTORS:
+            raise ValueError(
+                f"{path.name}: unknown features extractor {name!r}; allowed: {', '.join(FEATURE_EXTRACTORS)}"
+            )
+        policy_kwargs["features_extractor_class"] = FEATURE_EXTRACTORS[name]
+    model = DQN(meta["policy"], env, policy_kwargs=policy_kwargs, device=device, **no_replay)
     model.q_net.load_state_dict(load_file(str(path.with_suffix(".safetensors"))))
     model.q_net_target.load_state_dict(model.q_net.state_dict())
     return model

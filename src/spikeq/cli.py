@@ -166,13 +166,25 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="score a checkpoint and measure its energy per action")
-    p.add_argument("checkpoint", type=Path, help="SB3 zip, or weights-only .safetensors/.json")
-    p.add_argument("--game", help="ALE game (default: the game stored with the checkpoint)")
+    p = sub.add_parser(
+        "evaluate", help="score a checkpoint and measure its energy per action (or a random policy)"
+    )
+    p.add_argument("checkpoint", type=Path, nargs="?", help="SB3 zip, or weights-only .safetensors/.json")
+    p.add_argument(
+        "--random",
+        action="store_true",
+        help="score the uniformly random policy instead of a checkpoint (needs --game): chance level",
+    )
+    p.add_argument("--game", help="ALE or MinAtar game (default: the game stored with the checkpoint)")
     p.add_argument("--episodes", type=int, default=30, help="episodes to play (paper: 30)")
     p.add_argument("--epsilon", type=float, default=0.05, help="random-action probability (paper: 0.05)")
-    p.add_argument("--max-episode-steps", type=int, default=18_000, help="agent-step cap (paper: 18,000)")
-    p.add_argument("--noop-max", type=int, default=30, help="random no-ops at reset (paper: 30)")
+    p.add_argument(
+        "--max-episode-steps",
+        type=int,
+        help="agent-step cap (default: the checkpoint's config, else 18,000 for Atari as the paper, "
+        "10,000 for MinAtar)",
+    )
+    p.add_argument("--noop-max", type=int, default=30, help="Atari: random no-ops at reset (paper: 30)")
     p.add_argument("--seed", type=int, default=0, help="seed of the env and the exploration")
     p.add_argument("--energy-model", default="45nm", help="45nm, loihi, or a YAML profile")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
@@ -202,6 +214,8 @@ def _checkpoint_config(path: Path) -> dict[str, Any]:
 
 def _game_of(args: argparse.Namespace) -> str:
     """``--game``, else the game stored with ``args.checkpoint``, which must exist."""
+    if args.checkpoint is None:
+        raise ConfigError("no checkpoint given; pass a checkpoint file (or --random --game GAME)")
     if not args.checkpoint.exists():
         raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
     game = args.game or _checkpoint_config(args.checkpoint).get("game")
@@ -213,7 +227,7 @@ def _game_of(args: argparse.Namespace) -> str:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from spikeq import atari
+    from spikeq import games
     from spikeq.checkpoints import load_model
     from spikeq.energy import load_energy_model
     from spikeq.evaluate import evaluate_model
@@ -221,23 +235,36 @@ def _evaluate(args: argparse.Namespace) -> int:
     from spikeq.train import resolve_device
 
     try:
-        game = _game_of(args)
+        if args.random:
+            if args.checkpoint is not None:
+                raise ConfigError(f"--random plays no checkpoint; drop {args.checkpoint} or --random")
+            if args.game is None:
+                raise ConfigError("--random needs --game (e.g. --game MinAtar/Breakout)")
+            game, trained = args.game, {"model": "random"}
+        else:
+            game = _game_of(args)
+            trained = _checkpoint_config(args.checkpoint)
         if args.episodes < 1:
             raise ConfigError(f"--episodes {args.episodes} must be >= 1")
         if not 0 <= args.epsilon <= 1:
             raise ConfigError(f"--epsilon {args.epsilon} must lie in [0, 1]")
+        max_episode_steps = args.max_episode_steps or trained.get("max_episode_steps")
+        if max_episode_steps is None:
+            max_episode_steps = 10_000 if games.is_minatar(game) else 18_000
+        if max_episode_steps < 1:
+            raise ConfigError(f"--max-episode-steps {max_episode_steps} must be >= 1")
         energy_model = load_energy_model(args.energy_model)
         perturbation = Perturbation.parse(args.perturb)
-        env = atari.make_env(
+        env = games.make_env(
             game,
             n_envs=1,
             seed=args.seed,
             train=False,
-            max_episode_steps=args.max_episode_steps,
+            max_episode_steps=max_episode_steps,
             noop_max=args.noop_max,
             render_mode="rgb_array" if args.video else None,
         )
-        model = load_model(args.checkpoint, env, resolve_device(args.device))
+        model = None if args.random else load_model(args.checkpoint, env, resolve_device(args.device))
     except ValueError as error:
         raise ConfigError(str(error).splitlines()[0]) from None
     result = evaluate_model(
@@ -248,13 +275,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         energy_model=energy_model,
         video_path=args.video,
-        game=atari.game_short_name(atari.resolve_game(game)),
+        game=games.game_short_name(game),
         perturbation=perturbation,
     )
     env.close()
-    trained = _checkpoint_config(args.checkpoint)
     result = {
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
         "model": trained.get("model"),
         "train_seed": trained.get("seed"),
         **result,
@@ -283,6 +309,8 @@ def format_evaluation(result: dict[str, Any]) -> str:
         lines.append(f"firing rate: {rates}")
         spikes, sops = _fmt(result["spikes_per_action"]), _fmt(result["sops_per_action"])
         lines.append(f"per action: {spikes} spikes, {sops} SOPs, {_fmt(result['macs_per_action'])} MACs")
+    if "energy_model" not in result:  # the random policy runs no network
+        return "\n".join(lines)
     model = result["energy_model"]
     model_name = model["name"] if isinstance(model, dict) else model
     lines.append(
@@ -301,7 +329,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "out", type=Path, help="output stem: OUT.safetensors and OUT.json (spikeq evaluate reads them)"
     )
-    p.add_argument("--game", help="ALE game (default: the game stored with the checkpoint)")
+    p.add_argument("--game", help="ALE or MinAtar game (default: the game stored with the checkpoint)")
     p.add_argument(
         "--frames",
         type=int,
@@ -332,7 +360,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from spikeq import atari
+    from spikeq import games
     from spikeq.checkpoints import export_weights, load_model
     from spikeq.convert import action_agreement, ann_layers, convert_dqn, record_frames
     from spikeq.train import resolve_device
@@ -343,7 +371,7 @@ def _convert(args: argparse.Namespace) -> int:
             raise ConfigError(f"--frames {args.frames} must be >= 1")
         if args.agreement_frames < 0:
             raise ConfigError(f"--agreement-frames {args.agreement_frames} must be >= 0")
-        env = atari.make_env(game, n_envs=1, seed=args.seed, train=False)
+        env = games.make_env(game, n_envs=1, seed=args.seed, train=False)
         ann = load_model(args.checkpoint, env, resolve_device(args.device))
         ann_layers(ann)  # an ANN DQN with ReLUs, before minutes of play
         frames = record_frames(ann, env, args.frames + args.agreement_frames, args.epsilon, args.seed)
@@ -364,7 +392,7 @@ def _convert(args: argparse.Namespace) -> int:
         )
     trained = _checkpoint_config(args.checkpoint)
     config = {
-        "game": atari.game_short_name(atari.resolve_game(game)),
+        "game": games.game_short_name(game),
         "model": f"{trained.get('model', 'dqn')}-converted",
         "seed": trained.get("seed"),
     }

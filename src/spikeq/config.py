@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from spikeq.network import NetworkSpec
@@ -38,6 +39,14 @@ CARTPOLE_DQN: dict[str, Any] = dict(
     exploration_fraction=0.16,
     exploration_final_eps=0.04,
 )
+# optimizer name -> (class, its kwargs besides the learning rate)
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
+    # The paper's and its reference code's: Adam with PyTorch's defaults.
+    "adam": (torch.optim.Adam, {}),
+    # MinAtar's DQN (Young and Tian 2019, examples/dqn.py): centred RMSprop, gradient momentum 0.95,
+    # squared-gradient momentum 0.95, minimum squared gradient 0.01.
+    "rmsprop": (torch.optim.RMSprop, dict(alpha=0.95, momentum=0.95, eps=0.01, centered=True)),
+}
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 VEC_ENVS = ("dummy", "subproc", "ale")
 
@@ -50,7 +59,8 @@ class ConfigError(ValueError):
 class TrainConfig:
     """Every setting of a training run. Defaults are the paper's protocol (REFERENCE: Liu et al. 2022).
 
-    :param game: ALE game, short (``Pong``) or full id (``PongNoFrameskip-v4``)
+    :param game: ALE game, short (``Pong``) or full id (``PongNoFrameskip-v4``), or MinAtar game
+        (``MinAtar/Breakout``, ``MinAtar/Breakout-v0``)
     :param model: one of ``MODELS``
     :param preset: the preset the run started from (``paper``, ``zoo``, ``smoke``)
     :param seed: seed of the networks, exploration and environments
@@ -75,7 +85,8 @@ class TrainConfig:
         instead of storing it (less memory, a little more time)
     :param neuron: set by ``model`` unless overridden: ``lif`` or ``if``
     :param readout: set by ``model`` unless overridden
-    :param learning_rate: Adam learning rate (paper: 1e-4)
+    :param optimizer: ``adam`` (paper) or ``rmsprop`` (centred, MinAtar's DQN), see ``OPTIMIZERS``
+    :param learning_rate: optimiser learning rate (paper: Adam 1e-4)
     :param batch_size: minibatch size (paper: 32)
     :param buffer_size: replay capacity in transitions (paper: 1M)
     :param learning_starts: agent steps before training starts (paper: 50k)
@@ -87,7 +98,8 @@ class TrainConfig:
     :param exploration_final_eps: epsilon after the decay (paper: 0.1)
     :param exploration_steps: agent steps of the linear epsilon decay (paper: 1M)
     :param max_grad_norm: gradient-norm clip (paper: none, i.e. inf)
-    :param frame_replay: store each frame once in replay (FrameReplayBuffer), ~7 GB for 1M
+    :param frame_replay: store each Atari frame once in replay (FrameReplayBuffer), ~7 GB for 1M;
+        MinAtar grids always use SB3's ReplayBuffer
     :param eval_freq: agent steps between evaluations (paper: 250k)
     :param eval_episodes: episodes per evaluation (paper: 30)
     :param eval_epsilon: epsilon during evaluation (paper: 0.05)
@@ -123,6 +135,7 @@ class TrainConfig:
     recompute: bool = False
     neuron: str = "lif"
     readout: str = "rate"
+    optimizer: str = "adam"
     learning_rate: float = 1e-4
     batch_size: int = 32
     buffer_size: int = 1_000_000
@@ -167,6 +180,8 @@ class TrainConfig:
             raise ConfigError(f"unknown preset {self.preset!r}; allowed: {', '.join(PRESETS)}")
         if self.vec_env not in VEC_ENVS:
             raise ConfigError(f"unknown vec_env {self.vec_env!r}; allowed: {', '.join(VEC_ENVS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
         if self.wandb not in WANDB_MODES:
             raise ConfigError(f"unknown wandb mode {self.wandb!r}; allowed: {', '.join(WANDB_MODES)}")
         for name in (
@@ -240,6 +255,32 @@ PRESETS: dict[str, dict[str, Any]] = {
         exploration_final_eps=0.01,
         exploration_steps=1_000_000,
         max_grad_norm=10.0,
+    ),
+    # MinAtar's DQN (Young and Tian 2019, examples/dqn.py) for the MinAtar games, with the paper's
+    # spiking layers at T = 8; evaluation as the paper's protocol, every 100k steps.
+    "minatar": dict(
+        steps=5_000_000,
+        num_steps=8,
+        buffer_size=100_000,
+        batch_size=32,
+        learning_starts=5_000,
+        train_freq=1,
+        gradient_steps=1,
+        target_update_interval=1_000,
+        gamma=0.99,
+        exploration_initial_eps=1.0,
+        exploration_final_eps=0.1,
+        exploration_steps=100_000,
+        optimizer="rmsprop",
+        learning_rate=2.5e-4,
+        max_grad_norm=math.inf,
+        frame_replay=False,
+        eval_freq=100_000,
+        eval_episodes=30,
+        final_eval_episodes=30,
+        max_episode_steps=10_000,
+        checkpoint_freq=100_000,
+        torch_threads=1,
     ),
     # A tiny end-to-end run (about a minute on a 2-core CPU): every part of the pipeline, no learning.
     "smoke": dict(

@@ -82,7 +82,8 @@ class _EpisodeVideo:
 
 
 def _epsilon_greedy_actions(
-    policy: BasePolicy,
+    policy: BasePolicy | None,
+    n_actions: int,
     meter: EnergyMeter | None,
     obs: np.ndarray,
     epsilon: float,
@@ -91,11 +92,11 @@ def _epsilon_greedy_actions(
     noise_rng: np.random.Generator,
 ) -> np.ndarray:
     """One action per env: random with probability epsilon, else greedy (batched over those envs) on
-    the perturbed observations."""
+    the perturbed observations; always random without a policy."""
     n_envs = len(obs)
     explore = rng.random(n_envs) < epsilon
-    actions = rng.integers(policy.action_space.n, size=n_envs)
-    greedy = ~explore
+    actions = rng.integers(n_actions, size=n_envs)
+    greedy = ~explore & (policy is not None)
     if greedy.any():
         obs_tensor, _ = policy.obs_to_tensor(obs[greedy])
         obs_tensor = perturbation.apply(policy.q_net, obs_tensor, policy.observation_space, noise_rng)
@@ -109,7 +110,7 @@ def _epsilon_greedy_actions(
 
 
 def evaluate_model(
-    model: DQN,
+    model: DQN | None,
     env: VecEnv,
     n_episodes: int = 30,
     epsilon: float = 0.05,
@@ -126,7 +127,8 @@ def evaluate_model(
     With several envs each plays a fixed share of the episodes (as SB3's ``evaluate_policy``), so
     that short episodes are not over-represented.
 
-    :param model: a DQN with a ``SpikingPolicy`` or an SB3 ``CnnPolicy`` / ``MlpPolicy``
+    :param model: a DQN with a ``SpikingPolicy`` or an SB3 ``CnnPolicy`` / ``MlpPolicy``; ``None``
+        scores the uniformly random policy (chance level: every action random, no energy counted)
     :param env: the evaluation VecEnv (typically one env: full game, raw rewards, a ``Monitor``)
     :param n_episodes: number of episodes to score (paper: 30)
     :param epsilon: probability of a random action per env and step (paper: 0.05)
@@ -160,8 +162,11 @@ def evaluate_model(
     if isinstance(perturbation, str):
         perturbation = Perturbation.parse(perturbation)
     noise_rng = np.random.default_rng([1, 0 if seed is None else seed])
-    policy = model.policy
-    policy.set_training_mode(False)
+    policy = None if model is None else model.policy
+    if policy is None:
+        epsilon, energy = 1.0, False
+    else:
+        policy.set_training_mode(False)
     meter = EnergyMeter(policy.q_net) if energy else None
     rng = np.random.default_rng(seed)
     n_envs = env.num_envs
@@ -184,7 +189,9 @@ def evaluate_model(
         if video is not None:
             video.capture()
         while (finished < targets).any():
-            actions = _epsilon_greedy_actions(policy, meter, obs, epsilon, rng, perturbation, noise_rng)
+            actions = _epsilon_greedy_actions(
+                policy, env.action_space.n, meter, obs, epsilon, rng, perturbation, noise_rng
+            )
             obs, rewards, dones, infos = env.step(actions)
             returns += rewards
             lengths += 1

@@ -5,6 +5,11 @@ For image observations the torso is the Nature-DQN one of the paper (Liu et al. 
     conv1 C->32 k8 s4 -> LIF -> conv2 32->64 k4 s2 -> LIF -> conv3 64->64 k3 s1 -> LIF
     -> flatten -> fc1 ->512 -> LIF -> readout (fc2 -> n_actions)
 
+For small grids (MinAtar's 10x10xC, any channel-first Box under 36x36) it is Young and Tian's (2019)
+MinAtar torso, with the same spiking layers:
+
+    conv1 C->16 k3 s1 -> LIF -> flatten -> fc1 ->128 -> LIF -> readout (fc2 -> n_actions)
+
 For vector observations it is an MLP: Linear -> LIF for each size in ``net_arch``. The network runs T
 (``num_steps``) steps from a zero state on every forward call, so Q depends only on the observation.
 """
@@ -19,6 +24,7 @@ import torch
 from gymnasium import spaces
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.preprocessing import is_image_space, preprocess_obs
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.dqn.policies import QNetwork
 from torch import nn
 
@@ -30,6 +36,12 @@ from spikeq.readout import READOUTS, Readout
 # Nature-DQN convolutions (Mnih et al. 2015), used unchanged by the paper: (out_channels, kernel, stride)
 NATURE_CONVS = ((32, 8, 4), (64, 4, 2), (64, 3, 1))
 DEFAULT_CNN_ARCH = (512,)
+# MinAtar's DQN torso (Young and Tian 2019, examples/dqn.py): one 3x3 convolution with 16 filters,
+# then 128 units: a quarter of the Nature-DQN's widths
+MINATAR_CONVS = ((16, 3, 1),)
+DEFAULT_GRID_ARCH = (128,)
+# Below this height or width the Nature-DQN convolutions do not fit; such grids get the MinAtar torso.
+NATURE_MIN_SIZE = 36
 DEFAULT_MLP_ARCH = (64, 64)
 
 
@@ -45,7 +57,7 @@ class NetworkSpec(NeuronSpec):
     :param recompute: fused engine: recompute the membrane of a layer with a static (direct) input in
         the backward pass instead of storing it, T times its input: less memory, a little more time
     :param net_arch: hidden fully-connected sizes: after the convolutions for images (default
-        ``(512,)``), the whole MLP for vectors (default ``(64, 64)``)
+        ``(512,)``) and small grids (default ``(128,)``), the whole MLP for vectors (default ``(64, 64)``)
     """
 
     num_steps: int = 64
@@ -118,6 +130,47 @@ def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) ->
         )
 
 
+TORSOS = ("nature", "grid", "mlp")
+
+
+def torso_of(observation_space: spaces.Space, normalize_images: bool = True) -> str:
+    """Which torso a Q-network gets for these observations (the ANN and every spiking model alike).
+
+    ``"grid"``: a channel-first Box ``[C, H, W]`` smaller than 36x36 (MinAtar's ``[C, 10, 10]``),
+    whatever its dtype: the MinAtar torso. ``"nature"``: an image (SB3's ``is_image_space``: uint8 in
+    [0, 255], or already normalised floats when ``normalize_images`` is False): the Nature-DQN torso.
+    ``"mlp"``: everything else, flattened.
+
+    :param observation_space: the observation space as the network sees it (channel-first images)
+    :param normalize_images: whether image observations are divided by 255
+    """
+    if isinstance(observation_space, spaces.Box) and len(observation_space.shape) == 3:
+        if min(observation_space.shape[1:]) < NATURE_MIN_SIZE:
+            return "grid"
+    image = is_image_space(observation_space, check_channels=False, normalized_image=not normalize_images)
+    return "nature" if image else "mlp"
+
+
+class MinAtarCNN(BaseFeaturesExtractor):
+    """The ANN DQN's MinAtar torso for SB3 (``DQN("MlpPolicy", env, policy_kwargs=dict(
+    features_extractor_class=MinAtarCNN, net_arch=[128]))``): conv 16 k3 s1 -> ReLU -> flatten, as
+    Young and Tian's examples/dqn.py; the policy adds Linear 128 -> ReLU -> Linear Q.
+
+    :param observation_space: channel-first grid ``[C, H, W]``, values in {0, 1}
+    """
+
+    def __init__(self, observation_space: spaces.Box) -> None:
+        channels, height, width = observation_space.shape
+        ((out_channels, kernel, stride),) = MINATAR_CONVS
+        out_h, out_w = (height - kernel) // stride + 1, (width - kernel) // stride + 1
+        super().__init__(observation_space, features_dim=out_channels * out_h * out_w)
+        self.cnn = nn.Sequential(nn.Conv2d(channels, out_channels, kernel, stride), nn.ReLU(), nn.Flatten())
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        """:param observations: ``[B, C, H, W]`` floats :return: ``[B, 16 (H-2) (W-2)]``"""
+        return self.cnn(observations)
+
+
 class SpikingQNetwork(QNetwork):
     """DSQN: a Q-network whose hidden layers are snnTorch ``Leaky`` neurons run for T steps.
 
@@ -156,14 +209,11 @@ class SpikingQNetwork(QNetwork):
     def _build_torso(self) -> tuple[list[str], list[nn.Module]]:
         names: list[str] = []
         synapses: list[nn.Module] = []
-        if self.is_image:
-            channels, height, width = self.observation_space.shape
-            if min(height, width) < 36:
-                raise ValueError(
-                    f"image observations of {height}x{width} are too small for the Nature-DQN "
-                    "torso (needs at least 36x36)"
-                )
-            for i, (out_channels, kernel, stride) in enumerate(NATURE_CONVS, start=1):
+        torso = torso_of(self.observation_space, self.normalize_images)
+        if torso in ("nature", "grid"):
+            channels = self.observation_space.shape[0]
+            convs = NATURE_CONVS if torso == "nature" else MINATAR_CONVS
+            for i, (out_channels, kernel, stride) in enumerate(convs, start=1):
                 synapses.append(nn.Conv2d(channels, out_channels, kernel, stride))
                 names.append(f"conv{i}")
                 channels = out_channels
@@ -172,7 +222,7 @@ class SpikingQNetwork(QNetwork):
                 for conv in synapses:
                     probe = conv(probe)
             in_features = probe.numel()
-            arch = self.spec.net_arch or DEFAULT_CNN_ARCH
+            arch = self.spec.net_arch or (DEFAULT_CNN_ARCH if torso == "nature" else DEFAULT_GRID_ARCH)
         else:
             in_features = int(spaces.flatdim(self.observation_space))
             arch = self.spec.net_arch or DEFAULT_MLP_ARCH

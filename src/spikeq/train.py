@@ -27,9 +27,10 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.utils import LinearSchedule
 from tqdm.auto import tqdm
 
-from spikeq import atari, checkpoints
-from spikeq.config import ConfigError, TrainConfig
+from spikeq import checkpoints, games
+from spikeq.config import OPTIMIZERS, ConfigError, TrainConfig
 from spikeq.evaluate import evaluate_model
+from spikeq.network import DEFAULT_GRID_ARCH, MinAtarCNN
 from spikeq.replay import FrameReplayBuffer
 from spikeq.report import plot_runs
 from spikeq.tracking import Tracker
@@ -68,8 +69,8 @@ class RunResult:
 
 
 def run_name(config: TrainConfig) -> str:
-    """``<game>-<model>-s<seed>-<YYYYmmdd-HHMMSS>``."""
-    game = atari.game_short_name(atari.resolve_game(config.game))
+    """``<game>-<model>-s<seed>-<YYYYmmdd-HHMMSS>`` (``MinAtar/Breakout`` -> ``MinAtar-Breakout``)."""
+    game = games.file_safe_name(config.game)
     return f"{game}-{config.model}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -119,13 +120,23 @@ def sb3_update_schedule(train_freq: int, gradient_steps: int, n_envs: int) -> tu
 
 
 def build_model(config: TrainConfig, env, device: str) -> DQN:
-    """The SB3 DQN of ``config`` on ``env`` (SpikingPolicy for the DSQN models, CnnPolicy for dqn)."""
+    """The SB3 DQN of ``config`` on ``env``: SpikingPolicy for the DSQN models; for ``dqn`` SB3's
+    CnnPolicy on Atari frames (the Nature torso) and MlpPolicy over :class:`MinAtarCNN` on MinAtar
+    grids (the MinAtar torso), so that every model of a game has the same torso."""
     train_freq, gradient_steps = sb3_update_schedule(config.train_freq, config.gradient_steps, env.num_envs)
-    policy_kwargs: dict[str, Any] = {}
+    minatar = games.is_minatar(config.game)
+    policy_kwargs: dict[str, Any] = dict(optimizer_class=OPTIMIZERS[config.optimizer][0])
+    policy_kwargs["optimizer_kwargs"] = dict(OPTIMIZERS[config.optimizer][1])
     if config.spiking:
-        policy_kwargs = {k: v for k, v in config.network_spec().to_kwargs().items() if k != "net_arch"}
+        policy = "SpikingPolicy"
+        policy_kwargs.update({k: v for k, v in config.network_spec().to_kwargs().items() if k != "net_arch"})
+    elif minatar:
+        policy = "MlpPolicy"
+        policy_kwargs.update(features_extractor_class=MinAtarCNN, net_arch=list(DEFAULT_GRID_ARCH))
+    else:
+        policy = "CnnPolicy"
     return DQN(
-        "SpikingPolicy" if config.spiking else "CnnPolicy",
+        policy,
         env,
         learning_rate=config.learning_rate,
         buffer_size=config.buffer_size,
@@ -135,7 +146,8 @@ def build_model(config: TrainConfig, env, device: str) -> DQN:
         gamma=config.gamma,
         train_freq=train_freq,
         gradient_steps=gradient_steps,
-        replay_buffer_class=FrameReplayBuffer if config.frame_replay else None,
+        # Frame de-duplication is for Atari's stacks of 84x84 frames; MinAtar grids are small.
+        replay_buffer_class=FrameReplayBuffer if config.frame_replay and not minatar else None,
         target_update_interval=config.target_update_interval,
         exploration_fraction=min(1.0, config.exploration_steps / config.steps),
         exploration_initial_eps=config.exploration_initial_eps,
@@ -177,8 +189,8 @@ class Trainer:
         self.run_dir = run_dir
         self.ckpt_dir = run_dir / "checkpoints"
         self.eval_csv = run_dir / "eval.csv"
-        self.env_id = atari.resolve_game(config.game)
-        self.game = atari.game_short_name(self.env_id)
+        self.env_id = games.resolve_game(config.game)
+        self.game = games.game_short_name(self.env_id)
         self.device = resolve_device(config.device)
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
@@ -192,7 +204,7 @@ class Trainer:
             raise ConfigError(f"no checkpoint to resume in {self.ckpt_dir}")
         # A resumed run starts new episodes: ALE emulator states are not checkpointed.
         step0 = 0 if checkpoint is None else int(checkpoint.name.removeprefix("step-"))
-        self.train_env = atari.make_env(
+        self.train_env = games.make_env(
             self.env_id,
             n_envs=config.n_envs,
             seed=config.seed + step0,
@@ -200,7 +212,7 @@ class Trainer:
             max_episode_steps=config.max_episode_steps,
             vec_env=config.vec_env,
         )
-        self.eval_env = atari.make_env(
+        self.eval_env = games.make_env(
             self.env_id, n_envs=1, seed=config.seed + 10_000 + step0, train=False,
             max_episode_steps=config.max_episode_steps,
         )  # fmt: skip
@@ -433,7 +445,7 @@ def open_run(
     :param force: overwrite an existing run directory
     :param resume: continue ``run_dir`` from its latest checkpoint
     """
-    atari.resolve_game(config.game)
+    games.resolve_game(config.game)
     resolve_device(config.device)
     if resume:
         if run_dir is None or not Path(run_dir).is_dir():

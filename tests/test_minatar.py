@@ -1,0 +1,180 @@
+"""MinAtar games: names, the environment, the MinAtar torso of every model, the preset, and short real
+training runs through the ``spikeq`` command."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_spikeq as spikeq
+from gymnasium import spaces
+from minatar import Environment
+from torch import nn
+
+from spikeq import games, minatar
+from spikeq.checkpoints import export_weights, load_model
+from spikeq.config import OPTIMIZERS, PRESETS, resolve
+from spikeq.network import MinAtarCNN, NetworkSpec, SpikingQNetwork, torso_of
+from spikeq.train import build_model
+
+
+@pytest.mark.parametrize(
+    ("name", "env_id"),
+    [
+        ("MinAtar/Breakout", "MinAtar/Breakout-v1"),
+        ("minatar/spaceinvaders", "MinAtar/SpaceInvaders-v1"),
+        ("MinAtar/Freeway-v0", "MinAtar/Freeway-v0"),
+        ("MinAtar/Seaquest-v1", "MinAtar/Seaquest-v1"),
+    ],
+)
+def test_game_names_resolve_like_ale_names(name, env_id):
+    assert games.resolve_game(name) == env_id
+    assert games.game_short_name(name) == env_id.rsplit("-", 1)[0]
+    assert games.file_safe_name(name) == env_id.rsplit("-", 1)[0].replace("/", "-")
+
+
+def test_a_misspelt_game_names_the_closest_ones():
+    with pytest.raises(ValueError, match=r"Unknown MinAtar game 'MinAtar/Breakot'.*MinAtar/Breakout\?"):
+        games.resolve_game("MinAtar/Breakot")
+    with pytest.raises(ValueError, match="Asterix, Breakout, Freeway, Seaquest, SpaceInvaders"):
+        games.resolve_game("MinAtar/Pong")
+
+
+def test_the_env_gives_channel_first_binary_grids_of_the_game_state():
+    env = games.make_env("MinAtar/Breakout", seed=3)
+    obs = env.reset()
+    assert env.observation_space == spaces.Box(0, 1, (4, 10, 10), np.uint8)
+    assert env.action_space == spaces.Discrete(3)  # v1: the minimal action set (no-op, left, right)
+    assert obs.shape == (1, 4, 10, 10) and obs.dtype == np.uint8 and set(np.unique(obs)) <= {0, 1}
+    # The same seed gives the same game as MinAtar's own Environment, read channel-last.
+    game = Environment("breakout")
+    game.seed(3)
+    game.reset()
+    np.testing.assert_array_equal(obs[0], np.moveaxis(game.state(), -1, 0))
+    # Episodes end by themselves and are summarised by the Monitor (score, length).
+    rng = np.random.default_rng(0)
+    for _ in range(2_000):
+        obs, _, dones, infos = env.step(rng.integers(3, size=1))
+        if dones[0]:
+            assert infos[0]["episode"]["l"] > 0 and infos[0]["episode"]["r"] >= 0
+            break
+    else:
+        pytest.fail("a random Breakout episode should end within 2,000 steps")
+    env.close()
+
+
+def test_rendered_frames_are_large_enough_to_encode():
+    env = minatar.make_env("MinAtar/SpaceInvaders", render_mode="rgb_array")
+    env.reset()
+    frame = env.render()
+    assert frame.shape == (320, 320, 3) and frame.dtype == np.uint8 and frame.max() > 0
+    env.close()
+
+
+def test_small_grids_get_the_minatar_torso_for_every_model():
+    grid = spaces.Box(0, 1, (6, 10, 10), np.uint8)
+    assert torso_of(grid) == "grid"
+    assert torso_of(spaces.Box(0, 255, (4, 20, 20), np.uint8)) == "grid"  # too small for Nature
+    assert torso_of(spaces.Box(0, 255, (4, 84, 84), np.uint8)) == "nature"
+    assert torso_of(spaces.Box(-1, 1, (8,))) == "mlp"
+
+    for readout in ("rate", "spike", "max_mem"):
+        net = SpikingQNetwork(grid, spaces.Discrete(4), NetworkSpec(num_steps=8, readout=readout))
+        assert net.layer_names == ["conv1", "fc1"]
+        conv, fc1 = net.synapses[0], net.synapses[1][-1]
+        assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride) == (6, 16, (3, 3), (1, 1))
+        assert (fc1.in_features, fc1.out_features) == (16 * 8 * 8, 128)
+        assert net.readout.linear.out_features == 4
+        q = net(torch.randint(0, 2, (5, 6, 10, 10), dtype=torch.uint8))
+        assert q.shape == (5, 4)
+
+
+def synapse_shapes(module: nn.Module) -> list[tuple[int, ...]]:
+    return [tuple(m.weight.shape) for m in module.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+
+
+def test_the_ann_and_the_dsqn_share_the_minatar_torso():
+    env = games.make_env("MinAtar/Asterix")
+    dqn = build_model(resolve("minatar", "dqn", game="MinAtar/Asterix"), env, "cpu")
+    dsqn = build_model(resolve("minatar", "dsqn", game="MinAtar/Asterix"), env, "cpu")
+    assert isinstance(dqn.q_net.features_extractor, MinAtarCNN)
+    assert synapse_shapes(dqn.q_net) == synapse_shapes(dsqn.q_net) == [(16, 4, 3, 3), (128, 1024), (5, 128)]
+    # Young and Tian's optimiser for both: centred RMSprop.
+    for model in (dqn, dsqn):
+        optimizer = model.policy.optimizer
+        assert isinstance(optimizer, torch.optim.RMSprop)
+        group = optimizer.param_groups[0]
+        assert (group["lr"], group["alpha"], group["momentum"], group["eps"], group["centered"]) == (
+            2.5e-4, 0.95, 0.95, 0.01, True,
+        )  # fmt: skip
+    env.close()
+
+
+def test_the_minatar_preset_is_their_dqn_setup():
+    config = resolve("minatar", "dsqn", game="MinAtar/Breakout")
+    assert (config.buffer_size, config.batch_size, config.train_freq, config.gradient_steps) == (
+        100_000,
+        32,
+        1,
+        1,
+    )
+    assert (config.target_update_interval, config.learning_starts, config.steps) == (1_000, 5_000, 5_000_000)
+    assert (config.exploration_initial_eps, config.exploration_final_eps, config.exploration_steps) == (
+        1.0, 0.1, 100_000,
+    )  # fmt: skip
+    assert (config.gamma, config.optimizer, config.learning_rate) == (0.99, "rmsprop", 2.5e-4)
+    assert config.max_grad_norm == float("inf") and config.num_steps == 8
+    assert (config.eval_freq, config.eval_episodes, config.eval_epsilon) == (100_000, 30, 0.05)
+    # Every value can still be overridden.
+    assert resolve("minatar", "dsqn", learning_rate=1e-3, optimizer="adam").optimizer == "adam"
+    assert set(OPTIMIZERS) == {"adam", "rmsprop"} and "minatar" in PRESETS
+
+
+def test_an_unknown_optimizer_is_refused_with_the_allowed_ones():
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'; allowed: adam, rmsprop"):
+        resolve("minatar", "dsqn", optimizer="sgd")
+
+
+def test_a_trained_minatar_dqn_round_trips_through_the_weights_only_format(tmp_path):
+    env = games.make_env("MinAtar/Freeway")
+    model = build_model(resolve("minatar", "dqn", game="MinAtar/Freeway", learning_starts=32), env, "cpu")
+    model.learn(64)
+    weights, meta = export_weights(model, tmp_path / "best")
+    assert json.loads(meta.read_text())["policy_kwargs"]["features_extractor_class"] == "MinAtarCNN"
+    loaded = load_model(weights, env, "cpu")
+    obs = torch.as_tensor(np.stack([env.observation_space.sample() for _ in range(16)]))
+    torch.testing.assert_close(loaded.q_net(obs), model.q_net(obs), rtol=0, atol=0)
+    env.close()
+
+
+@pytest.mark.parametrize("model", ["dsqn", "dqn"])
+def test_smoke_training_on_minatar_breakout(tmp_path, model):
+    run_dir = tmp_path / "run"
+    game = ("--game", "MinAtar/Breakout")
+    done = spikeq("train", *game, "--model", model, "--preset", "smoke", "--run-dir", str(run_dir))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((run_dir / "evaluation.json").read_text())
+    assert result["game"] == "MinAtar/Breakout" and result["model"] == model
+    assert result["human_normalized"] is None  # no human reference for MinAtar
+    assert result["episodes"] == PRESETS["smoke"]["final_eval_episodes"]
+    if model == "dsqn":
+        assert result["energy_ratio"] is not None and set(result["firing_rate"]) == {"conv1", "fc1"}
+    else:
+        assert result["num_steps"] is None
+
+
+def test_a_bad_minatar_game_fails_in_one_line():
+    done = spikeq("train", "--game", "MinAtar/Breakot", "--preset", "smoke")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "Did you mean: MinAtar/Breakout?" in done.stderr
+
+
+def test_the_random_policy_row_scores_chance(tmp_path):
+    out = tmp_path / "random.json"
+    done = spikeq("evaluate", "--random", "--game", "MinAtar/Breakout", "--episodes", "5", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["model"] == "random" and result["episodes"] == 5 and result["epsilon"] == 1.0
+    assert 0 <= result["score_mean"] < 3  # random Breakout scores about 0.5 (Young and Tian 2019)
+    no_game = spikeq("evaluate", "--random")
+    assert no_game.returncode == 2 and "--random needs --game" in no_game.stderr

@@ -176,6 +176,7 @@ def convert_dqn(
             threshold=1.0,
             readout="rate",
             encoder="direct",
+            init="default",  # the weights are the ANN's, normalised below: never rescaled again
             net_arch=hidden_sizes,
             normalize_images=model.policy.normalize_images,
         ),

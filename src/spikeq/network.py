@@ -12,6 +12,11 @@ MinAtar torso, with the same spiking layers:
 
 For vector observations it is an MLP: Linear -> LIF for each size in ``net_arch``. The network runs T
 (``num_steps``) steps from a zero state on every forward call, so Q depends only on the observation.
+
+Initialisation (``init``): ``"default"`` keeps PyTorch's (the paper's reference code), which leaves the
+network silent on Atari frames in [0, 1]: conv1's currents stay below the threshold, no deeper layer
+ever fires and Q is the same for every frame. ``"firing"`` rescales each spiking layer on the first
+batch of real observations so that it fires (``SpikingQNetwork.calibrate_firing``).
 """
 
 from __future__ import annotations
@@ -43,6 +48,15 @@ DEFAULT_GRID_ARCH = (128,)
 # Below this height or width the Nature-DQN convolutions do not fit; such grids get the MinAtar torso.
 NATURE_MIN_SIZE = 36
 DEFAULT_MLP_ARCH = (64, 64)
+INITS = ("default", "firing")
+# The mean firing rate init="firing" gives every spiking layer on its calibration batch: inside the
+# 4-15% that the Nature torso's layers reached after 500 updates of training on Breakout from PyTorch's
+# initialisation (benchmarks/README.md), far from silence and from saturation (rate 1), and
+# about one spike per neuron per forward pass at T = 8.
+FIRING_TARGET_RATE = 0.1
+# calibrate_firing: rates tried per layer, and how far the factor on a layer's weights may go from 1.
+CALIBRATION_STEPS = 30
+CALIBRATION_MAX_SCALE = 2.0**16
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,9 @@ class NetworkSpec(NeuronSpec):
         the backward pass instead of storing it, T times its input: less memory, a little more time
     :param net_arch: hidden fully-connected sizes: after the convolutions for images (default
         ``(512,)``) and small grids (default ``(128,)``), the whole MLP for vectors (default ``(64, 64)``)
+    :param init: ``"firing"`` (rescale every spiking layer on the first training batch so that it
+        fires, ``SpikingQNetwork.calibrate_firing``) or ``"default"`` (PyTorch's initialisation, the
+        paper's reference code; silent on Atari frames until training wakes it)
     """
 
     num_steps: int = 64
@@ -66,6 +83,7 @@ class NetworkSpec(NeuronSpec):
     engine: str = "fused"
     recompute: bool = False
     net_arch: tuple[int, ...] | None = None
+    init: str = "firing"
 
     def __post_init__(self) -> None:
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int):
@@ -76,6 +94,7 @@ class NetworkSpec(NeuronSpec):
             ("encoder", self.encoder, ENCODERS),
             ("readout", self.readout, READOUTS),
             ("engine", self.engine, ENGINES),
+            ("init", self.init, INITS),
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
@@ -205,6 +224,11 @@ class SpikingQNetwork(QNetwork):
         n_fc = sum(name.startswith("fc") for name in self.layer_names)
         self.readout_name = f"fc{n_fc + 1}"
         self._activity: list[LayerActivity] | None = None
+        # 1.0 once calibrate_firing has run: saved with the weights, so a loaded or resumed network is
+        # never calibrated again. A float, not a bool: state dicts are handled as float tensors.
+        self.register_buffer("firing_calibrated", torch.tensor(0.0))
+        # Each spiking layer's firing rate on the last batch seen in training mode (0-dim tensors).
+        self.firing_rates: dict[str, torch.Tensor] = {}
 
     def _build_torso(self) -> tuple[list[str], list[nn.Module]]:
         names: list[str] = []
@@ -245,8 +269,7 @@ class SpikingQNetwork(QNetwork):
         :param obs: ``[B, *observation_shape]``
         :return: ``[B, n_actions]``
         """
-        x = preprocess_obs(obs, self.observation_space, normalize_images=self.normalize_images)
-        x = self.encoder(x.to(self.readout.linear.weight.dtype), self.num_steps)  # [T', B, ...]
+        x = self._encode(obs)  # [T', B, ...]
         if self.engine == "fused":
             layer_spikes = self._torso_fused(x)
         else:
@@ -254,7 +277,114 @@ class SpikingQNetwork(QNetwork):
         q, out_spikes = self.readout(layer_spikes[-1], self.num_steps, self.engine)
         if self._activity is not None:
             self._record(x, layer_spikes, out_spikes)
+        if self.training:
+            spiking = layer_spikes if out_spikes is None else [*layer_spikes, out_spikes]
+            names = self.spiking_layer_names
+            self.firing_rates = {n: s.detach().mean() for n, s in zip(names, spiking, strict=True)}
         return q
+
+    def _encode(self, obs: torch.Tensor) -> torch.Tensor:
+        x = preprocess_obs(obs, self.observation_space, normalize_images=self.normalize_images)
+        return self.encoder(x.to(self.readout.linear.weight.dtype), self.num_steps)
+
+    @property
+    def spiking_layer_names(self) -> list[str]:
+        """The names of the layers of spiking neurons, in order (the output layer of the ``spike``
+        readout included)."""
+        return [*self.layer_names, *([self.readout_name] if self.readout.kind == "spike" else [])]
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether ``init="firing"`` asks for a ``calibrate_firing`` that has not run yet."""
+        return self.spec.init == "firing" and not bool(self.firing_calibrated)
+
+    @torch.no_grad()
+    def calibrate_firing(
+        self, obs: torch.Tensor, target_rate: float = FIRING_TARGET_RATE
+    ) -> dict[str, float]:
+        """Rescale every spiking layer, in order, so that it fires at ``target_rate`` on ``obs``.
+
+        Data-driven layer-wise scaling in the spirit of LSUV (Mishkin and Matas, ICLR 2016), which
+        rescales each layer in turn on a batch of data until its output variance is 1, and of the
+        threshold balancing of converted SNNs (Diehl et al. 2015; Sengupta et al. 2019), which sets
+        each layer's scale from the activity of the layer before on real inputs. For spiking layer l
+        (conv1, conv2, ..., fc1, then the output layer of the ``spike`` readout), with the layers
+        before it already rescaled and their spikes ``s_{l-1}`` (for l = 1: the encoded observation)
+        computed on ``obs``:
+
+            I_l(a)[t] = a (W_l s_{l-1}[t] + b_l)                     (input current, scaled by a > 0)
+            r_l(a) = 1/(T B N_l) sum_{t, b, i} S_l[t, b, i]          (S_l: the spikes I_l(a) drives)
+
+        a_l solves r_l(a_l) = target_rate by geometric bisection: a is doubled (or halved) from 1
+        until it brackets the target, then the bracket's geometric mean replaces the end on its side,
+        until the rate is within 5% of the target (at most ``CALIBRATION_STEPS`` tries); the tried
+        factor with the closest rate is kept, W_l <- a_l W_l and b_l <- a_l b_l. r_l is non-decreasing
+        in a for a static current (the first layer under the ``direct`` encoder: each neuron's current
+        a c_i fires more often as a grows when c_i > 0, never when c_i <= 0) and close to it for spike
+        inputs. Thresholds and leaks stay as they are, and so does the output layer of the ``rate``
+        and membrane readouts (Q = fc2(...) keeps PyTorch's initialisation). Marks the network
+        calibrated (the ``firing_calibrated`` buffer).
+
+        :param obs: ``[B, *observation_shape]`` real observations (e.g. a replay batch)
+        :param target_rate: the mean firing rate to give every spiking layer, in (0, 1)
+        :return: every spiking layer's firing rate on ``obs`` after the rescaling
+        """
+        if not 0.0 < target_rate < 1.0:
+            raise ValueError(f"target_rate={target_rate!r} must lie in (0, 1)")
+        x = self._encode(obs)
+        layers = [*zip(self.layer_names, self.synapses, self.neurons, strict=True)]
+        if self.readout.kind == "spike":
+            layers.append((self.readout_name, self.readout.linear, self.readout.neurons))
+        rates = {}
+        for name, synapse, neurons in layers:
+            current = over_time(synapse, x)  # [T', B, ...]
+            scale, rate, x = self._scale_for_rate(current, neurons, target_rate)
+            for parameter in synapse.parameters():
+                parameter.mul_(scale)
+            rates[name] = rate
+        self.firing_calibrated.fill_(1.0)
+        return rates
+
+    def _scale_for_rate(
+        self, current: torch.Tensor, neurons: SpikingLayer, target_rate: float
+    ) -> tuple[float, float, torch.Tensor]:
+        """The factor on ``current`` whose spikes are closest to ``target_rate``: (factor, rate, spikes)."""
+        best: tuple[float, float, torch.Tensor] | None = None
+        tries = 0
+
+        def fire(scale: float) -> float:
+            nonlocal best, tries
+            tries += 1
+            spikes = neurons(current * scale, self.num_steps, self.engine)[0]
+            rate = float(spikes.mean())
+            if best is None or abs(rate - target_rate) < abs(best[1] - target_rate):
+                best = (scale, rate, spikes)
+            return rate
+
+        low = high = 1.0
+        rate = fire(1.0)
+        if rate < target_rate:
+            while rate < target_rate and high < CALIBRATION_MAX_SCALE:
+                low, high = high, high * 2.0
+                rate = fire(high)
+        else:
+            while rate >= target_rate and low > 1.0 / CALIBRATION_MAX_SCALE:
+                low, high = low / 2.0, low
+                rate = fire(low)
+        while tries < CALIBRATION_STEPS and abs(rate - target_rate) > 0.05 * target_rate:
+            middle = (low * high) ** 0.5
+            rate = fire(middle)
+            if rate < target_rate:
+                low = middle
+            else:
+                high = middle
+        return best
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        # Networks saved before firing-aware initialisation existed have no flag: they are trained
+        # networks, never to be rescaled.
+        state_dict.setdefault(prefix + "firing_calibrated", torch.tensor(1.0))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _torso_fused(self, x: torch.Tensor) -> list[torch.Tensor]:
         layer_spikes = []

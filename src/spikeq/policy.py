@@ -3,6 +3,11 @@
 SB3 keeps replay, exploration, the target network and the optimiser loop; the policy only changes
 ``make_q_net`` (called twice by ``DQNPolicy._build``: online and target network). ``import spikeq``
 registers the name, so ``DQN("SpikingPolicy", env, policy_kwargs=dict(num_steps=8))`` works.
+
+With ``init="firing"`` (the default) the networks are calibrated on the first training batch: the policy
+is built before any observation exists, and ``DQN.train`` runs the online network in training mode on
+each sampled batch, so the first such forward rescales it (``SpikingQNetwork.calibrate_firing``) and the
+target network is given the same weights before the update goes on.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ class SpikingPolicy(DQNPolicy):
     :param optimizer_kwargs: its kwargs besides the learning rate
     :param spec_kwargs: the remaining fields of ``NetworkSpec``: ``num_steps``, ``neuron``, ``tau``,
         ``threshold``, ``reset``, ``surrogate``, ``surrogate_slope``, ``learn_beta``,
-        ``learn_threshold``, ``encoder``, ``readout``, ``engine``
+        ``learn_threshold``, ``encoder``, ``readout``, ``engine``, ``recompute``, ``init``
     """
 
     q_net: SpikingQNetwork
@@ -68,6 +73,13 @@ class SpikingPolicy(DQNPolicy):
             optimizer_class=optimizer_class,
             optimizer_kwargs=optimizer_kwargs,
         )
+        self.q_net.register_forward_pre_hook(self._calibrate_on_first_batch)
+
+    def _calibrate_on_first_batch(self, q_net: SpikingQNetwork, args: tuple[torch.Tensor]) -> None:
+        # Acting (eval mode) does not count: only a training batch, the first of them.
+        if q_net.training and q_net.needs_calibration:
+            q_net.calibrate_firing(args[0])
+            self.q_net_target.load_state_dict(q_net.state_dict())
 
     def make_q_net(self) -> SpikingQNetwork:
         return SpikingQNetwork(

@@ -1,4 +1,5 @@
-"""Experiment tracking: SB3's logger forwarded to W&B and to CSV files in the run directory.
+"""Experiment tracking: SB3's logger forwarded to W&B and to CSV files in the run directory, and the
+spiking layers' firing rates during training.
 
 W&B runs offline unless the user is logged in (``WANDB_API_KEY`` or a ``wandb login`` netrc entry)
 or asks for ``online``; offline runs land in ``RUN_DIR/wandb/offline-run-*`` and can be uploaded later
@@ -10,11 +11,22 @@ from __future__ import annotations
 import csv
 import netrc
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import KVWriter, Logger
+from torch.utils.hooks import RemovableHandle
+
+from spikeq.network import SpikingQNetwork
+
+# A spiking layer silent (no spike at all) or saturated (more than SATURATED_RATE of its neuron-steps
+# firing) on the training batches of this many consecutive updates is named on the console.
+SILENT_STRETCH = 1_000
+SATURATED_RATE = 0.95
 
 
 def wandb_mode(requested: str) -> str:
@@ -162,3 +174,89 @@ class Tracker:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None
+
+
+class FiringMonitor(BaseCallback):
+    """Every spiking layer's firing rate on the batches a DQN trains on, and a warning for dead layers.
+
+    The rates are those the online network's forward pass computed anyway (``firing_rates``: the mean
+    of each layer's spikes over its neuron-steps and the batch), read once per update. They are logged
+    as ``train/firing_rate/<layer>``, averaged over the updates since SB3's logger last wrote (so at its
+    log interval, to ``train.csv`` and W&B). A layer that stays silent (rate 0) or saturated (rate above
+    ``saturated_rate``) for ``stretch`` consecutive updates gets one ``RuntimeWarning`` per such
+    stretch: a silent layer gets no surrogate gradient through its own spikes and passes none to the
+    layers before it.
+
+    Example::
+
+        model = DQN("SpikingPolicy", env, policy_kwargs=dict(init="default"))
+        model.learn(100_000, callback=FiringMonitor())
+
+    :param stretch: consecutive updates of silence or saturation before the warning
+    :param saturated_rate: the rate above which a layer counts as saturated
+    """
+
+    def __init__(self, stretch: int = SILENT_STRETCH, saturated_rate: float = SATURATED_RATE) -> None:
+        super().__init__()
+        if isinstance(stretch, bool) or not isinstance(stretch, int) or stretch < 1:
+            raise ValueError(f"stretch={stretch!r} must be an integer >= 1")
+        self.stretch = stretch
+        self.saturated_rate = saturated_rate
+        self.updates = 0
+        # layer -> consecutive updates silent / saturated so far
+        self.silent: dict[str, int] = {}
+        self.saturated: dict[str, int] = {}
+        self._hook: RemovableHandle | None = None
+
+    def _on_training_start(self) -> None:
+        q_net = self.model.q_net
+        if not isinstance(q_net, SpikingQNetwork):
+            raise ValueError(
+                f"FiringMonitor watches spiking Q-networks; this model's is a {type(q_net).__name__}"
+            )
+        self._on_training_end()  # a learn() that ended in an exception left its hook behind
+        self._hook = q_net.register_forward_hook(self._on_forward)
+
+    def _on_training_end(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_forward(self, q_net: SpikingQNetwork, args: tuple, output: torch.Tensor) -> None:
+        if not q_net.training:  # acting and the target network's forward are not updates
+            return
+        self.updates += 1
+        names = list(q_net.firing_rates)
+        rates = torch.stack(list(q_net.firing_rates.values())).tolist()  # one device sync
+        for name, rate in zip(names, rates, strict=True):
+            self.logger.record_mean(f"train/firing_rate/{name}", rate)
+            self._count(self.silent, name, rate == 0.0, q_net, "fired in none of its neuron-steps")
+            self._count(
+                self.saturated,
+                name,
+                rate > self.saturated_rate,
+                q_net,
+                f"fired in more than {self.saturated_rate:.0%} of its neuron-steps",
+            )
+
+    def _count(
+        self, streaks: dict[str, int], name: str, hit: bool, q_net: SpikingQNetwork, what: str
+    ) -> None:
+        streaks[name] = streaks.get(name, 0) + 1 if hit else 0
+        if streaks[name] != self.stretch:
+            return
+        if q_net.spec.init == "default":
+            advice = "start from a firing network with --init firing (policy_kwargs init='firing')"
+        else:
+            advice = (
+                "it fired at initialisation (init='firing'): training changed that; try a lower learning rate"
+            )
+        warnings.warn(
+            f"spiking layer {name} {what} on the training batches of the last {self.stretch:,} updates "
+            f"(updates {self.updates - self.stretch + 1:,} to {self.updates:,}); {advice}",
+            RuntimeWarning,
+            stacklevel=1,  # raised from a forward hook: no caller of the user's to point at
+        )

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from stable_baselines3 import DQN
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.utils import LinearSchedule
 from tqdm.auto import tqdm
 
@@ -33,7 +33,7 @@ from spikeq.evaluate import evaluate_model
 from spikeq.network import DEFAULT_GRID_ARCH, MinAtarCNN
 from spikeq.replay import FrameReplayBuffer
 from spikeq.report import plot_runs
-from spikeq.tracking import Tracker
+from spikeq.tracking import FiringMonitor, Tracker
 
 EVAL_COLUMNS = ("step", "score_mean", "score_std", "score_min", "score_max", "episodes", "human_normalized")
 
@@ -345,12 +345,14 @@ class Trainer:
         config = self.config
         remaining = config.steps - self.model.num_timesteps
         callback = _Callback(self, total=config.steps)
+        # Spiking models: per-layer firing rates in train.csv / W&B, and a warning for silent layers.
+        callbacks = CallbackList([callback, FiringMonitor()]) if config.spiking else callback
         try:
             with self._signals():
                 if remaining > 0:
                     self.model.learn(
                         remaining,
-                        callback=callback,
+                        callback=callbacks,
                         reset_num_timesteps=self.model.num_timesteps == 0,
                         log_interval=4,
                     )

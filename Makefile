@@ -2,6 +2,7 @@
 #   make train GAME=Pong [MODEL=dsqn] [PRESET=paper] [STEPS=...] [SEED=0] [DEVICE=auto] [ARGS="--n-envs 4"]
 #   make test | lint | format | bench | evaluate CKPT=runs/<run>/checkpoints/best.zip
 #   make sweep SWEEP=experiments/sweeps/readouts.yaml [ARGS="--set wandb=offline"]
+#   make minatar-study [ARGS="--games Breakout --seeds 0 --lanes 2"] | minatar-report
 # TORCH is the pip requirement installed before everything else. The default is the CPU build;
 # for a GPU use e.g.  make install TORCH="torch==2.5.1 --index-url <the CUDA wheel index for your driver>"
 
@@ -21,7 +22,7 @@ ARGS ?=
 
 SWEEP ?= experiments/sweeps/dsqn_num_steps.yaml
 
-.PHONY: install train test lint format bench evaluate sweep clean
+.PHONY: install train test lint format bench evaluate sweep minatar-study minatar-report clean
 
 install: $(STAMP)
 
@@ -54,6 +55,12 @@ evaluate: $(STAMP)
 
 sweep: $(STAMP)
 	$(BIN)/spikeq sweep $(SWEEP) $(ARGS)
+
+minatar-study: $(STAMP)
+	WANDB_MODE=offline $(BIN)/python experiments/minatar_study.py $(ARGS)
+
+minatar-report: $(STAMP)
+	$(BIN)/python experiments/minatar_report.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

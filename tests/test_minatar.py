@@ -1,7 +1,10 @@
 """MinAtar games: names, the environment, the MinAtar torso of every model, the preset, and short real
 training runs through the ``spikeq`` command."""
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +19,20 @@ from spikeq.checkpoints import export_weights, load_model
 from spikeq.config import OPTIMIZERS, PRESETS, resolve
 from spikeq.network import MinAtarCNN, NetworkSpec, SpikingQNetwork, torso_of
 from spikeq.train import build_model
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def load_script(name: str):
+    """An experiments/ script as a module."""
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+study, report = load_script("minatar_study"), load_script("minatar_report")
 
 
 @pytest.mark.parametrize(
@@ -147,11 +164,25 @@ def test_a_trained_minatar_dqn_round_trips_through_the_weights_only_format(tmp_p
     env.close()
 
 
+@pytest.fixture(scope="module")
+def minatar_smoke(tmp_path_factory):
+    """``spikeq train --game MinAtar/Breakout --model MODEL --preset smoke``, once per model."""
+    runs = {}
+
+    def get(model: str):
+        if model not in runs:
+            run_dir = tmp_path_factory.mktemp(f"minatar-{model}") / "run"
+            game = ("--game", "MinAtar/Breakout")
+            done = spikeq("train", *game, "--model", model, "--preset", "smoke", "--run-dir", str(run_dir))
+            runs[model] = (run_dir, done)
+        return runs[model]
+
+    return get
+
+
 @pytest.mark.parametrize("model", ["dsqn", "dqn"])
-def test_smoke_training_on_minatar_breakout(tmp_path, model):
-    run_dir = tmp_path / "run"
-    game = ("--game", "MinAtar/Breakout")
-    done = spikeq("train", *game, "--model", model, "--preset", "smoke", "--run-dir", str(run_dir))
+def test_smoke_training_on_minatar_breakout(minatar_smoke, model):
+    run_dir, done = minatar_smoke(model)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((run_dir / "evaluation.json").read_text())
     assert result["game"] == "MinAtar/Breakout" and result["model"] == model
@@ -161,6 +192,25 @@ def test_smoke_training_on_minatar_breakout(tmp_path, model):
         assert result["energy_ratio"] is not None and set(result["firing_rate"]) == {"conv1", "fc1"}
     else:
         assert result["num_steps"] is None
+
+
+def test_the_study_report_regenerates_table_and_curves(minatar_smoke, tmp_path):
+    """What ``make minatar-report`` does, on the result files of two real smoke runs."""
+    results = tmp_path / "results"
+    for model in ("dsqn", "dqn"):
+        run_dir, _ = minatar_smoke(model)
+        study.collect(study.Run("Breakout", model, 0), run_dir, results)
+    assert sorted(p.name for p in (results / "MinAtar-Breakout-dsqn-s0").iterdir()) == sorted(
+        study.RESULT_FILES
+    )
+    assert report.main(["--results", str(results)]) == 0
+    table = (results / "table.md").read_text()
+    rows = {line.split("|")[2].strip(): line for line in table.splitlines()[2:]}
+    assert set(rows) == {"dsqn", "dqn", "random"}
+    dsqn_firing = json.loads((results / "MinAtar-Breakout-dsqn-s0" / "evaluation.json").read_text())
+    assert f"{dsqn_firing['mean_firing_rate']:.3f} |" in rows["dsqn"]  # the firing-rate column
+    assert json.loads((results / "random" / "MinAtar-Breakout.json").read_text())["model"] == "random"
+    assert (results / "learning_curves.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_a_bad_minatar_game_fails_in_one_line():

@@ -123,8 +123,8 @@ def results_table(paths: list[Path]) -> list[dict[str, Any]]:
     Columns: ``game``, ``model``, ``perturbation`` (``spikeq evaluate --perturb``), ``num_steps`` (T;
     None for an ANN), ``runs``, ``seeds``, ``score`` (mean over runs of each run's mean score),
     ``score_sd`` (standard deviation of those means across runs, ddof 1; None for one run),
-    ``human_normalized``, ``energy_ratio`` (E_SNN / E_ANN, 1 for an ANN) and ``spikes_per_action``,
-    each the mean over runs.
+    ``human_normalized``, ``energy_ratio`` (E_SNN / E_ANN, 1 for an ANN), ``spikes_per_action`` and
+    ``firing_rate`` (the mean over spiking layers of each layer's firing rate), each the mean over runs.
     """
     if not paths:
         raise ValueError("no run directories or evaluation files given")
@@ -149,6 +149,7 @@ def results_table(paths: list[Path]) -> list[dict[str, Any]]:
                 "human_normalized": _mean([r.get("human_normalized") for r in results]),
                 "energy_ratio": _mean([r.get("energy_ratio") for r in results]),
                 "spikes_per_action": _mean([r.get("spikes_per_action") for r in results]),
+                "firing_rate": _mean([r.get("mean_firing_rate") for r in results]),
             }
         )
     return rows
@@ -174,6 +175,7 @@ _TABLE = (
     ("human-normalised", "human_normalized", ".3f"),
     ("energy ratio", "energy_ratio", ".4f"),
     ("spikes / action", "spikes_per_action", ",.0f"),
+    ("firing rate", "firing_rate", ".3f"),
 )
 
 
@@ -200,4 +202,52 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> Path:
         writer.writeheader()
         for row in rows:
             writer.writerow({**row, "seeds": _cell(row["seeds"], "s")})
+    return out
+
+
+def plot_learning_curves(
+    run_dirs: list[Path], out: Path, chance: dict[str, float] | None = None, title: str | None = None
+) -> Path:
+    """One panel per game: each model's evaluation score against agent steps, the mean over its runs
+    (seeds) as a line and the range of the runs (min to max) as a band.
+
+    A step enters a model's mean only when every one of its runs has reached it, so a run still in
+    progress does not bend the curve.
+
+    :param run_dirs: run directories (``config.yaml`` + ``eval.csv`` each)
+    :param out: the image file to write
+    :param chance: game -> the random policy's score, drawn as a dashed line
+    :param title: figure title
+    :return: ``out``
+    """
+    curves: dict[str, dict[str, list[dict[int, float]]]] = {}
+    for run_dir in run_dirs:
+        config = TrainConfig.load(Path(run_dir) / "config.yaml")
+        steps, means, _ = read_curve(run_dir)
+        curves.setdefault(config.game, {}).setdefault(config.model, []).append(
+            dict(zip(steps, means, strict=True))
+        )
+    if not curves:
+        raise ValueError("no run directories given")
+    figure, panels = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.6), squeeze=False)
+    for axes, (game, models) in zip(panels[0], sorted(curves.items()), strict=True):
+        for model, runs in sorted(models.items()):
+            steps = sorted(set.intersection(*(set(run) for run in runs)))
+            scores = np.array([[run[step] for step in steps] for run in runs])  # [runs, steps]
+            line = axes.plot(steps, scores.mean(0), marker="o", markersize=3, label=f"{model} ({len(runs)})")
+            axes.fill_between(steps, scores.min(0), scores.max(0), color=line[0].get_color(), alpha=0.2)
+        if chance and game in chance:
+            axes.axhline(chance[game], color="grey", linestyle="--", linewidth=1, label="random")
+        axes.set_title(game)
+        axes.set_xlabel("agent steps")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+    panels[0][0].set_ylabel("evaluation score (mean over seeds; band: min-max)")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
     return out

@@ -1,0 +1,61 @@
+"""The MinAtar study's results table and learning curves, regenerated from the committed result files.
+
+    python experiments/minatar_report.py            # or: make minatar-report
+
+Reads ``experiments/results/minatar/<run>/`` (config.yaml, eval.csv, evaluation.json of each finished
+run) and ``experiments/results/minatar/random/<Game>.json`` (the random policy, ``spikeq evaluate
+--random``; measured once per game when missing), and writes ``table.md`` (one row per game and model:
+the final score of the best weights, 30 episodes, averaged over seeds, with the energy ratio, spikes per
+action and firing rate) and ``learning_curves.png`` (one panel per game) beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from spikeq import games
+from spikeq.report import format_table, plot_learning_curves, results_table
+
+RESULTS = Path("experiments/results/minatar")
+
+
+def chance_level(results: Path, game: str, episodes: int = 30) -> Path:
+    """The random policy's evaluation of ``game`` (``spikeq evaluate --random``), run when missing."""
+    out = results / "random" / f"{games.file_safe_name(game)}.json"
+    if not out.exists():
+        command = [sys.executable, "-m", "spikeq.cli", "evaluate", "--random", "--game", game]
+        command += ["--episodes", str(episodes), "--max-episode-steps", "10000", "--out", str(out)]
+        subprocess.run(command, check=True, capture_output=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the study's result folder")
+    args = parser.parse_args(argv)
+    runs = sorted(path.parent for path in args.results.glob("*/evaluation.json"))
+    if not runs:
+        print(f"no finished runs under {args.results}", file=sys.stderr)
+        return 1
+    study_games = sorted({json.loads((run / "evaluation.json").read_text())["game"] for run in runs})
+    chance = [chance_level(args.results, game) for game in study_games]
+    rows = sorted(results_table([*runs, *chance]), key=lambda row: (row["game"], row["model"]))
+    table = args.results / "table.md"
+    table.write_text(format_table(rows) + "\n")
+    scores = {
+        json.loads(path.read_text())["game"]: json.loads(path.read_text())["score_mean"] for path in chance
+    }
+    figure = plot_learning_curves(
+        runs, args.results / "learning_curves.png", chance=scores, title="MinAtar: evaluation score"
+    )
+    print(format_table(rows))
+    print(f"written: {table}, {figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RESULT_FILES = ("config.yaml", "eval.csv", "evaluation.json", "eval.png")
+STUDY_STEPS = 1_000_000
 SPIKEQ = [sys.executable, "-m", "spikeq.cli"]
 
 
@@ -42,21 +44,25 @@ class Run:
     game: str
     model: str
     seed: int
+    steps: int = STUDY_STEPS
     variant: str = ""
     overrides: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
+        """``MinAtar-<Game>-<model>[+<variant>]-s<seed>[-<steps>]``; the budget only where it is not the
+        study's 1M, so that runs of other budgets never share a directory with the study's."""
         model = f"{self.model}+{self.variant}" if self.variant else self.model
-        return f"MinAtar-{self.game}-{model}-s{self.seed}"
+        budget = "" if self.steps == STUDY_STEPS else f"-{self.steps // 1000}k"
+        return f"MinAtar-{self.game}-{model}-s{self.seed}{budget}"
 
-    def command(self, run_dir: Path, steps: int) -> list[str]:
+    def command(self, run_dir: Path) -> list[str]:
         """The ``spikeq train`` command that starts this run, or resumes it where it has a checkpoint."""
         if (run_dir / "checkpoints" / "latest").exists():
-            return [*SPIKEQ, "train", "--resume", str(run_dir), "--steps", str(steps), "--torch-threads", "1"]
+            return [*SPIKEQ, "train", "--resume", str(run_dir), "--torch-threads", "1"]
         command = [
             *SPIKEQ, "train", "--game", f"MinAtar/{self.game}", "--model", self.model,
-            "--preset", "minatar", "--seed", str(self.seed), "--steps", str(steps),
+            "--preset", "minatar", "--seed", str(self.seed), "--steps", str(self.steps),
             "--torch-threads", "1", "--run-dir", str(run_dir), "--wandb", "offline",
         ]  # fmt: skip
         if run_dir.exists():
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--games", nargs="+", default=["Breakout", "SpaceInvaders", "Freeway"])
     parser.add_argument("--models", nargs="+", default=["dqn", "dsqn"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=1_000_000, help="agent steps per run")
+    parser.add_argument("--steps", type=int, default=STUDY_STEPS, help="agent steps per run")
     parser.add_argument("--lanes", type=int, default=2, help="runs at a time (one CPU core each)")
     parser.add_argument("--variant", default="", help="name of the --set overrides, part of run names")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Seed-major order: every model of a game gets its first seed before any gets a second.
     queue = [
-        Run(game, model, seed, args.variant, tuple(args.set))
+        Run(game, model, seed, args.steps, args.variant, tuple(args.set))
         for seed in args.seeds
         for game in args.games
         for model in args.models
@@ -108,30 +114,42 @@ def main(argv: list[str] | None = None) -> int:
     queue = [run for run in queue if not collect(run, args.runs_dir / run.name, args.results)]
     print(f"{len(queue)} run(s) to do: {', '.join(run.name for run in queue) or 'none'}", flush=True)
     running: dict[str, tuple[Run, subprocess.Popen]] = {}
+    stopping: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        # The runs have sessions of their own (a terminal's Ctrl-C reaches only this process): each gets
+        # exactly one SIGINT, checkpoints and exits; a second one would make it stop without saving.
+        if not stopping:
+            print("stopping: every running run checkpoints, then exits", flush=True)
+            for _, process in running.values():
+                process.send_signal(signal.SIGINT)
+        stopping.append(signum)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     args.runs_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        while queue or running:
-            while queue and len(running) < args.lanes:
-                run = queue.pop(0)
-                run_dir = args.runs_dir / run.name
-                log = (args.runs_dir / f"{run.name}.log").open("a")
-                command = run.command(run_dir, args.steps)
-                print(f"start {run.name}: {' '.join(command[2:])}", flush=True)
-                running[run.name] = (run, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
-            time.sleep(5)
-            for name, (run, process) in list(running.items()):
-                if process.poll() is None:
-                    continue
-                del running[name]
-                done = collect(run, args.runs_dir / name, args.results)
-                status = "finished, results in " + str(args.results / name) if done else "stopped"
-                print(f"{name}: exit {process.returncode}, {status}", flush=True)
-    except KeyboardInterrupt:
-        # Each run checkpoints on the signal its process group received; wait for them to save.
-        for _, process in running.values():
-            process.wait()
-        print("interrupted; run the same command again to resume", flush=True)
-        return 130
+    while (queue and not stopping) or running:
+        while queue and not stopping and len(running) < args.lanes:
+            run = queue.pop(0)
+            run_dir = args.runs_dir / run.name
+            command = run.command(run_dir)
+            print(f"start {run.name}: {' '.join(command[2:])}", flush=True)
+            with (args.runs_dir / f"{run.name}.log").open("a") as log:
+                process = subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            running[run.name] = (run, process)
+        time.sleep(2)
+        for name, (run, process) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[name]
+            done = collect(run, args.runs_dir / name, args.results)
+            status = f"finished, results in {args.results / name}" if done else "stopped (resumable)"
+            print(f"{name}: exit {process.returncode}, {status}", flush=True)
+    if stopping:
+        print("stopped; run the same command again to resume", flush=True)
+        return 128 + stopping[0]
     return 0
 
 

@@ -99,7 +99,12 @@ def read_result(path: Path) -> dict[str, Any]:
         result = json.loads(file.read_text())
         if (path / "config.yaml").exists():
             config = TrainConfig.load(path / "config.yaml")
-            result = {**result, "model": result.get("model", config.model), "train_seed": config.seed}
+            result = {
+                **result,
+                "model": result.get("model", config.model),
+                "train_seed": config.seed,
+                "train_steps": config.steps,
+            }
     elif path.suffix == ".json" and path.exists():
         result = json.loads(path.read_text())
         if not isinstance(result, dict) or "score_mean" not in result:
@@ -118,23 +123,25 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def results_table(paths: list[Path]) -> list[dict[str, Any]]:
-    """One row per (game, model, perturbation): the evaluations of its runs (seeds) summarised.
+    """One row per (game, model, perturbation, step budget): the evaluations of its runs (seeds) summarised.
 
     Columns: ``game``, ``model``, ``perturbation`` (``spikeq evaluate --perturb``), ``num_steps`` (T;
-    None for an ANN), ``runs``, ``seeds``, ``score`` (mean over runs of each run's mean score),
+    None for an ANN), ``runs``, ``seeds``, ``train_steps`` (the runs' step budget, from their
+    config.yaml; runs of different budgets get rows of their own), ``score`` (mean over runs of each
+    run's mean score),
     ``score_sd`` (standard deviation of those means across runs, ddof 1; None for one run),
     ``human_normalized``, ``energy_ratio`` (E_SNN / E_ANN, 1 for an ANN), ``spikes_per_action`` and
     ``firing_rate`` (the mean over spiking layers of each layer's firing rate), each the mean over runs.
     """
     if not paths:
         raise ValueError("no run directories or evaluation files given")
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str, int | None], list[dict[str, Any]]] = {}
     for path in paths:
         result = read_result(path)
-        key = (result["game"], result["model"], result.get("perturbation", "none"))
+        key = (result["game"], result["model"], result.get("perturbation", "none"), result.get("train_steps"))
         groups.setdefault(key, []).append(result)
     rows = []
-    for (game, model, perturbation), results in groups.items():
+    for (game, model, perturbation, train_steps), results in groups.items():
         scores = [r["score_mean"] for r in results]
         rows.append(
             {
@@ -144,6 +151,7 @@ def results_table(paths: list[Path]) -> list[dict[str, Any]]:
                 "num_steps": results[0].get("num_steps"),
                 "runs": len(results),
                 "seeds": [r.get("train_seed") for r in results],
+                "train_steps": train_steps,
                 "score": float(np.mean(scores)),
                 "score_sd": float(np.std(scores, ddof=1)) if len(scores) > 1 else None,
                 "human_normalized": _mean([r.get("human_normalized") for r in results]),
@@ -170,6 +178,7 @@ _TABLE = (
     ("T", "num_steps", "d"),
     ("runs", "runs", "d"),
     ("seeds", "seeds", "s"),
+    ("trained steps", "train_steps", ",d"),
     ("score", "score", ".2f"),
     ("score sd (runs)", "score_sd", ".2f"),
     ("human-normalised", "human_normalized", ".3f"),

@@ -58,6 +58,17 @@ def test_smoke_run_writes_a_complete_run_directory(smoke_run, model):
         train_rows = list(csv.DictReader(f))
     assert any(r.get("train/loss") for r in train_rows), "SB3's training scalars reach train.csv"
     assert any(r.get("eval/score_mean") for r in train_rows)
+    if model == "dsqn":  # every spiking layer's firing rate on the training batches
+        assert config["init"] == "firing"
+        for layer in ("conv1", "conv2", "conv3", "fc1"):
+            rates = [
+                float(r[f"train/firing_rate/{layer}"])
+                for r in train_rows
+                if r.get(f"train/firing_rate/{layer}")
+            ]
+            assert rates and all(0.01 < rate < 0.5 for rate in rates), (layer, rates)
+    else:
+        assert not any(key.startswith("train/firing_rate") for key in train_rows[0])
 
     result = json.loads((run_dir / "evaluation.json").read_text())
     assert result["episodes"] == 2 and result["model"] == model and result["game"] == "Pong"
@@ -122,6 +133,10 @@ def test_wandb_offline_run_holds_the_config_and_the_evaluation(smoke_run):
     evaluations = [(h["_step"], h["eval/score_mean"]) for h in history if "eval/score_mean" in h]
     rows = eval_rows(run_dir)
     assert evaluations == [(int(r["step"]), float(r["score_mean"])) for r in rows]
+    key = "train/firing_rate/fc1"
+    rates = [(h["_step"], h[key]) for h in history if key in h]
+    with (run_dir / "train.csv").open() as f:
+        assert rates and rates == [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r[key]]
 
 
 @pytest.mark.parametrize(
@@ -137,6 +152,7 @@ def test_wandb_offline_run_holds_the_config_and_the_evaluation(smoke_run):
         (["--surrogate", "relu"], "unknown surrogate 'relu'"),
         (["--wandb", "cloud"], "unknown wandb mode 'cloud'"),
         (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--init", "lsuv"], "unknown init 'lsuv'; allowed: default, firing"),
     ],
 )
 def test_bad_training_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, message):
@@ -206,6 +222,9 @@ def test_presets_and_overrides_resolve_in_order():
         30,
         0.05,
     )
+    # The reference code's initialisation under the paper's preset; a firing network elsewhere.
+    assert paper.init == "default" and config.init == resolve("smoke").init == "firing"
+    assert paper.network_spec().init == "default"
 
 
 def test_sweep_agent_style_arguments_are_accepted():

@@ -275,3 +275,18 @@ def test_several_envs_update_once_every_train_freq_agent_steps():
     env.close()
     assert model.num_timesteps == 256
     assert model._n_updates == (256 - 64) // 8
+
+
+@pytest.mark.parametrize("preset,terminal", [("paper", True), ("zoo", False)])
+def test_the_time_limit_ends_training_episodes_as_the_preset_says(preset, terminal):
+    # The paper's reference code treats the step cap as the end of the episode (no bootstrap);
+    # SB3, and so the zoo preset, bootstraps through it.
+    config = resolve(preset, "dqn", max_episode_steps=25, buffer_size=200, learning_starts=200)
+    env = atari.make_env("Pong", n_envs=1, seed=0, train=True, max_episode_steps=config.max_episode_steps)
+    model = build_model(config, env, "cpu")
+    model.learn(100)  # random play: four episodes of Pong cut at 25 steps, no update yet
+    env.close()
+    buffer = model.replay_buffer
+    assert int(buffer.dones.sum()) == 4  # every episode ended at the cap
+    sampled = buffer._get_samples(np.arange(buffer.size())).dones  # what the TD target sees
+    assert int(sampled.sum()) == (4 if terminal else 0)

@@ -96,6 +96,9 @@ class TrainConfig:
     :param eval_epsilon: epsilon during evaluation (paper: 0.05)
     :param final_eval_episodes: episodes of the final evaluation of the best checkpoint (paper: 30)
     :param max_episode_steps: agent-step limit of an episode (paper: 18,000)
+    :param bootstrap_time_limit: at an episode cut by ``max_episode_steps`` in training, bootstrap the
+        target from the next state's value, as if the episode went on (SB3's
+        ``handle_timeout_termination``); False (paper: its reference code) treats the cut as terminal
     :param checkpoint_freq: agent steps between checkpoints
     :param save_replay: include the replay buffer in checkpoints (exact resume, large on disk)
     :param wandb: ``auto`` (online when logged in, else offline), ``online``, ``offline``, ``disabled``
@@ -145,6 +148,7 @@ class TrainConfig:
     eval_epsilon: float = 0.05
     final_eval_episodes: int = 30
     max_episode_steps: int = 18_000
+    bootstrap_time_limit: bool = False
     checkpoint_freq: int = 250_000
     save_replay: bool = False
     wandb: str = "auto"
@@ -248,6 +252,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         exploration_final_eps=0.01,
         exploration_steps=1_000_000,
         max_grad_norm=10.0,
+        bootstrap_time_limit=True,  # SB3's default
         init=PRESET_INIT,
     ),
     # A tiny end-to-end run (about a minute on a 2-core CPU): every part of the pipeline, no learning.

@@ -136,6 +136,7 @@ def build_model(config: TrainConfig, env, device: str) -> DQN:
         train_freq=train_freq,
         gradient_steps=gradient_steps,
         replay_buffer_class=FrameReplayBuffer if config.frame_replay else None,
+        replay_buffer_kwargs=dict(handle_timeout_termination=config.bootstrap_time_limit),
         target_update_interval=config.target_update_interval,
         exploration_fraction=min(1.0, config.exploration_steps / config.steps),
         exploration_initial_eps=config.exploration_initial_eps,

@@ -48,7 +48,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Every setting of a training run. Defaults are the paper's protocol (REFERENCE: Liu et al. 2022).
+    """Every setting of a training run. Defaults are the paper's protocol: Liu et al. 2022 and its reference
+    code (github.com/AptX395/Deep-Spiking-Q-Networks), as the README's "The paper's protocol" lists it.
 
     :param game: ALE game, short (``Pong``) or full id (``PongNoFrameskip-v4``)
     :param model: one of ``MODELS``
@@ -238,7 +239,7 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
 PRESET_INIT = "firing"
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Liu et al. 2022 and its reference code: every hyperparameter of REFERENCE.md sections 1-2.
+    # Liu et al. 2022 and its reference code: the TrainConfig defaults (README, "The paper's protocol").
     "paper": {},
     # rl-baselines3-zoo's Atari DQN (hyperparams/dqn.yml): 10M steps, eps 1 -> 0.01 over 10%.
     "zoo": dict(

@@ -17,7 +17,7 @@ from conftest import run_spikeq as spikeq
 
 from spikeq import atari, cli
 from spikeq.config import PRESETS, resolve
-from spikeq.train import build_model, sb3_update_schedule
+from spikeq.train import build_model, is_new_best, sb3_update_schedule
 
 
 def eval_rows(run_dir: Path) -> list[dict]:
@@ -290,3 +290,9 @@ def test_the_time_limit_ends_training_episodes_as_the_preset_says(preset, termin
     assert int(buffer.dones.sum()) == 4  # every episode ended at the cap
     sampled = buffer._get_samples(np.arange(buffer.size())).dones  # what the TD target sees
     assert int(sampled.sum()) == (4 if terminal else 0)
+
+
+def test_the_later_of_two_equal_evaluations_becomes_the_best():
+    assert is_new_best(-21.0, None)  # the first evaluation
+    assert is_new_best(-20.0, -21.0) and is_new_best(-21.0, -21.0)  # better, or as good: the later
+    assert not is_new_best(-21.5, -21.0)

@@ -149,6 +149,12 @@ def build_model(config: TrainConfig, env, device: str) -> DQN:
     )
 
 
+def is_new_best(score: float, best: float | None) -> bool:
+    """Whether an evaluation's mean score replaces the best weights: it is at least as good (of two
+    equal scores the later weights are kept, as the reference code's ``<=`` does)."""
+    return best is None or score >= best
+
+
 def read_eval_rows(path: Path) -> list[dict[str, str]]:
     """The rows of ``eval.csv`` (empty when there is none)."""
     if not path.exists():
@@ -292,7 +298,7 @@ class Trainer:
         plot_runs([self.run_dir], self.run_dir / "eval.png")
         self.state["last_eval_step"] = step
         best = self.state.get("best_score")
-        if best is None or result["score_mean"] > best:
+        if is_new_best(result["score_mean"], best):
             self.state.update(best_score=result["score_mean"], best_step=step)
             self.model.save(self.ckpt_dir / "best.zip")
             checkpoints.export_weights(self.model, self.ckpt_dir / "best", self.config.to_dict())

@@ -37,7 +37,7 @@ def test_evaluate_reports_scores_and_energy(smoke_run, tmp_path, model):
         assert key in result, key
     assert result["episodes"] == 2 and len(result["scores"]) == 2
     assert result["score_min"] <= result["score_mean"] <= result["score_max"]
-    random_score, human_score = -20.7, 14.6  # Pong (REFERENCE.md section 6)
+    random_score, human_score = -20.7, 14.6  # Pong (spikeq.atari.REFERENCE_SCORES)
     assert result["human_normalized"] == pytest.approx(
         (result["score_mean"] - random_score) / (human_score - random_score)
     )

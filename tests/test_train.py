@@ -17,7 +17,7 @@ from conftest import run_spikeq as spikeq
 
 from spikeq import atari, cli
 from spikeq.config import PRESETS, resolve
-from spikeq.train import build_model, sb3_update_schedule
+from spikeq.train import build_model, is_new_best, sb3_update_schedule
 
 
 def eval_rows(run_dir: Path) -> list[dict]:
@@ -58,6 +58,17 @@ def test_smoke_run_writes_a_complete_run_directory(smoke_run, model):
         train_rows = list(csv.DictReader(f))
     assert any(r.get("train/loss") for r in train_rows), "SB3's training scalars reach train.csv"
     assert any(r.get("eval/score_mean") for r in train_rows)
+    if model == "dsqn":  # every spiking layer's firing rate on the training batches
+        assert config["init"] == "firing"
+        for layer in ("conv1", "conv2", "conv3", "fc1"):
+            rates = [
+                float(r[f"train/firing_rate/{layer}"])
+                for r in train_rows
+                if r.get(f"train/firing_rate/{layer}")
+            ]
+            assert rates and all(0.01 < rate < 0.5 for rate in rates), (layer, rates)
+    else:
+        assert not any(key.startswith("train/firing_rate") for key in train_rows[0])
 
     result = json.loads((run_dir / "evaluation.json").read_text())
     assert result["episodes"] == 2 and result["model"] == model and result["game"] == "Pong"
@@ -122,6 +133,10 @@ def test_wandb_offline_run_holds_the_config_and_the_evaluation(smoke_run):
     evaluations = [(h["_step"], h["eval/score_mean"]) for h in history if "eval/score_mean" in h]
     rows = eval_rows(run_dir)
     assert evaluations == [(int(r["step"]), float(r["score_mean"])) for r in rows]
+    key = "train/firing_rate/fc1"
+    rates = [(h["_step"], h[key]) for h in history if key in h]
+    with (run_dir / "train.csv").open() as f:
+        assert rates and rates == [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r[key]]
 
 
 @pytest.mark.parametrize(
@@ -137,6 +152,7 @@ def test_wandb_offline_run_holds_the_config_and_the_evaluation(smoke_run):
         (["--surrogate", "relu"], "unknown surrogate 'relu'"),
         (["--wandb", "cloud"], "unknown wandb mode 'cloud'"),
         (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--init", "lsuv"], "unknown init 'lsuv'; allowed: default, firing"),
     ],
 )
 def test_bad_training_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, message):
@@ -206,6 +222,9 @@ def test_presets_and_overrides_resolve_in_order():
         30,
         0.05,
     )
+    # The reference code's initialisation under the paper's preset; a firing network elsewhere.
+    assert paper.init == "default" and config.init == resolve("smoke").init == "firing"
+    assert paper.network_spec().init == "default"
 
 
 def test_sweep_agent_style_arguments_are_accepted():
@@ -256,3 +275,24 @@ def test_several_envs_update_once_every_train_freq_agent_steps():
     env.close()
     assert model.num_timesteps == 256
     assert model._n_updates == (256 - 64) // 8
+
+
+@pytest.mark.parametrize("preset,terminal", [("paper", True), ("zoo", False)])
+def test_the_time_limit_ends_training_episodes_as_the_preset_says(preset, terminal):
+    # The paper's reference code treats the step cap as the end of the episode (no bootstrap);
+    # SB3, and so the zoo preset, bootstraps through it.
+    config = resolve(preset, "dqn", max_episode_steps=25, buffer_size=200, learning_starts=200)
+    env = atari.make_env("Pong", n_envs=1, seed=0, train=True, max_episode_steps=config.max_episode_steps)
+    model = build_model(config, env, "cpu")
+    model.learn(100)  # random play: four episodes of Pong cut at 25 steps, no update yet
+    env.close()
+    buffer = model.replay_buffer
+    assert int(buffer.dones.sum()) == 4  # every episode ended at the cap
+    sampled = buffer._get_samples(np.arange(buffer.size())).dones  # what the TD target sees
+    assert int(sampled.sum()) == (4 if terminal else 0)
+
+
+def test_the_later_of_two_equal_evaluations_becomes_the_best():
+    assert is_new_best(-21.0, None)  # the first evaluation
+    assert is_new_best(-20.0, -21.0) and is_new_best(-21.0, -21.0)  # better, or as good: the later
+    assert not is_new_best(-21.5, -21.0)

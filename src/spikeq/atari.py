@@ -1,4 +1,4 @@
-"""Atari environments for the paper's protocol (REFERENCE.md §2) and human-normalised scores.
+"""Atari environments for the paper's protocol (README, "The paper's protocol") and human-normalised scores.
 
 One agent step is ``FRAME_SKIP`` emulator frames. Every environment built by :func:`make_env` is,
 from the emulator up::

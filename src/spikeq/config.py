@@ -57,7 +57,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Every setting of a training run. Defaults are the paper's protocol (REFERENCE: Liu et al. 2022).
+    """Every setting of a training run. Defaults are the paper's protocol: Liu et al. 2022 and its reference
+    code (github.com/AptX395/Deep-Spiking-Q-Networks), as the README's "The paper's protocol" lists it.
 
     :param game: ALE game, short (``Pong``) or full id (``PongNoFrameskip-v4``), or MinAtar game
         (``MinAtar/Breakout``, ``MinAtar/Breakout-v0``)
@@ -108,6 +109,9 @@ class TrainConfig:
     :param eval_epsilon: epsilon during evaluation (paper: 0.05)
     :param final_eval_episodes: episodes of the final evaluation of the best checkpoint (paper: 30)
     :param max_episode_steps: agent-step limit of an episode (paper: 18,000)
+    :param bootstrap_time_limit: at an episode cut by ``max_episode_steps`` in training, bootstrap the
+        target from the next state's value, as if the episode went on (SB3's
+        ``handle_timeout_termination``); False (paper: its reference code) treats the cut as terminal
     :param checkpoint_freq: agent steps between checkpoints
     :param save_replay: include the replay buffer in checkpoints (exact resume, large on disk)
     :param wandb: ``auto`` (online when logged in, else offline), ``online``, ``offline``, ``disabled``
@@ -158,6 +162,7 @@ class TrainConfig:
     eval_epsilon: float = 0.05
     final_eval_episodes: int = 30
     max_episode_steps: int = 18_000
+    bootstrap_time_limit: bool = False
     checkpoint_freq: int = 250_000
     save_replay: bool = False
     wandb: str = "auto"
@@ -249,7 +254,7 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
 PRESET_INIT = "firing"
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Liu et al. 2022 and its reference code: every hyperparameter of REFERENCE.md sections 1-2.
+    # Liu et al. 2022 and its reference code: the TrainConfig defaults (README, "The paper's protocol").
     "paper": {},
     # rl-baselines3-zoo's Atari DQN (hyperparams/dqn.yml): 10M steps, eps 1 -> 0.01 over 10%.
     "zoo": dict(
@@ -263,6 +268,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         exploration_final_eps=0.01,
         exploration_steps=1_000_000,
         max_grad_norm=10.0,
+        bootstrap_time_limit=True,  # SB3's default
         init=PRESET_INIT,
     ),
     # MinAtar's DQN (Young and Tian 2019, examples/dqn.py) for the MinAtar games, with the paper's
@@ -289,6 +295,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_episodes=30,
         final_eval_episodes=30,
         max_episode_steps=10_000,
+        # MinAtar's games have no time limit; this cap is spikeq's, so training bootstraps through it.
+        bootstrap_time_limit=True,
         checkpoint_freq=100_000,
         torch_threads=1,
     ),

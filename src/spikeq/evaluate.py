@@ -1,11 +1,11 @@
 """Evaluation of a trained DQN, spiking or not: game scores under epsilon-greedy play and the energy
 of its greedy decisions.
 
-The paper's protocol (REFERENCE.md §2) is 30 episodes at epsilon = 0.05 on the evaluation env (full
-game, raw rewards). The score of an episode is the raw game score that SB3's ``Monitor`` reports in
-``info["episode"]["r"]``, so neither reward clipping nor life-loss resets change it. Only a greedy
-decision runs the Q-network (a random action costs nothing), so the energy statistics average over
-greedy decisions only, as the reference code does:
+The paper's protocol (README, "The paper's protocol") is 30 episodes at epsilon = 0.05 on the
+evaluation env (full game, raw rewards). The score of an episode is the raw game score that SB3's
+``Monitor`` reports in ``info["episode"]["r"]``, so neither reward clipping nor life-loss resets
+change it. Only a greedy decision runs the Q-network (a random action costs nothing), so the energy
+statistics average over greedy decisions only, as the reference code does:
 
     a[t] = random action            with probability epsilon (per env and step)
          = argmax_a Q(o[t], a)      otherwise, counted by ``spikeq.energy.EnergyMeter``

@@ -148,6 +148,7 @@ def build_model(config: TrainConfig, env, device: str) -> DQN:
         gradient_steps=gradient_steps,
         # Frame de-duplication is for Atari's stacks of 84x84 frames; MinAtar grids are small.
         replay_buffer_class=FrameReplayBuffer if config.frame_replay and not minatar else None,
+        replay_buffer_kwargs=dict(handle_timeout_termination=config.bootstrap_time_limit),
         target_update_interval=config.target_update_interval,
         exploration_fraction=min(1.0, config.exploration_steps / config.steps),
         exploration_initial_eps=config.exploration_initial_eps,
@@ -158,6 +159,12 @@ def build_model(config: TrainConfig, env, device: str) -> DQN:
         device=device,
         verbose=0,
     )
+
+
+def is_new_best(score: float, best: float | None) -> bool:
+    """Whether an evaluation's mean score replaces the best weights: it is at least as good (of two
+    equal scores the later weights are kept, as the reference code's ``<=`` does)."""
+    return best is None or score >= best
 
 
 def read_eval_rows(path: Path) -> list[dict[str, str]]:
@@ -303,7 +310,7 @@ class Trainer:
         plot_runs([self.run_dir], self.run_dir / "eval.png")
         self.state["last_eval_step"] = step
         best = self.state.get("best_score")
-        if best is None or result["score_mean"] > best:
+        if is_new_best(result["score_mean"], best):
             self.state.update(best_score=result["score_mean"], best_step=step)
             self.model.save(self.ckpt_dir / "best.zip")
             checkpoints.export_weights(self.model, self.ckpt_dir / "best", self.config.to_dict())

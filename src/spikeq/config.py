@@ -38,6 +38,10 @@ CARTPOLE_DQN: dict[str, Any] = dict(
     exploration_fraction=0.16,
     exploration_final_eps=0.04,
 )
+# The reset's gradient. The paper's code lets it through the spike (SpikingJelly's detach_reset=False
+# default); elsewhere it is cut, as snnTorch's Leaky does, until a measurement chooses (issue 17).
+PAPER_DETACH_RESET = False
+DEFAULT_DETACH_RESET = True
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 VEC_ENVS = ("dummy", "subproc", "ale")
 
@@ -48,7 +52,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Every setting of a training run. Defaults are the paper's protocol (REFERENCE: Liu et al. 2022).
+    """Every setting of a training run. Defaults are the paper's protocol (REFERENCE: Liu et al. 2022),
+    except ``detach_reset``, which the ``paper`` preset sets (``PAPER_DETACH_RESET``).
 
     :param game: ALE game, short (``Pong``) or full id (``PongNoFrameskip-v4``)
     :param model: one of ``MODELS``
@@ -67,6 +72,8 @@ class TrainConfig:
     :param reset: ``zero`` (paper) or ``subtract``
     :param learn_beta: trainable membrane decay per layer
     :param learn_threshold: trainable threshold per layer
+    :param detach_reset: cut the gradient through the reset (snnTorch's ``Leaky``); False is the paper's
+        code (SpikingJelly's ``detach_reset=False``), which the ``paper`` preset sets
     :param surrogate: surrogate gradient (paper: atan, alpha 2)
     :param surrogate_slope: its shape parameter (None: default)
     :param encoder: ``direct`` (paper) or ``poisson``
@@ -116,6 +123,7 @@ class TrainConfig:
     reset: str = "zero"
     learn_beta: bool = False
     learn_threshold: bool = False
+    detach_reset: bool = DEFAULT_DETACH_RESET
     surrogate: str = "atan"
     surrogate_slope: float | None = None
     encoder: str = "direct"
@@ -227,7 +235,7 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Liu et al. 2022 and its reference code: every hyperparameter of REFERENCE.md sections 1-2.
-    "paper": {},
+    "paper": dict(detach_reset=PAPER_DETACH_RESET),
     # rl-baselines3-zoo's Atari DQN (hyperparams/dqn.yml): 10M steps, eps 1 -> 0.01 over 10%.
     "zoo": dict(
         steps=10_000_000,

@@ -18,6 +18,10 @@ the fc1 firing rates), or its non-spiking reference, with 6 actions (Pong):
 - spikingjelly: SpikingJelly's multi-step ``LIFNode`` with ``SeqToANNContainer`` layers, as the paper's
   reference code (github AptX395/Deep-Spiking-Q-Networks) builds it; a benchmark-only extra, installed
   with ``pip install --no-deps spikingjelly loguru`` (skipped when missing);
+- spikeq fused and spikingjelly, ``detach_reset=False``: the same two with the gradient through the
+  reset, as the paper's code has it (the rows above detach it, as snnTorch's ``Leaky`` does); with
+  SpikingJelly installed, each T also prints how far spikeq's gradients are from SpikingJelly's with
+  the same weights, for both settings;
 - dense floor: the same convolutions and linears over all T*B inputs (conv1 once), no neuron work;
 - ANN DQN: SB3's ``CnnPolicy`` Q-network (the same torso with ReLUs, one step).
 
@@ -175,11 +179,15 @@ class NaiveSnnTorchDSQN(nn.Module):
         return self.fc2(rate / self.num_steps)
 
 
-def spikingjelly_dsqn(num_steps: int) -> nn.Module:
-    """The paper's reference DSQN in SpikingJelly (multi-step LIFNode, SeqToANNContainer layers)."""
+def spikingjelly_dsqn(num_steps: int, detach_reset: bool = True) -> nn.Module:
+    """The paper's reference DSQN in SpikingJelly (multi-step LIFNode, SeqToANNContainer layers).
+
+    :param num_steps: T
+    :param detach_reset: SpikingJelly's option; the paper's code leaves its default, False
+    """
     from spikingjelly.activation_based import functional, layer, neuron, surrogate
 
-    lif_kwargs = dict(tau=TAU, surrogate_function=surrogate.ATan(alpha=ALPHA), detach_reset=True)
+    lif_kwargs = dict(tau=TAU, surrogate_function=surrogate.ATan(alpha=ALPHA), detach_reset=detach_reset)
     if "backend" in inspect.signature(neuron.LIFNode.__init__).parameters:
         lif_kwargs["backend"] = "torch"  # SpikingJelly before 2.0 selects its backend by name
 
@@ -285,6 +293,13 @@ CONTENDERS = (
     ),
     Contender("snntorch naive", lambda t: with_target(NaiveSnnTorchDSQN(t))),
     Contender("spikingjelly", lambda t: with_target(spikingjelly_dsqn(t))),
+    Contender(
+        "spikeq fused, detach_reset=False",
+        lambda t: spikeq_networks(t, engine="fused", detach_reset=False),
+    ),
+    Contender(
+        "spikingjelly, detach_reset=False", lambda t: with_target(spikingjelly_dsqn(t, detach_reset=False))
+    ),
     Contender("dense floor", lambda t: with_target(DenseFloor(t))),
     Contender("ANN DQN", lambda t: sb3_networks(CnnPolicy), lambda t: ("CnnPolicy", {})),
 )
@@ -495,6 +510,45 @@ def run_steps(
     return rows
 
 
+def gradient_agreement(num_steps: int, frames: np.ndarray, weight_gain: float) -> list[str]:
+    """spikeq's gradients against SpikingJelly's, with the same weights, for both settings of the reset.
+
+    The loss is a fixed random weighting of Q on 32 Pong frames; each line gives the relative error
+    ||g - g_sj|| / ||g_sj|| over all parameters together, against SpikingJelly with the same
+    ``detach_reset`` and with the other one (float32, as in training).
+    """
+    obs = torch.as_tensor(frames[:TRAIN_BATCH])
+
+    def gradients(net: nn.Module) -> torch.Tensor:
+        q = net(obs)
+        weights = torch.randn(q.shape, generator=torch.Generator().manual_seed(0))
+        grads = torch.autograd.grad((q * weights).sum(), list(net.parameters()))
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    spikeq_grads, spikingjelly_grads = {}, {}
+    for detach_reset in (True, False):
+        torch.manual_seed(0)
+        net, _ = spikeq_networks(num_steps, detach_reset=detach_reset)
+        reference = spikingjelly_dsqn(num_steps, detach_reset=detach_reset)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(weight_gain)
+            for mine, theirs in zip(net.parameters(), reference.parameters(), strict=True):
+                theirs.copy_(mine)
+        spikeq_grads[detach_reset] = gradients(net)
+        spikingjelly_grads[detach_reset] = gradients(reference)
+    lines = []
+    for detach_reset in (True, False):
+        g = spikeq_grads[detach_reset]
+        same, other = spikingjelly_grads[detach_reset], spikingjelly_grads[not detach_reset]
+        lines.append(
+            f"- gradients, spikeq detach_reset={detach_reset}: relative error "
+            f"{float((g - same).norm() / same.norm()):.1e} against SpikingJelly detach_reset={detach_reset}, "
+            f"{float((g - other).norm() / other.norm()):.2f} against detach_reset={not detach_reset}"
+        )
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------
 # Report.
 
@@ -592,7 +646,7 @@ def main() -> None:
             "SpikingJelly is not installed, its rows are skipped "
             "(install it with: .venv/bin/pip install --no-deps spikingjelly loguru)"
         )
-        contenders = [c for c in contenders if c.name != "spikingjelly"]
+        contenders = [c for c in contenders if not c.name.startswith("spikingjelly")]
     print(f"machine: {machine()}, device {device}")
     if device.type == "cuda":
         kernels = engine._triton_kernels()
@@ -609,6 +663,8 @@ def main() -> None:
         print(table(num_steps, rows))
         print()
         print(report_ratios(rows, num_steps, device))
+        if device.type == "cpu" and importlib.util.find_spec("spikingjelly") is not None:
+            print("\n".join(gradient_agreement(num_steps, frames, args.weight_gain)))
         took = time.perf_counter() - start
         print(f"(T = {num_steps} took {took:.0f} s; load average {os.getloadavg()[0]:.1f})")
 

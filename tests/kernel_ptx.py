@@ -54,7 +54,8 @@ def ptx(kernel_name: str, constexprs: dict, dtype: str) -> str:
 
 ADJOINT_FLAGS = dict(HAS_GRAD_SPIKES=True, BLOCK=kernels.BLOCK)
 # (kernel, constexpr arguments, dtype): every reset and store of the forward; the adjoint of the hidden
-# layers (spikes only) and of an output layer with a static current and learnable parameters
+# layers (spikes only) and of an output layer with a static current and learnable parameters, with the
+# reset's gradient cut and not
 VARIANTS = [
     *[
         ("_forward_kernel", dict(RESET=r, SCALED=True, STORE_MEM=m, STORE_SPIKES=s, BLOCK=kernels.BLOCK), d)
@@ -70,11 +71,20 @@ VARIANTS = [
     *[
         (
             "_adjoint_kernel",
-            dict(ADJOINT_FLAGS, RESET=r, HAS_GRAD_MEM=g, STATIC=g, NEED_BETA=g, NEED_THRESHOLD=g),
+            dict(
+                ADJOINT_FLAGS,
+                RESET=r,
+                HAS_GRAD_MEM=g,
+                STATIC=g,
+                NEED_BETA=g,
+                NEED_THRESHOLD=g,
+                DETACH_RESET=d,
+            ),
             "fp32",
         )
         for r in (0, 1)
         for g in (False, True)
+        for d in (True, False)
     ],
 ]
 

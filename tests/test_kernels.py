@@ -157,6 +157,49 @@ def test_dsqn_q_values_and_gradients_equal_snntorch(kernel_calls, monkeypatch):
     assert kernel_calls == {"integrate": 5, "adjoint": 5}
 
 
+def recurrence_run(monkeypatch, recurrence, layer, current, num_steps, spikes_only, recompute=False):
+    """``run_layer`` with the recurrence in ``recurrence`` ("triton" or "torch")."""
+    monkeypatch.setattr(engine, "_recurrence", recurrence)
+    return run_layer(layer, current, num_steps, "fused", spikes_only=spikes_only, recompute=recompute)
+
+
+@pytest.mark.parametrize("neuron,reset", NEURON_RESETS)
+@pytest.mark.parametrize("detach_reset", [False, True])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("fire,spikes_only", [(True, False), (True, True), (False, False)])
+def test_kernels_give_the_reset_gradient_of_either_setting(
+    kernel_calls, monkeypatch, neuron, reset, detach_reset, static, fire, spikes_only
+):
+    # The adjoint kernel against the PyTorch adjoint (itself checked against SpikingJelly's equations
+    # in tests/test_reset_gradient.py), with learnable decay and threshold, in float64.
+    spec = NeuronSpec(
+        neuron=neuron, reset=reset, detach_reset=detach_reset, learn_beta=True, learn_threshold=True
+    )
+    layer = SpikingLayer(spec, fire=fire).to(DEVICE, torch.float64)
+    num_steps = 11
+    generator = torch.Generator().manual_seed(0)
+    current = (torch.randn(1 if static else num_steps, 3, 40, generator=generator) * 1.5).to(DEVICE)
+    current = current.double()
+    got = recurrence_run(monkeypatch, "triton", layer, current, num_steps, spikes_only)
+    assert kernel_calls == {"integrate": 1, "adjoint": 1}
+    want = recurrence_run(monkeypatch, "torch", layer, current, num_steps, spikes_only)
+    assert kernel_calls == {"integrate": 1, "adjoint": 1}
+    assert torch.equal(got[0], want[0]) and (got[1] is None or torch.equal(got[1], want[1]))
+    for g, g_ref in zip(got[2], want[2], strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+    assert not fire or 0 < got[0].mean() < 1
+
+
+def test_kernels_reset_gradient_differs_from_the_detached_one(kernel_calls, monkeypatch):
+    current = (torch.randn(9, 2, 60, generator=torch.Generator().manual_seed(1)) * 1.5).to(DEVICE)
+    grads = {}
+    for detach_reset in (True, False):
+        layer = SpikingLayer(NeuronSpec(detach_reset=detach_reset)).to(DEVICE)
+        grads[detach_reset] = recurrence_run(monkeypatch, "triton", layer, current, 9, True)[2][0]
+    relative = (grads[True] - grads[False]).norm() / grads[False].norm()
+    assert float(relative) > 0.05
+
+
 def test_auto_keeps_cpu_tensors_out_of_the_kernels(monkeypatch):
     monkeypatch.setattr(engine, "_recurrence", "auto")
     current = torch.randn(4, 2, 10)

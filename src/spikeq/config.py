@@ -47,6 +47,10 @@ OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     # squared-gradient momentum 0.95, minimum squared gradient 0.01.
     "rmsprop": (torch.optim.RMSprop, dict(alpha=0.95, momentum=0.95, eps=0.01, centered=True)),
 }
+# The reset's gradient. The paper's code lets it through the spike (SpikingJelly's detach_reset=False
+# default); elsewhere it is cut, as snnTorch's Leaky does, until a measurement on MinAtar chooses.
+PAPER_DETACH_RESET = False
+DEFAULT_DETACH_RESET = True
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 VEC_ENVS = ("dummy", "subproc", "ale")
 
@@ -58,7 +62,8 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     """Every setting of a training run. Defaults are the paper's protocol: Liu et al. 2022 and its reference
-    code (github.com/AptX395/Deep-Spiking-Q-Networks), as the README's "The paper's protocol" lists it.
+    code (github.com/AptX395/Deep-Spiking-Q-Networks), as the README's "The paper's protocol" lists it,
+    except ``detach_reset``, which the ``paper`` preset sets (``PAPER_DETACH_RESET``).
 
     :param game: ALE game, short (``Pong``) or full id (``PongNoFrameskip-v4``), or MinAtar game
         (``MinAtar/Breakout``, ``MinAtar/Breakout-v0``)
@@ -78,6 +83,8 @@ class TrainConfig:
     :param reset: ``zero`` (paper) or ``subtract``
     :param learn_beta: trainable membrane decay per layer
     :param learn_threshold: trainable threshold per layer
+    :param detach_reset: cut the gradient through the reset (snnTorch's ``Leaky``); False is the paper's
+        code (SpikingJelly's ``detach_reset=False``), which the ``paper`` preset sets
     :param surrogate: surrogate gradient (paper: atan, alpha 2)
     :param surrogate_slope: its shape parameter (None: default)
     :param encoder: ``direct`` (paper) or ``poisson``
@@ -135,6 +142,7 @@ class TrainConfig:
     reset: str = "zero"
     learn_beta: bool = False
     learn_threshold: bool = False
+    detach_reset: bool = DEFAULT_DETACH_RESET
     surrogate: str = "atan"
     surrogate_slope: float | None = None
     encoder: str = "direct"
@@ -255,7 +263,7 @@ PRESET_INIT = "firing"
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Liu et al. 2022 and its reference code: the TrainConfig defaults (README, "The paper's protocol").
-    "paper": {},
+    "paper": dict(detach_reset=PAPER_DETACH_RESET),
     # rl-baselines3-zoo's Atari DQN (hyperparams/dqn.yml): 10M steps, eps 1 -> 0.01 over 10%.
     "zoo": dict(
         steps=10_000_000,

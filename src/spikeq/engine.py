@@ -575,6 +575,33 @@ def _surrogate_product(
     return through_autograd
 
 
+def _surrogate_derivative(
+    spike_fn: Callable[[torch.Tensor], torch.Tensor], threshold: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function u -> surrogate'(u - threshold), a new tensor: the reset's own gradient needs it.
+
+    snnTorch's ATan (the paper's) is written out, alpha / 2 / (1 + (pi / 2 * alpha * x)^2); any other
+    surrogate function is differentiated with autograd.
+    """
+    alpha = _atan_alpha(spike_fn)
+    if alpha is not None:
+        c, half_alpha = math.pi / 2 * alpha, alpha / 2
+
+        def atan(u: torch.Tensor) -> torch.Tensor:
+            y = (u - threshold).mul_(c)
+            return y.mul_(y).add_(1).reciprocal_().mul_(half_alpha)
+
+        return atan
+
+    def through_autograd(u: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = (u - threshold).requires_grad_()
+            (derivative,) = torch.autograd.grad(spike_fn(x), x, torch.ones_like(x))
+        return derivative.to(u.dtype)
+
+    return through_autograd
+
+
 def _adjoint(
     mem: torch.Tensor,
     grad_spikes: torch.Tensor | None,
@@ -588,11 +615,24 @@ def _adjoint(
 
     With G[t] = dL/dU[t], the adjoint runs as H = input_scale * G, which is dL/dI directly:
 
-        H[t] = input_scale * (grad_mem[t] + grad_spikes[t] * surrogate'(U[t] - threshold))
-               + dU[t+1]/dU[t] * H[t+1]
-        dU[t+1]/dU[t] = beta * (1 - S[t]) with the zero reset (the reset is detached), beta otherwise
+        H[t] = input_scale * (grad_mem[t] + grad_spikes[t] * sg'[t]) + dU[t+1]/dU[t] * H[t+1]
+        sg'[t] = surrogate'(U[t] - threshold)
         dL/dbeta = sum_t G[t+1] * (1 - S[t]) * U[t] (zero reset) or sum_t G[t+1] * U[t]
-        dL/dthreshold = -sum_t grad_spikes[t] * surrogate'(U[t] - threshold) [- sum_t G[t+1] * S[t]]
+        dL/dthreshold = -sum_t grad_spikes[t] * sg'[t] + sum_t G[t+1] * dU[t+1]/dthreshold
+
+    With the reset detached (``ctx.detach_reset``; snnTorch's ``Leaky``, SpikingJelly
+    ``detach_reset=True``), S[t] in the reset term is a constant:
+
+        zero:      dU[t+1]/dU[t] = beta * (1 - S[t]),            dU[t+1]/dthreshold = 0
+        subtract:  dU[t+1]/dU[t] = beta,                         dU[t+1]/dthreshold = -S[t]
+
+    Without (SpikingJelly ``detach_reset=False``, Liu et al.'s code), the gradient also flows through
+    S[t] = Heaviside(U[t] - threshold) in the reset:
+
+        zero:      dU[t+1]/dU[t] = beta * (1 - S[t] - U[t] sg'[t]),  dU[t+1]/dthreshold = beta U[t] sg'[t]
+        subtract:  dU[t+1]/dU[t] = beta - threshold sg'[t],  dU[t+1]/dthreshold = threshold sg'[t] - S[t]
+
+    and dU/dU = beta with no reset (non-firing neurons).
 
     :param mem: ``[T, B, ...]`` U of the forward pass
     :param grad_spikes: ``[T, B, ...]`` or None (spikes unused, or the neurons do not fire)
@@ -603,17 +643,21 @@ def _adjoint(
     :return: the gradients of the current (``out``, or for a static current its sum over the steps,
         ``[1, B, ...]``), beta and threshold (None where not needed)
     """
+    steps, scale, reset = mem.shape[0], ctx.input_scale, ctx.reset
+    through_reset = reset != RESET_NONE and not ctx.detach_reset
     if _triton_can_run(mem, beta, threshold):
-        alpha = _atan_alpha(ctx.spike_fn) if grad_spikes is not None else 1.0
+        alpha = _atan_alpha(ctx.spike_fn) if grad_spikes is not None or through_reset else 1.0
         if alpha is not None:
             return _triton_kernels().adjoint(mem, grad_spikes, grad_mem, ctx, beta, threshold, out, alpha)
-    steps, scale, reset = mem.shape[0], ctx.input_scale, ctx.reset
     surrogate = _surrogate_product(ctx.spike_fn, threshold, scale) if grad_spikes is not None else None
+    derivative = _surrogate_derivative(ctx.spike_fn, threshold) if through_reset else None
     chunk = min(steps, max(1, CHUNK_ELEMENTS // max(1, mem[0].numel())))
-    # dU[t+1]/dU[t]: with a scalar beta on the CPU, the factor beta goes into the adjoint's kernel
-    # as a number, and only 1 - S is computed per step.
-    beta_value = float(beta) if beta.numel() == 1 and beta.device.type == "cpu" else None
+    # dU[t+1]/dU[t]: with a scalar beta on the CPU and a detached reset, the factor beta goes into the
+    # adjoint's kernel as a number, and only 1 - S is computed per step.
+    scalar_beta = beta.numel() == 1 and beta.device.type == "cpu" and derivative is None
+    beta_value = float(beta) if scalar_beta else None
     keep = mem.new_empty((chunk, *mem.shape[1:])) if reset == RESET_ZERO else None
+    through_threshold = None
     carry = torch.zeros_like(mem[0])  # H[t+1]
     summed = torch.zeros_like(mem[0]) if ctx.static else None
     beta_sum = torch.zeros_like(mem[0]) if ctx.needs_input_grad[1] else None
@@ -622,7 +666,17 @@ def _adjoint(
         start = max(0, end - chunk)
         u, h = mem[start:end], out[start:end]
         # Everything read from U comes first: h may overwrite it.
-        if keep is not None:
+        if derivative is not None:
+            slope = derivative(u)  # sg'[t]
+            if reset == RESET_ZERO:
+                factors = torch.le(u, threshold, out=keep[: end - start]).sub_(u * slope).mul_(beta)
+                if threshold_sum is not None:
+                    through_threshold = slope.mul_(u).mul_(beta)
+            else:
+                factors = beta - threshold * slope
+                if threshold_sum is not None:
+                    through_threshold = slope.mul_(threshold)
+        elif keep is not None:
             factors = torch.le(u, threshold, out=keep[: end - start])
             if beta_value is None:
                 factors.mul_(beta)
@@ -647,6 +701,8 @@ def _adjoint(
                 beta_sum.addcmul_(carry, through_beta[i])
             if threshold_sum is not None and reset == RESET_SUBTRACT:
                 threshold_sum.addcmul_(carry, reset_spikes[i], value=-1)
+            if through_threshold is not None:
+                threshold_sum.addcmul_(carry, through_threshold[i])
             if factors is None:
                 carry = h[i].add_(carry, alpha=beta_value)
             elif beta_value is None:
@@ -679,12 +735,13 @@ class _LeakyRecurrence(torch.autograd.Function):
         fire: bool,
         input_scale: float,
         spike_fn: Callable[[torch.Tensor], torch.Tensor],
+        detach_reset: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (num_steps, *current.shape[1:])
         mem = WORKSPACE.empty(shape, current)
         spikes = WORKSPACE.empty(shape, current) if fire else current.new_zeros(shape)
         _integrate(current, num_steps, beta, threshold, reset, input_scale, mem, spikes if fire else None)
-        _remember(ctx, current, num_steps, reset, input_scale, spike_fn, saved=(mem, beta, threshold))
+        _remember(ctx, current, num_steps, reset, input_scale, spike_fn, (mem, beta, threshold), detach_reset)
         ctx.fire = fire
         if not fire:
             ctx.mark_non_differentiable(spikes)
@@ -697,7 +754,7 @@ class _LeakyRecurrence(torch.autograd.Function):
         grads = _adjoint(
             mem, grad_spikes, grad_mem, ctx, beta, threshold, out=WORKSPACE.empty(mem.shape, mem)
         )
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 class _SpikeRecurrence(torch.autograd.Function):
@@ -718,6 +775,7 @@ class _SpikeRecurrence(torch.autograd.Function):
         input_scale: float,
         recompute: bool,
         spike_fn: Callable[[torch.Tensor], torch.Tensor],
+        detach_reset: bool,
     ) -> torch.Tensor:
         shape = (num_steps, *current.shape[1:])
         spikes = WORKSPACE.empty(shape, current)
@@ -731,6 +789,7 @@ class _SpikeRecurrence(torch.autograd.Function):
             input_scale,
             spike_fn,
             (current if mem is None else mem, beta, threshold),
+            detach_reset,
         )
         ctx.recompute = recompute
         ctx.done = False
@@ -750,7 +809,7 @@ class _SpikeRecurrence(torch.autograd.Function):
             mem = WORKSPACE.empty((ctx.num_steps, *saved.shape[1:]), saved)
             _integrate(saved, ctx.num_steps, beta, threshold, ctx.reset, ctx.input_scale, mem, None)
         grads = _adjoint(mem, grad_spikes, None, ctx, beta, threshold, out=mem)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def _remember(
@@ -761,10 +820,12 @@ def _remember(
     input_scale: float,
     spike_fn: Callable[[torch.Tensor], torch.Tensor],
     saved: tuple[torch.Tensor, ...],
+    detach_reset: bool,
 ) -> None:
     """Store what both recurrences' backward passes read."""
     ctx.save_for_backward(*saved)
     ctx.num_steps, ctx.reset, ctx.input_scale, ctx.spike_fn = num_steps, reset, input_scale, spike_fn
+    ctx.detach_reset = detach_reset
     ctx.static = current.shape[0] != num_steps
     ctx.set_materialize_grads(False)
 
@@ -790,6 +851,7 @@ def leaky_sequence(
     fire: bool = True,
     num_steps: int | None = None,
     input_scale: float = 1.0,
+    detach_reset: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run an snnTorch ``Leaky`` over a whole current sequence with the fused recurrence.
 
@@ -799,13 +861,16 @@ def leaky_sequence(
     :param fire: False for non-spiking integrators (spikes returned as zeros, no reset)
     :param num_steps: T; None takes ``current.shape[0]``
     :param input_scale: factor on the current before it enters ``Leaky`` (``Leaky(input_scale * I)``)
+    :param detach_reset: cut the gradient through the reset, as ``Leaky`` does (SpikingJelly
+        ``detach_reset=True``); False lets it flow through the spike in the reset term (SpikingJelly's
+        default, the paper's code); the forward pass is the same (see ``_adjoint``)
     :return: spikes and membrane potentials, ``[T, B, ...]``
     """
     steps, beta, threshold, needs_grad = _neuron_parameters(current, leaky, num_steps)
     reset = int(leaky.reset_mechanism_val) if fire else RESET_NONE
     if needs_grad:
         return _LeakyRecurrence.apply(
-            current, beta, threshold, steps, reset, fire, input_scale, leaky.spike_grad
+            current, beta, threshold, steps, reset, fire, input_scale, leaky.spike_grad, detach_reset
         )
     shape = (steps, *current.shape[1:])
     mem = WORKSPACE.empty(shape, current)
@@ -820,6 +885,7 @@ def spike_sequence(
     num_steps: int | None = None,
     input_scale: float = 1.0,
     recompute: bool = False,
+    detach_reset: bool = True,
 ) -> torch.Tensor:
     """The spikes of ``leaky_sequence`` alone, for hidden layers: faster and lighter.
 
@@ -833,6 +899,7 @@ def spike_sequence(
     :param recompute: for a static current, keep it instead of the ``[T, B, ...]`` membrane for the
         backward pass and recompute the membrane there (less memory, one more forward loop); a
         sequence of currents is as large as the membrane, so this changes nothing for one
+    :param detach_reset: cut the gradient through the reset (see ``leaky_sequence``)
     :return: spikes ``[T, B, ...]``
     """
     steps, beta, threshold, needs_grad = _neuron_parameters(current, leaky, num_steps)
@@ -840,7 +907,7 @@ def spike_sequence(
     if needs_grad:
         recompute = recompute and current.shape[0] != steps
         return _SpikeRecurrence.apply(
-            current, beta, threshold, steps, reset, input_scale, recompute, leaky.spike_grad
+            current, beta, threshold, steps, reset, input_scale, recompute, leaky.spike_grad, detach_reset
         )
     spikes = WORKSPACE.empty((steps, *current.shape[1:]), current)
     first = _first_spikes(current, steps, leaky, beta, threshold, input_scale)

@@ -8,8 +8,8 @@ all T steps with the membrane in registers: one launch forward, one backward per
 - Forward: the float operations of ``engine._integrate`` in its order, with floating-point
   contraction off (no fused multiply-add), so spikes and membranes are bit-identical to the PyTorch
   loop's, hence to snnTorch ``Leaky``'s.
-- Backward: ``engine._adjoint`` for snnTorch's ATan surrogate (the paper's); gradients equal within
-  float rounding (sums are taken in another order).
+- Backward: ``engine._adjoint`` for snnTorch's ATan surrogate (the paper's), with the reset's gradient
+  cut or not (``detach_reset``); gradients equal within float rounding (sums are taken in another order).
 - Scalar beta and threshold only (the DSQN's); the engine keeps the PyTorch loop for per-neuron ones
   and for other surrogates.
 
@@ -102,9 +102,11 @@ def _adjoint_kernel(
     STATIC: tl.constexpr,
     NEED_BETA: tl.constexpr,
     NEED_THRESHOLD: tl.constexpr,
+    DETACH_RESET: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """H = dL/dI in reverse time, per neuron; see ``engine._adjoint`` for the equations. ``out`` gets
+    """H = dL/dI in reverse time, per neuron; see ``engine._adjoint`` for the equations (with the
+    reset's gradient cut, DETACH_RESET, or flowing through the spike in the reset). ``out`` gets
     H[t] (or, with STATIC, the sum over t in its first n entries) and may be ``mem`` itself: each
     entry is read before it is written, by the same program."""
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -115,6 +117,7 @@ def _adjoint_kernel(
     slope = tl.load(constants + 3)
     offset = tl.load(constants + 4)
     k = tl.load(constants + 5)
+    half_alpha = tl.load(constants + 6)
     carry = tl.zeros([BLOCK], dtype=constants.dtype.element_ty)  # H[t+1]
     summed = tl.zeros_like(carry)
     beta_sum = tl.zeros_like(carry)
@@ -126,9 +129,9 @@ def _adjoint_kernel(
     for _ in range(steps):
         u = tl.load(mem_at, mask=inside, other=0)
         h = tl.zeros_like(carry)
+        y = offset + u * slope  # pi / 2 * alpha * (u - threshold)
         if HAS_GRAD_SPIKES:
-            # scale * grad * ATan'(u - threshold) = grad / (k + k * y^2), y = pi / 2 * alpha * (u - th)
-            y = offset + u * slope
+            # scale * grad * ATan'(u - threshold) = grad / (k + k * y^2)
             h = tl.load(grad_spikes_at, mask=inside, other=0) / (k + k * (y * y))
             if NEED_THRESHOLD:
                 threshold_sum -= h
@@ -139,7 +142,25 @@ def _adjoint_kernel(
             beta_sum += carry * (u * keep if RESET == _ZERO else u)
         if NEED_THRESHOLD and RESET == _SUBTRACT:
             threshold_sum -= carry * (u > threshold).to(u.dtype)
-        carry = h + carry * (beta * keep if RESET == _ZERO else beta)
+        if RESET == _ZERO:
+            if DETACH_RESET:
+                factor = beta * keep
+            else:
+                derivative = half_alpha / (1 + y * y)  # ATan'(u - threshold)
+                factor = beta * (keep - u * derivative)
+                if NEED_THRESHOLD:
+                    threshold_sum += carry * (beta * u * derivative)
+        elif RESET == _SUBTRACT:
+            if DETACH_RESET:
+                factor = beta
+            else:
+                derivative = half_alpha / (1 + y * y)
+                factor = beta - threshold * derivative
+                if NEED_THRESHOLD:
+                    threshold_sum += carry * (threshold * derivative)
+        else:
+            factor = beta
+        carry = h + carry * factor
         if STATIC:
             summed += carry
         else:
@@ -221,10 +242,11 @@ def adjoint(
     out: torch.Tensor,
     alpha: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``engine._adjoint`` in one launch, for snnTorch's ATan surrogate with this ``alpha``."""
+    """``engine._adjoint`` in one launch, for snnTorch's ATan surrogate with this ``alpha`` (the
+    surrogate's derivative enters through grad_spikes, and through the reset unless it is detached)."""
     steps, n, scale = mem.shape[0], mem[0].numel(), ctx.input_scale
     slope = torch.pi / 2 * alpha
-    constants = _constants(mem, beta, threshold, scale, slope, 0.0, 2 / (alpha * scale))
+    constants = _constants(mem, beta, threshold, scale, slope, 0.0, 2 / (alpha * scale), alpha / 2)
     constants[4] = constants[1] * -slope  # the offset, rounded as engine._surrogate_product rounds it
     need_beta, need_threshold = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     terms = mem.new_empty((2, n)) if need_beta or need_threshold else mem
@@ -248,6 +270,7 @@ def adjoint(
             STATIC=ctx.static,
             NEED_BETA=need_beta,
             NEED_THRESHOLD=need_threshold,
+            DETACH_RESET=ctx.detach_reset,
             BLOCK=BLOCK,
             **_FUSED,
         )

@@ -35,7 +35,7 @@ from torch import nn
 
 from spikeq.encoding import ENCODERS, make_encoder
 from spikeq.engine import over_distinct_steps, over_time
-from spikeq.neurons import ENGINES, NeuronSpec, SpikingLayer
+from spikeq.neurons import ENGINES, NeuronSpec, SpikingLayer, check_engine
 from spikeq.readout import READOUTS, Readout
 
 # Nature-DQN convolutions (Mnih et al. 2015), used unchanged by the paper: (out_channels, kernel, stride)
@@ -104,6 +104,7 @@ class NetworkSpec(NeuronSpec):
                 raise ValueError(f"net_arch={self.net_arch!r} must be a non-empty list of sizes >= 1")
             object.__setattr__(self, "net_arch", arch)
         super().__post_init__()
+        check_engine(self.engine, self.detach_reset)
 
     @property
     def neuron_spec(self) -> NeuronSpec:

@@ -12,8 +12,20 @@ reset delay, fed with the scaled current I / tau:
     U[t] = beta * (1 - S[t-1]) * U[t-1] + I[t] / tau,      S[t] = Heaviside(U[t] - threshold)
 
 With ``reset="subtract"`` the reset term is ``- S[t-1] * threshold`` instead. The IF neuron has no leak:
-beta = 1 and the current enters unscaled (SpikingJelly ``IFNode``: H[t] = V[t-1] + I[t]). The reset
-signal S[t-1] is detached from the graph (snnTorch and SpikingJelly ``detach_reset=True`` agree).
+beta = 1 and the current enters unscaled (SpikingJelly ``IFNode``: H[t] = V[t-1] + I[t]).
+
+Spikes are Heaviside forward and a surrogate backward, sg'(x) = d/dx surrogate(x) (ATan, alpha = 2:
+sg'(x) = alpha / 2 / (1 + (pi / 2 * alpha * x)^2)). The forward pass does not depend on whether the
+gradient also flows through the spike in the reset term; the backward does (``detach_reset``):
+
+- ``detach_reset=True`` (snnTorch's ``Leaky``, SpikingJelly ``detach_reset=True``): S in the reset is
+  a constant, dV/dH = 1 - S[t] (zero reset) or 1 (subtract).
+- ``detach_reset=False`` (SpikingJelly's default, which Liu et al.'s code uses): with
+  V[t] = H[t] (1 - S[t]) + v_reset S[t] and v_reset = 0, dV/dH = 1 - S[t] + (v_reset - H[t]) sg'(H[t] - v_th);
+  for the subtract reset, V[t] = H[t] - S[t] v_th, dV/dH = 1 - v_th sg'(H[t] - v_th).
+
+The ``fused`` engine computes both; the ``snntorch`` engine steps ``Leaky``, whose reset is always
+detached, so it refuses ``detach_reset=False``.
 """
 
 from __future__ import annotations
@@ -60,6 +72,19 @@ def make_surrogate(name: str, slope: float | None = None) -> Callable[[torch.Ten
     return factory(**{arg: default if slope is None else float(slope)})
 
 
+def check_engine(engine_name: str, detach_reset: bool) -> None:
+    """Raise ``ValueError`` where the engine cannot give the reset's gradient asked for.
+
+    snnTorch's ``Leaky`` always detaches its reset signal (``mem_reset`` returns it detached), so the
+    ``snntorch`` engine, which steps ``Leaky``, cannot let the gradient through the reset.
+    """
+    if engine_name == "snntorch" and not detach_reset:
+        raise ValueError(
+            "engine='snntorch' cannot run detach_reset=False: snnTorch's Leaky always detaches its reset; "
+            "use engine='fused' (both settings) or detach_reset=True"
+        )
+
+
 @dataclass(frozen=True)
 class NeuronSpec:
     """How every spiking layer of a network behaves.
@@ -72,6 +97,9 @@ class NeuronSpec:
     :param surrogate_slope: the surrogate's shape parameter (``None``: its default; atan alpha 2)
     :param learn_beta: make each layer's decay a trainable parameter
     :param learn_threshold: make each layer's threshold a trainable parameter
+    :param detach_reset: cut the gradient through the reset (snnTorch's ``Leaky``); False lets it flow
+        through the spike in the reset term, as SpikingJelly's ``detach_reset=False`` and the paper's
+        code do. The forward pass is the same either way.
     """
 
     neuron: str = "lif"
@@ -82,6 +110,7 @@ class NeuronSpec:
     surrogate_slope: float | None = None
     learn_beta: bool = False
     learn_threshold: bool = False
+    detach_reset: bool = True
 
     def __post_init__(self) -> None:
         _choice("neuron", self.neuron, NEURONS)
@@ -94,6 +123,8 @@ class NeuronSpec:
             )
         if not self.threshold > 0:
             raise ValueError(f"threshold={self.threshold!r} must be > 0")
+        if not isinstance(self.detach_reset, bool):
+            raise ValueError(f"detach_reset={self.detach_reset!r} must be True or False")
 
     @property
     def beta(self) -> float:
@@ -117,7 +148,8 @@ class SpikingLayer(nn.Module):
         S[t] = Heaviside(U[t] - threshold)
 
     With ``fire=False`` the neurons only integrate (no spikes, no reset): the non-spiking output
-    neurons of the membrane readouts, U[t] = beta * U[t-1] + input_scale * I[t].
+    neurons of the membrane readouts, U[t] = beta * U[t-1] + input_scale * I[t]. ``spec.detach_reset``
+    chooses the reset's gradient (see the module docstring).
 
     :param spec: the neuron model
     :param fire: whether the neurons fire and reset (False: leaky integrators)
@@ -128,6 +160,7 @@ class SpikingLayer(nn.Module):
         self.spec = spec
         self.fire = fire
         self.input_scale = spec.input_scale
+        self.detach_reset = spec.detach_reset
         self.leaky = snn.Leaky(
             beta=torch.tensor(spec.beta),
             threshold=torch.tensor(spec.threshold),
@@ -155,10 +188,16 @@ class SpikingLayer(nn.Module):
         if engine_name == "fused":
             # A static current stays [1, B, ...]: the engine never expands it to T copies.
             return engine.leaky_sequence(
-                current, self.leaky, fire=self.fire, num_steps=num_steps, input_scale=self.input_scale
+                current,
+                self.leaky,
+                fire=self.fire,
+                num_steps=num_steps,
+                input_scale=self.input_scale,
+                detach_reset=self.detach_reset,
             )
         if engine_name != "snntorch":
             raise ValueError(f"unknown engine {engine_name!r}; allowed: {', '.join(ENGINES)}")
+        check_engine(engine_name, self.detach_reset)
         if current.shape[0] == 1 and num_steps > 1:
             current = current.expand(num_steps, *current.shape[1:])
         mem = torch.zeros_like(current[0])
@@ -182,7 +221,9 @@ class SpikingLayer(nn.Module):
             memory for a static current, one more forward loop)
         :return: spikes ``[T, B, ...]``
         """
-        return engine.spike_sequence(current, self.leaky, num_steps, self.input_scale, recompute)
+        return engine.spike_sequence(
+            current, self.leaky, num_steps, self.input_scale, recompute, self.detach_reset
+        )
 
     def periodic_steps(
         self, current: torch.Tensor, num_steps: int
@@ -206,6 +247,7 @@ class SpikingLayer(nn.Module):
         :param mem: ``[B, ...]`` membrane potential after the previous step (zeros at t = 0)
         :return: spikes and the new membrane potential, ``[B, ...]``
         """
+        check_engine("snntorch", self.detach_reset)
         spk, mem = self.leaky(current * self.input_scale, mem)
         # snnTorch's surrogates return float32 spikes whatever the input dtype.
         return (spk.to(mem.dtype) if self.fire else torch.zeros_like(mem)), mem
@@ -218,5 +260,5 @@ class SpikingLayer(nn.Module):
         s = self.spec
         return (
             f"neuron={s.neuron}, tau={s.tau}, threshold={s.threshold}, reset={s.reset}, "
-            f"surrogate={s.surrogate}, fire={self.fire}"
+            f"surrogate={s.surrogate}, detach_reset={s.detach_reset}, fire={self.fire}"
         )

@@ -144,7 +144,7 @@ def test_wandb_offline_run_holds_the_config_and_the_evaluation(smoke_run):
     [
         (["--game", "Pongg"], "Unknown Atari game 'Pongg'"),
         (["--model", "snn"], "unknown model 'snn'; allowed: dsqn, dsqn-if, dsqn-spike, dsqn-mem, dqn"),
-        (["--preset", "fast"], "unknown preset 'fast'; allowed: paper, zoo, smoke"),
+        (["--preset", "fast"], "unknown preset 'fast'; allowed: paper, zoo, minatar, smoke"),
         (["--steps", "0"], "steps=0 must be a positive integer"),
         (["--steps", "-5"], "steps=-5 must be a positive integer"),
         (["--num-steps", "0"], "num_steps=0 must be >= 1"),

@@ -62,15 +62,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import nir
 import nirtorch
 import numpy as np
 import torch
 from gymnasium import spaces
 from stable_baselines3 import DQN
+from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
+from spikeq import atari
 from spikeq.network import SpikingQNetwork
 from spikeq.neurons import SpikingLayer
 from spikeq.policy import SpikingPolicy
@@ -578,3 +582,25 @@ def verify_nir(
             f"spikeq.nir_export node map (Euler, dt={simulator.dt:g})"
         ),
     }
+
+
+def make_observation_env(game: str, seed: int = 0) -> VecEnv:
+    """One environment to record observations in: the paper's Atari evaluation env for an ALE game
+    (``spikeq.atari.make_env``), else the gymnasium id as is (e.g. ``CartPole-v1``).
+
+    :param game: ALE game (``Pong``, ``PongNoFrameskip-v4``) or a gymnasium id
+    :param seed: seed of the env
+    :raises ValueError: for a name that is neither (the message lists close ALE game names)
+    """
+    try:
+        return atari.make_env(atari.resolve_game(game), n_envs=1, seed=seed, train=False)
+    except ValueError:
+        if game not in gym.registry:
+            raise
+    return make_vec_env(game, n_envs=1, seed=seed)
+
+
+def action_names(env: VecEnv) -> list[str]:
+    """The actions' names where the env tells them (ALE: ``NOOP``, ``FIRE``, ...), else their indices."""
+    meanings = getattr(env.envs[0].unwrapped, "get_action_meanings", None) if hasattr(env, "envs") else None
+    return list(meanings()) if meanings else [str(a) for a in range(int(env.action_space.n))]

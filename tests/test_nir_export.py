@@ -13,7 +13,7 @@ from stable_baselines3.common.env_util import make_vec_env
 
 from spikeq import atari, cli
 from spikeq.checkpoints import export_weights
-from spikeq.convert import record_frames
+from spikeq.convert import convert_dqn, record_frames
 from spikeq.engine import over_time
 from spikeq.network import SpikingQNetwork
 from spikeq.nir_export import DEFAULT_DT, NirSimulator, action_names, export_nir, verify_nir
@@ -196,12 +196,21 @@ def test_simulating_with_another_time_step_changes_the_policy(cartpole, tmp_path
     assert float((wrong - q).abs().max()) > 0.01
 
 
-def test_a_soft_reset_is_refused_with_the_reason(tmp_path):
-    model = DQN(
-        "SpikingPolicy", "CartPole-v1", policy_kwargs=dict(reset="subtract"), buffer_size=1, device="cpu"
-    )
-    with pytest.raises(ValueError, match="reset='subtract' cannot be written as NIR"):
-        export_nir(model, tmp_path / "soft.nir")
+def test_a_converted_dqn_soft_reset_is_written_as_a_threshold_fed_back_to_its_membrane(tmp_path):
+    env = make_vec_env("CartPole-v1", n_envs=1, seed=0)
+    ann = DQN("MlpPolicy", env, buffer_size=1, seed=0, device="cpu")
+    frames = record_frames(ann, env, 2 * FRAMES, progress=False)
+    snn, _ = convert_dqn(ann, frames[:FRAMES], num_steps=NUM_STEPS, progress=False)  # IF, subtract reset
+    assert_every_layer_fires(snn, frames[FRAMES:])
+
+    result = export_nir(snn, tmp_path / "converted.nir")
+
+    graph = nir.read(result.path)
+    assert isinstance(graph.nodes["fc1_i"], nir.I) and isinstance(graph.nodes["fc1_threshold"], nir.Threshold)
+    assert ("fc1_threshold", "fc1_reset") in graph.edges and ("fc1_reset", "fc1_i") in graph.edges
+    np.testing.assert_allclose(graph.nodes["fc1_reset"].scale, -1.0)  # one threshold per spike
+    assert any("subtract reset" in note for note in result.notes)
+    assert_same_policy(verify_nir(result.path, snn, frames[FRAMES:]))
 
 
 def test_cli_exports_and_verifies_a_checkpoint(cartpole, tmp_path, capsys):

@@ -44,8 +44,12 @@ that fires, so the spikes are the same. The readouts, in NIR primitives (Q is re
 Direct input (the paper): the normalised observation is presented unchanged at each of the T steps,
 so the first layer's current is the same at every step ("static" first layer). Poisson input has no
 NIR primitive: the graph takes the spikes, which the host draws each step with probability
-(x - low) / (high - low) (metadata ``input_encoding``, ``poisson_low``, ``poisson_span``). The
-soft (subtract) reset has no NIR neuron either: it is refused, with the reason.
+(x - low) / (high - low) (metadata ``input_encoding``, ``poisson_low``, ``poisson_span``).
+
+The soft (subtract) reset, U[t] = beta U[t-1] + I[t] / tau_paper - threshold S[t-1] (the converted
+networks of ``spikeq convert``), has no NIR neuron: it is written exactly as a membrane without firing
+(LI, or I for IF) -> Threshold, with the spikes fed back into the membrane through
+Scale(-threshold / input_scale) on a recurrent edge, which a simulator delivers one step later.
 
 ``verify_nir`` reads the file back with ``nir.read`` and runs it with nirtorch's graph executor on
 node modules written here from the NIR equations above (not from spikeq's modules): snnTorch's
@@ -152,7 +156,7 @@ def load_spiking_policy(path: str | Path) -> SpikingPolicy:
 def _not_spiking(path: Path, policy: str) -> str:
     return (
         f"{path} holds a {policy} (an ANN DQN), not a spiking Q-network; only SpikingPolicy "
-        "checkpoints can be written as NIR"
+        "checkpoints can be written as NIR ('spikeq convert' turns a DQN into one)"
     )
 
 
@@ -179,35 +183,38 @@ def _scalar(parameter: torch.Tensor, name: str, layer: str) -> float:
     return float(values[0])
 
 
-def neuron_node(layer: SpikingLayer, shape: tuple[int, ...], dt: float, name: str) -> nir.NIRNode:
+def neuron_node(
+    layer: SpikingLayer, shape: tuple[int, ...], dt: float, name: str, fire: bool | None = None
+) -> nir.NIRNode:
     """The NIR node whose Euler step of length ``dt`` is ``layer``'s update (module docstring).
 
     :param layer: a spiking layer (``fire=True``: LIF / IF) or a non-firing readout (LI / I)
     :param shape: the shape of its neurons, without the batch dimension
     :param dt: the simulation time step the node is derived for
     :param name: the layer's name, for errors
+    :param fire: override ``layer.fire`` (False: the membrane only, LI / I)
     """
-    if layer.fire and layer.spec.reset != "zero":
-        raise ValueError(
-            f"{name}: reset={layer.spec.reset!r} cannot be written as NIR, whose LIF and IF neurons reset "
-            "to v_reset (allowed: reset='zero', the paper's hard reset)"
-        )
+    fire = layer.fire if fire is None else fire
+    if fire and layer.spec.reset != "zero":
+        raise ValueError(f"{name}: NIR's LIF and IF neurons reset to v_reset, not by {layer.spec.reset!r}")
     beta = _scalar(layer.leaky.beta, "beta", name)
-    threshold = _scalar(layer.leaky.threshold, "threshold", name)
     scale = layer.input_scale
     if beta == 1.0:
         r = _full(shape, scale / dt)
-        if not layer.fire:
+        if not fire:
             return nir.I(r=r)
-        return nir.IF(r=r, v_threshold=_full(shape, threshold), v_reset=_full(shape, 0.0))
+        return nir.IF(r=r, v_threshold=_full(shape, _threshold(layer, name)), v_reset=_full(shape, 0.0))
     if not 0.0 < beta < 1.0:
         raise ValueError(f"{name}: beta={beta} has no NIR neuron; allowed: 0 < beta <= 1")
     tau, r, v_leak = _full(shape, dt / (1.0 - beta)), _full(shape, scale / (1.0 - beta)), _full(shape, 0.0)
-    if not layer.fire:
+    if not fire:
         return nir.LI(tau=tau, r=r, v_leak=v_leak)
-    return nir.LIF(
-        tau=tau, r=r, v_leak=v_leak, v_threshold=_full(shape, threshold), v_reset=_full(shape, 0.0)
-    )
+    threshold = _full(shape, _threshold(layer, name))
+    return nir.LIF(tau=tau, r=r, v_leak=v_leak, v_threshold=threshold, v_reset=_full(shape, 0.0))
+
+
+def _threshold(layer: SpikingLayer, name: str) -> float:
+    return _scalar(layer.leaky.threshold, "threshold", name)
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -275,6 +282,11 @@ def export_limits(q_net: SpikingQNetwork) -> list[str]:
             "poisson input has no NIR primitive: the host draws the input spikes each step, "
             "Bernoulli((x - poisson_low) / poisson_span); the graph starts at the first synapses"
         )
+    if spec.reset == "subtract":
+        notes.append(
+            "subtract reset: written as LI/I -> Threshold with the spikes fed back through "
+            "Scale(-threshold / input_scale) on a recurrent edge; the simulator must delay it one step"
+        )
     if spec.readout == "max_mem":
         notes.append(
             "max_mem readout: NIR has no running maximum; Q is the maximum of the output over the T steps"
@@ -291,7 +303,8 @@ def to_nir(
     :param dt: the simulation time step the neuron parameters are derived for (seconds)
     :param action_names: a name per action (default: their indices)
     :return: the graph and ``export_limits(q_net)``
-    :raises ValueError: for what NIR cannot express (a soft reset, a layer type it has no node for)
+    :raises ValueError: for what NIR cannot express (a layer type it has no node for, a per-neuron
+        threshold, beta outside (0, 1])
     """
     if not dt > 0:
         raise ValueError(f"dt={dt!r} must be > 0")
@@ -314,12 +327,25 @@ def to_nir(
         edges.append((previous, name))
         previous = name
 
+    def add_neurons(name: str, layer: SpikingLayer, shape: tuple[int, ...]) -> None:
+        if not (layer.fire and layer.spec.reset == "subtract"):
+            node = neuron_node(layer, shape, dt, name)
+            chain(f"{name}_{type(node).__name__.lower()}", node)
+            return
+        # Soft reset: the membrane (LI / I), a Threshold, and the spikes fed back one step later
+        # through Scale(-threshold / input_scale): U[t] = beta U[t-1] + s I[t] - threshold S[t-1].
+        membrane = neuron_node(layer, shape, dt, name, fire=False)
+        chain(f"{name}_{type(membrane).__name__.lower()}", membrane)
+        membrane_name, threshold = previous, _threshold(layer, name)
+        chain(f"{name}_threshold", nir.Threshold(threshold=_full(shape, threshold)))
+        nodes[f"{name}_reset"] = nir.Scale(scale=_full(shape, -threshold / layer.input_scale))
+        edges.extend([(previous, f"{name}_reset"), (f"{name}_reset", membrane_name)])
+
     for name, synapse, neurons in zip(q_net.layer_names, q_net.synapses, q_net.neurons, strict=True):
         synapse_nodes, shape = _synapse_nodes(synapse, shape, name)
         for node_name, node in synapse_nodes:
             chain(node_name, node)
-        node = neuron_node(neurons, shape, dt, name)
-        chain(f"{name}_{type(node).__name__.lower()}", node)
+        add_neurons(name, neurons, shape)
 
     readout, out = q_net.readout, (n_actions,)
     chain(
@@ -329,8 +355,7 @@ def to_nir(
     if readout.kind == "rate":
         chain("rate", mean_over_steps)
     else:
-        node = neuron_node(readout.neurons, out, dt, q_net.readout_name)
-        chain(f"{q_net.readout_name}_{type(node).__name__.lower()}", node)
+        add_neurons(q_net.readout_name, readout.neurons, out)
         if readout.kind in ("spike", "mean_mem"):
             chain("mean", mean_over_steps)
     chain("output", nir.Output(output_type={"output": np.array(out)}))
@@ -406,6 +431,17 @@ class _Stateful(nn.Module):
         return self.step(current, v)
 
 
+class _Elementwise(nn.Module):
+    """A stateless NIR node (Threshold, Scale) as a function of its input."""
+
+    def __init__(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function(x)
+
+
 def _t(array: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.asarray(array, dtype=np.float32))
 
@@ -418,7 +454,11 @@ def node_map(dt: float) -> dict[type, Callable[[nir.NIRNode], nn.Module]]:
     - LIF: v <- v + dt / tau (v_leak - v + R I); z = v > v_thr; v <- v_reset where z
     - IF:  v <- v + dt R I; z = v > v_thr; v <- v_reset where z
     - LI:  v <- v + dt / tau (v_leak - v + R I), output v;   I: v <- v + dt R I, output v
+    - Threshold: z = v > thr;   Scale: x * s
     - Affine: W x + b; Conv2d: torch's conv2d; Flatten: NIR dims exclude the batch, so they shift by one
+
+    A recurrent edge (the soft reset's Scale back into its membrane) carries the previous step's output
+    (nirtorch keeps it in the state; zero at the first step).
 
     :param dt: the time step (the graph's metadata ``dt``)
     """
@@ -443,6 +483,14 @@ def node_map(dt: float) -> dict[type, Callable[[nir.NIRNode], nn.Module]]:
         linear.weight.data, linear.bias.data = _t(node.weight), _t(node.bias)
         return linear
 
+    def threshold(node: nir.Threshold) -> nn.Module:
+        level = _t(node.threshold)
+        return _Elementwise(lambda v: (v > level).to(v.dtype))
+
+    def scale(node: nir.Scale) -> nn.Module:
+        factor = _t(node.scale)
+        return _Elementwise(lambda x: x * factor)
+
     def flatten(node: nir.Flatten) -> nn.Module:
         end = node.end_dim if node.end_dim < 0 else node.end_dim + 1
         return nn.Flatten(node.start_dim + 1, end)
@@ -454,6 +502,8 @@ def node_map(dt: float) -> dict[type, Callable[[nir.NIRNode], nn.Module]]:
         nir.I: integrate_and_fire,
         nir.Affine: affine,
         nir.Flatten: flatten,
+        nir.Threshold: threshold,
+        nir.Scale: scale,
     }
 
 

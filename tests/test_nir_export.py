@@ -88,6 +88,12 @@ def assert_same_policy(check: dict) -> None:
     assert check["max_q_diff"] <= Q_TOLERANCE * (1 + check["q_scale"]), check
 
 
+def assert_snntorch_reads_the_same_spikes(check: dict) -> None:
+    """snnTorch's own importer, on the hidden LIF layers, reproduces the last hidden layer's spikes."""
+    torso = check["snntorch_torso"]
+    assert isinstance(torso, dict) and torso["spikes"] > 0 and torso["differing"] == 0, torso
+
+
 @pytest.mark.parametrize(
     ("neuron", "readout"),
     [("lif", "rate"), ("lif", "spike"), ("lif", "last_mem"), ("if", "mean_mem")],
@@ -108,7 +114,12 @@ def test_trained_cartpole_policy_runs_the_same_from_the_nir_file(neuron, readout
         nir.Affine,
     ]
     assert graph.metadata["readout"] == readout and graph.metadata["num_steps"] == NUM_STEPS
-    assert_same_policy(verify_nir(result.path, model, frames))
+    check = verify_nir(result.path, model, frames)
+    assert_same_policy(check)
+    if neuron == "lif":
+        assert_snntorch_reads_the_same_spikes(check)
+    else:  # snnTorch's importer would make IF neurons leaky (beta 0.9)
+        assert "cannot read IF" in check["snntorch_torso"]
 
 
 @pytest.mark.parametrize(("neuron", "readout"), [("lif", "rate"), ("if", "max_mem")])
@@ -138,7 +149,10 @@ def test_pong_dsqn_runs_the_same_from_the_nir_file(neuron, readout, tmp_path):
     ]
     assert graph.metadata["input_scale"] == pytest.approx(1 / 255)
     assert graph.metadata["q_reduce"] == ("max" if readout == "max_mem" else "last")
-    assert_same_policy(verify_nir(result.path, model, frames))
+    check = verify_nir(result.path, model, frames)
+    assert_same_policy(check)
+    if neuron == "lif":
+        assert_snntorch_reads_the_same_spikes(check)
 
 
 def test_poisson_input_is_left_to_the_host_and_checked_on_shared_spike_trains(tmp_path):
@@ -150,7 +164,9 @@ def test_poisson_input_is_left_to_the_host_and_checked_on_shared_spike_trains(tm
     assert any("poisson" in note for note in result.notes)
     assert nir.read(result.path).metadata["input_encoding"] == "poisson"
     # Both networks see the same Bernoulli draws, so they agree exactly.
-    assert_same_policy(verify_nir(result.path, model, frames, seed=3))
+    check = verify_nir(result.path, model, frames, seed=3)
+    assert_same_policy(check)
+    assert_snntorch_reads_the_same_spikes(check)
 
 
 def test_the_paper_lif_maps_to_nir_parameters_by_the_euler_step(tmp_path):
@@ -230,6 +246,7 @@ def test_cli_exports_and_verifies_a_checkpoint(cartpole, tmp_path, capsys):
     assert "fc1 -> fc1_lif -> fc2 -> fc2_lif -> fc3 -> rate -> output" in done.stdout
     assert "simulate with that dt" in done.stdout
     assert "same greedy action on 100.0%" in done.stdout, done.stdout
+    assert "import_from_nir of the hidden layers: 0 of" in done.stdout, done.stdout
 
     # The weights-only format (no pickles) exports the same graph.
     assert cli.main(["export-nir", str(weights), str(tmp_path / "weights.nir")]) == 0

@@ -450,6 +450,14 @@ def _export_nir(args: argparse.Namespace) -> int:
         f"verify: same greedy action on {check['agreement']:.1%}; largest |Q difference| "
         f"{check['max_q_diff']:.3g} (largest |Q| {check['q_scale']:.3g})"
     )
+    torso = check["snntorch_torso"]
+    if isinstance(torso, dict):
+        print(
+            f"verify: snnTorch's import_from_nir of the hidden layers: {torso['differing']} of "
+            f"{torso['spikes']} spikes of the last hidden layer differ"
+        )
+    else:
+        print(f"verify: not cross-checked with snnTorch: {torso}")
     if check["agreement"] < args.min_agreement:
         print(f"verify failed: agreement below {args.min_agreement:.1%}", file=sys.stderr)
         return 1

@@ -52,9 +52,10 @@ networks of ``spikeq convert``), has no NIR neuron: it is written exactly as a m
 Scale(-threshold / input_scale) on a recurrent edge, which a simulator delivers one step later.
 
 ``verify_nir`` reads the file back with ``nir.read`` and runs it with nirtorch's graph executor on
-node modules written here from the NIR equations above (not from spikeq's modules): snnTorch's
-``import_from_nir`` has no ``I``/``LI`` node (the readouts), maps ``IF`` to a leaky neuron with beta 0.9,
-and nirtorch's default ``Affine`` map drops the bias.
+node modules written here from the NIR equations above (not from spikeq's modules; nirtorch's default
+``Affine`` map drops the bias). snnTorch's ``import_from_nir`` cannot run the whole graph (it has no
+``I``/``LI`` node for the readouts and maps ``IF`` to a leaky neuron with beta 0.9); where the hidden
+layers are LIF it imports them as a second, third-party check of the spikes (``SnnTorchTorso``).
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def load_spiking_policy(path: str | Path) -> SpikingPolicy:
 
         try:
             meta = read_weights_meta(path)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:  # not a JSON object
             raise ValueError(f"{path} is not a spikeq weights file ({_first_line(error)})") from None
         if meta.get("policy") != "SpikingPolicy":
             raise ValueError(_not_spiking(path, str(meta.get("policy"))))
@@ -275,12 +276,18 @@ def export_limits(q_net: SpikingQNetwork) -> list[str]:
     if spec.encoder == "direct":
         notes.append(
             f"direct input: present the observation (times input_scale) at each of the T={spec.num_steps} "
-            "steps and read Q after the last step"
+            "steps (the first layer's current is the same at every step: it may run once, off-chip) "
+            "and read Q after the last step"
         )
     else:
         notes.append(
             "poisson input has no NIR primitive: the host draws the input spikes each step, "
-            "Bernoulli((x - poisson_low) / poisson_span); the graph starts at the first synapses"
+            + (
+                "Bernoulli(x * input_scale)"
+                if q_net.is_image
+                else "Bernoulli((x - poisson_low) / poisson_span)"
+            )
+            + "; the graph starts at the first synapses"
         )
     if spec.reset == "subtract":
         notes.append(
@@ -347,6 +354,7 @@ def to_nir(
             chain(node_name, node)
         add_neurons(name, neurons, shape)
 
+    torso_output = previous
     readout, out = q_net.readout, (n_actions,)
     chain(
         q_net.readout_name, nir.Affine(weight=_numpy(readout.linear.weight), bias=_numpy(readout.linear.bias))
@@ -375,6 +383,7 @@ def to_nir(
         "input_layout": "CHW" if q_net.is_image else "features",
         "input_scale": 1.0 / 255.0 if q_net.is_image and q_net.normalize_images else 1.0,
         "action_names": json.dumps(action_names),
+        "torso_output": torso_output,
     }
     if spec.encoder == "poisson" and not q_net.is_image:
         metadata["poisson_low"] = q_net.encoder.low.double().numpy()
@@ -585,6 +594,67 @@ def poisson_spikes(q_net: SpikingQNetwork, obs: torch.Tensor, generator: torch.G
     return (torch.rand((q_net.num_steps, *prob.shape), generator=generator) < prob).float()
 
 
+class SnnTorchTorso:
+    """snnTorch's ``import_from_nir`` of the graph's hidden layers (the input up to the last hidden
+    spiking layer, metadata ``torso_output``): a third-party reading of the LIF parameters, compared
+    spike by spike. snnTorch reads LIF with its dt of 1e-4 s (beta = 1 - dt / tau, the threshold divided
+    by dt R / tau), but maps IF to a leaky neuron with beta 0.9 and reads no Threshold / Scale nodes (the
+    soft reset). Its Flatten also flattens the batch dimension (NIR's dims exclude it): here its dims are
+    shifted by one, the only change made to what it imports.
+
+    :param graph: a graph written by ``to_nir``
+    :raises ValueError: where snnTorch's importer cannot read the torso as written
+    """
+
+    SUPPORTED = (nir.Input, nir.Conv2d, nir.Flatten, nir.Affine, nir.LIF)
+
+    def __init__(self, graph: nir.NIRGraph) -> None:
+        import io
+        from contextlib import redirect_stdout
+
+        import snntorch as snn
+        from snntorch.import_nir import import_from_nir
+
+        end = str(graph.metadata["torso_output"])
+        keep, frontier = ["input"], ["input"]
+        while frontier:
+            source = frontier.pop()
+            if source == end:
+                continue
+            for _, target in (e for e in graph.edges if e[0] == source and e[1] not in keep):
+                keep.append(target)
+                frontier.append(target)
+        unsupported = sorted(
+            {type(graph.nodes[n]).__name__ for n in keep} - {t.__name__ for t in self.SUPPORTED}
+        )
+        if unsupported or float(graph.metadata["dt"]) != DEFAULT_DT:
+            raise ValueError(
+                f"snnTorch's import_from_nir cannot read {', '.join(unsupported) or 'dt != 1e-4'} as written"
+            )
+        nodes = {name: graph.nodes[name] for name in keep}
+        nodes["output"] = nir.Output(output_type={"output": graph.nodes[end].output_type["output"]})
+        edges = [(a, b) for a, b in graph.edges if a in nodes and b in nodes] + [(end, "output")]
+        with redirect_stdout(io.StringIO()):  # the importer prints its weight rescaling
+            self.module = import_from_nir(nir.NIRGraph(nodes=nodes, edges=edges))
+        self.neurons = [m for m in self.module.modules() if isinstance(m, snn.SpikingNeuron)]
+        for neuron in self.neurons:  # keep them out of snnTorch's global list, as spikeq.neurons does
+            snn.SpikingNeuron.instances.remove(neuron)
+        for flatten in (m for m in self.module.modules() if isinstance(m, nn.Flatten)):
+            flatten.start_dim += 1
+            flatten.end_dim += 1 if flatten.end_dim >= 0 else 0
+
+    @torch.no_grad()
+    def spikes(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """Spikes ``[T, B, ...]`` of the last hidden layer for the inputs of each step (``[B, ...]`` each)."""
+        for neuron in self.neurons:
+            neuron.mem = torch.zeros(0)  # re-zeroed at the next call (init_hidden state)
+        state, out = None, []
+        for x in inputs:
+            spikes, state = self.module(x, state)
+            out.append(spikes.flatten(1))
+        return torch.stack(out)
+
+
 def verify_nir(
     path: str | Path,
     model: DQN | BasePolicy | SpikingQNetwork,
@@ -600,28 +670,40 @@ def verify_nir(
     :param batch_size: observations per simulated batch
     :param seed: seed of the shared input spikes (Poisson input)
     :return: ``agreement`` (share of observations with the same greedy action), ``max_q_diff`` (largest
-        |Q_nir - Q|), ``q_scale`` (largest |Q|, to read it against), ``observations``, ``simulator``
+        |Q_nir - Q|), ``q_scale`` (largest |Q|, to read it against), ``observations``, ``simulator``,
+        and ``snntorch_torso``: the last hidden layer's ``spikes`` and how many of them ``differing``
+        under snnTorch's ``import_from_nir`` (``SnnTorchTorso``), or why it cannot read the graph
     """
     q_net = _q_net_of(model)
     graph = nir.read(path)
     simulator = NirSimulator(graph)
+    try:
+        torso, snntorch_result = SnnTorchTorso(graph), {"spikes": 0, "differing": 0}
+    except ValueError as error:
+        torso, snntorch_result = None, str(error)
     generator = torch.Generator().manual_seed(seed)
     same, max_diff, q_scale = 0, 0.0, 0.0
     for start in range(0, len(observations), batch_size):
         batch = observations[start : start + batch_size]
         obs = q_net.obs_to_tensor(batch)[0]  # channel-first for images, as the policy sees them
-        with torch.no_grad():
+        with torch.no_grad(), q_net.record() as activity:
             if simulator.encoding == "poisson":
                 spikes = poisson_spikes(q_net, obs, generator)
                 with _encoder(q_net, _GivenSpikes(spikes)):
                     q = q_net(obs).float()
                 q_nir = simulator.q_values(spikes)
+                inputs = list(spikes)
             else:
                 q = q_net(obs).float()
                 q_nir = simulator.q_values(obs)
+                inputs = [obs.float() * simulator.input_scale] * simulator.num_steps
         same += int((q.argmax(1) == q_nir.argmax(1)).sum())
         max_diff = max(max_diff, float((q_nir - q).abs().max()))
         q_scale = max(q_scale, float(q.abs().max()))
+        if torso is not None:
+            reference = activity[len(q_net.layer_names) - 1].spikes.flatten(2)  # [T, B, F]
+            snntorch_result["spikes"] += int(reference.sum())
+            snntorch_result["differing"] += int((torso.spikes(inputs) != reference).sum())
     return {
         "agreement": same / len(observations),
         "max_q_diff": max_diff,
@@ -631,6 +713,7 @@ def verify_nir(
             f"nir.read (nir {nir.version}), nirtorch {nirtorch.__version__} graph executor, "
             f"spikeq.nir_export node map (Euler, dt={simulator.dt:g})"
         ),
+        "snntorch_torso": snntorch_result,
     }
 
 

@@ -5,6 +5,7 @@
     spikeq evaluate CHECKPOINT [--episodes 30] [--epsilon 0.05] [--out result.json] [--video ep.mp4]
     spikeq export CHECKPOINT.zip OUT      (weights-only .safetensors + .json, safe to share)
     spikeq convert DQN_CHECKPOINT OUT     (ANN->SNN conversion baseline, Tan et al. 2021)
+    spikeq export-nir CHECKPOINT OUT.nir [--verify]   (NIR graph for neuromorphic hardware)
     spikeq report RUN_DIR [RUN_DIR ...] --out curves.png
     spikeq table RUN_DIR|EVALUATION.json ... [--out results.md]   (a row per game, model, perturbation)
     spikeq sweep experiments/sweeps/FILE.yaml [--count N] [--set name=value]   (no W&B server needed)
@@ -402,6 +403,95 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export_nir(sub: argparse._SubParsersAction) -> None:
+    from spikeq.nir_export import DEFAULT_DT, MIN_AGREEMENT
+
+    p = sub.add_parser(
+        "export-nir", help="write a spiking checkpoint as a NIR graph for neuromorphic hardware"
+    )
+    p.add_argument(
+        "checkpoint", type=Path, help="DSQN checkpoint: SB3 zip, or weights-only .safetensors/.json"
+    )
+    p.add_argument("out", type=Path, help="the .nir file to write")
+    p.add_argument("--verify", action="store_true", help="read the file back and compare it with the policy")
+    p.add_argument("--game", help="ALE game or gymnasium id (default: the game stored with the checkpoint)")
+    p.add_argument("--frames", type=int, default=300, help="--verify: observations recorded from the game")
+    p.add_argument(
+        "--epsilon", type=float, default=0.05, help="--verify: random-action probability while playing"
+    )
+    p.add_argument("--seed", type=int, default=0, help="--verify: seed of the env and the exploration")
+    p.add_argument(
+        "--dt", type=float, default=DEFAULT_DT, help=f"time step of the NIR neurons (default {DEFAULT_DT})"
+    )
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=MIN_AGREEMENT,
+        help=f"--verify: exit 1 below this share of equal greedy actions (default {MIN_AGREEMENT})",
+    )
+    p.set_defaults(handler=_export_nir)
+
+
+def _export_nir(args: argparse.Namespace) -> int:
+    from spikeq.convert import record_frames
+    from spikeq.nir_export import (
+        action_names,
+        export_nir,
+        load_spiking_policy,
+        make_observation_env,
+        verify_nir,
+    )
+
+    try:
+        policy = load_spiking_policy(args.checkpoint)
+        game = args.game or _checkpoint_config(args.checkpoint).get("game")
+        if args.verify and game is None:
+            raise ConfigError(f"cannot tell which game {args.checkpoint} plays; pass --game to --verify")
+        if args.frames < 1:
+            raise ConfigError(f"--frames {args.frames} must be >= 1")
+        env = make_observation_env(game, args.seed) if game else None
+        names = action_names(env) if env else None
+        result = export_nir(policy, args.out, dt=args.dt, action_names=names)
+    except ValueError as error:
+        raise ConfigError(str(error).splitlines()[0]) from None
+    meta = result.graph.metadata
+    print(f"wrote {result.path}: {' -> '.join(result.graph.nodes)}")
+    print(
+        f"  T={meta['num_steps']}, dt={meta['dt']:g} s, input scale {meta['input_scale']:.6g}, "
+        f"actions {meta['action_names']}"
+    )
+    print("what NIR leaves to the host or simulator:")
+    for note in result.notes:
+        print(f"  - {note}")
+    if not args.verify:
+        if env is not None:
+            env.close()
+        return 0
+    frames = record_frames(policy, env, args.frames, args.epsilon, args.seed, progress=False)
+    env.close()
+    check = verify_nir(args.out, policy, frames, seed=args.seed)
+    print(
+        f"verify: {check['observations']} observations of {game} (epsilon {args.epsilon}, seed {args.seed})"
+    )
+    print(f"verify: simulated with {check['simulator']}")
+    print(
+        f"verify: same greedy action on {check['agreement']:.1%}; largest |Q difference| "
+        f"{check['max_q_diff']:.3g} (largest |Q| {check['q_scale']:.3g})"
+    )
+    torso = check["snntorch_torso"]
+    if isinstance(torso, dict):
+        print(
+            f"verify: snnTorch's import_from_nir of the hidden layers: {torso['differing']} of "
+            f"{torso['spikes']} spikes of the last hidden layer differ"
+        )
+    else:
+        print(f"verify: not cross-checked with snnTorch: {torso}")
+    if check["agreement"] < args.min_agreement:
+        print(f"verify failed: agreement below {args.min_agreement:.1%}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="plot the evaluation curves of run directories")
     p.add_argument("runs", type=Path, nargs="+", help="run directories")
@@ -506,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_export(sub)
     _add_convert(sub)
+    _add_export_nir(sub)
     _add_report(sub)
     _add_table(sub)
     _add_sweep(sub)

@@ -263,7 +263,7 @@ def test_cli_refuses_an_ann_dqn_and_a_corrupt_file_with_one_line(tmp_path, capsy
     (tmp_path / "corrupt.json").write_text("{not json")
 
     cases = {
-        "dqn.json": "holds a DQNPolicy (an ANN DQN)",
+        "dqn.json": "holds a MlpPolicy (an ANN DQN)",
         "corrupt.zip": "is not a readable SB3 DQN checkpoint",
         "corrupt.json": "is not a spikeq weights file",
         "missing.zip": "does not exist",

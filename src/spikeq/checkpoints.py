@@ -382,7 +382,15 @@ def load_model(path: Path, env: VecEnv, device: str = "auto") -> DQN:
     if path.suffix == ".zip":
         try:
             return DQN.load(path, env=env, device=device, custom_objects=no_replay)
-        except (RuntimeError, KeyError, OSError, EOFError, zipfile.BadZipFile, TypeError) as error:
+        except (
+            ValueError,
+            RuntimeError,
+            KeyError,
+            OSError,
+            EOFError,
+            zipfile.BadZipFile,
+            TypeError,
+        ) as error:
             raise ValueError(f"{path} does not load: {str(error).splitlines()[0]}") from None
     if path.suffix not in (".safetensors", ".json"):
         raise ValueError(f"unknown checkpoint type {path.name!r}; allowed: .zip, .safetensors, .json")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 import types
 import typing
@@ -101,11 +102,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_config(config: TrainConfig) -> None:
-    from spikeq.train import resolve_device
+    from spikeq.train import cpu_warning, resolve_device
 
     values = config.to_dict()
+    device = resolve_device(config.device)
     if config.device == "auto":
-        values["device"] = f"auto ({resolve_device('auto')})"
+        values["device"] = f"auto ({device})"
     width = max(len(k) for k in values)
     print("spikeq train: resolved config")
     for key, value in values.items():
@@ -118,6 +120,9 @@ def _print_config(config: TrainConfig) -> None:
             f"note: steps={config.steps:,} < exploration_steps={config.exploration_steps:,}: "
             f"epsilon decays at the configured rate and ends the run at {final:.3f}"
         )
+    warning = cpu_warning(config, device)
+    if warning:
+        print(warning)
     sys.stdout.flush()
 
 
@@ -162,12 +167,18 @@ def _train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("spikeq train: interrupted before training started", file=sys.stderr)
         return 130
+    handlers = {stop: signal.getsignal(stop) for stop in (signal.SIGINT, signal.SIGTERM)}
     try:
         print(f"run directory: {trainer.run_dir}  (W&B: {trainer.tracker.mode})", flush=True)
         result = trainer.run()
     finally:
+        # What could be saved is saved: a further Ctrl-C while the envs close changes nothing.
+        for stop in handlers:
+            signal.signal(stop, signal.SIG_IGN)
         trainer.close()
-    print(result.message, file=sys.stderr if result.exit_code else sys.stdout)
+    print(result.message, file=sys.stderr if result.exit_code else sys.stdout, flush=True)
+    for stop, handler in handlers.items():
+        signal.signal(stop, handler)
     return result.exit_code
 
 
@@ -518,9 +529,12 @@ def _sweep(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"sweep stopped; the same command continues it (finished runs are in {state})", file=sys.stderr)
         return 130
-    failed = [r for r in results if r["returncode"] != 0]
+    failed = [r for r in results if r["returncode"] not in (0, None)]
+    elsewhere = sum(r["returncode"] is None for r in results)
     if not args.dry_run:
-        print(f"sweep {sweep.name}: {len(results) - len(failed)} of {len(runs)} run(s) succeeded")
+        succeeded = len(results) - len(failed) - elsewhere
+        others = f" ({elsewhere} running in another sweep process)" if elsewhere else ""
+        print(f"sweep {sweep.name}: {succeeded} of {len(runs)} run(s) succeeded{others}")
         for record in failed:
             print(f"  failed (exit {record['returncode']}): {' '.join(record['command'])}")
     return 1 if failed else 0

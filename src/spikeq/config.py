@@ -209,7 +209,7 @@ class TrainConfig:
             )
         if self.num_steps > MAX_NUM_STEPS:
             raise ConfigError(f"num_steps={self.num_steps!r} is too large; allowed: 1 to {MAX_NUM_STEPS}")
-        for name in ("tau", "threshold", "learning_rate", "surrogate_slope", "gamma"):
+        for name in ("tau", "threshold", "learning_rate", "surrogate_slope"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ConfigError(f"{name}={value!r} must be a finite number")

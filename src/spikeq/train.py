@@ -38,8 +38,10 @@ import torch
 from stable_baselines3 import DQN
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.preprocessing import is_image_space, is_image_space_channels_first
 from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
-from stable_baselines3.common.utils import LinearSchedule, get_schedule_fn
+from stable_baselines3.common.utils import FloatSchedule, LinearSchedule
+from stable_baselines3.common.vec_env import VecTransposeImage
 from tqdm.auto import tqdm
 
 from spikeq import atari, checkpoints
@@ -121,6 +123,37 @@ def is_run_dir(path: Path) -> bool:
 
 def _contents(path: Path) -> list[Path]:
     return [p for p in path.iterdir() if p.name != RUN_LOCK] if path.is_dir() else []
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    """Temporary files and folders of writes a crash cut short (the lock is held: none is in progress)."""
+    for old in run_dir.glob("checkpoints/.old-step-*"):
+        # Killed while replacing a checkpoint saved twice at one step: the old copy is the complete one.
+        final = old.with_name(old.name.removeprefix(".old-"))
+        if not final.exists():
+            os.replace(old, final)
+    for leftover in [*run_dir.glob(".*.tmp"), *run_dir.glob("checkpoints/.*")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+# Above this many steps a CPU run is worth a warning: the README's CPU speeds are 2 to 60 agent steps/s.
+CPU_STEPS_WARNING = 5_000_000
+CPU_STEPS_PER_SECOND = {"dqn": 60.0, "spiking": 2.0}
+
+
+def cpu_warning(config: TrainConfig, device: str) -> str | None:
+    """A warning when ``config`` asks a CPU for more steps than it can train in reasonable time."""
+    if device != "cpu" or config.steps < CPU_STEPS_WARNING:
+        return None
+    speed = CPU_STEPS_PER_SECOND["spiking" if config.spiking else "dqn"]
+    days = config.steps / speed / 86_400
+    return (
+        f"warning: {config.steps:,} steps on a CPU take about {days:,.0f} days at the {speed:g} agent "
+        f"steps/s measured for {config.model} on a CPU (README); use a GPU (--device cuda) or fewer --steps"
+    )
 
 
 def lock_run_dir(run_dir: Path) -> FileLock:
@@ -252,13 +285,17 @@ def rebuilt_objects(config: TrainConfig, env) -> dict[str, Any]:
     (``checkpoints.load_checkpoint`` unpickles nothing). A resumed run starts new episodes, so the
     last observations are dropped; ``learning_rate`` and the epsilon schedule are the config's."""
     train_freq, _ = sb3_update_schedule(config.train_freq, config.gradient_steps, env.num_envs)
+    observation_space = env.observation_space
+    if is_image_space(observation_space) and not is_image_space_channels_first(observation_space):
+        # As SB3 wraps such an env for its CNN (VecTransposeImage): the model's space is channels-first.
+        observation_space = VecTransposeImage.transpose_space(observation_space)
     return {
         "policy_class": DQN.policy_aliases["SpikingPolicy" if config.spiking else "CnnPolicy"],
-        "observation_space": env.observation_space,
+        "observation_space": observation_space,
         "action_space": env.action_space,
         "replay_buffer_class": FrameReplayBuffer if config.frame_replay else ReplayBuffer,
         "train_freq": TrainFreq(train_freq, TrainFrequencyUnit.STEP),
-        "lr_schedule": get_schedule_fn(config.learning_rate),
+        "lr_schedule": FloatSchedule(config.learning_rate),
         "exploration_schedule": LinearSchedule(
             config.exploration_initial_eps,
             config.exploration_final_eps,
@@ -317,6 +354,8 @@ class Trainer:
         self._checked_updates = -1
         self.lock: FileLock | None = None  # the run directory's, set by open_run
 
+        if resume:
+            _remove_leftovers(run_dir)
         candidates = checkpoints.checkpoint_candidates(self.ckpt_dir) if resume else []
         if resume and not candidates:
             if any(self.ckpt_dir.glob("step-*")):

@@ -330,6 +330,53 @@ def test_a_full_disk_gives_one_line_and_a_resumable_run(tmp_path, capsys, monkey
     assert eval_steps(run_dir) == [32, 64]
 
 
+def test_a_failed_write_of_the_best_weights_keeps_the_previous_three(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    trainer = open_run(tiny_config(steps=32, eval_freq=16), run_dir=run_dir)
+    ckpt = run_dir / "checkpoints"
+    write = checkpoints.save_file
+    try:
+        trainer.model.learn(16, reset_num_timesteps=True)
+        trainer.evaluate_now()
+        before = {name: (ckpt / name).read_bytes() for name in checkpoints.BEST_FILES}
+        trainer.state["best_score"] = -1e9  # whatever it scores now is the best
+
+        def disk_full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(checkpoints, "save_file", disk_full)
+        trainer.model.learn(16, reset_num_timesteps=False)
+        with pytest.raises(OSError, match="No space left"):
+            trainer.evaluate_now()
+    finally:
+        monkeypatch.setattr(checkpoints, "save_file", write)
+        trainer.close()
+    assert {name: (ckpt / name).read_bytes() for name in checkpoints.BEST_FILES} == before
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(checkpoints.BEST_FILES)  # no temporary file
+
+
+def test_an_unexpected_error_is_one_line_with_its_traceback_in_error_log(tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "run"
+    plots = []
+
+    def broken_plot(runs, out):
+        plots.append(out)
+        if len(plots) == 2:
+            raise RuntimeError("matplotlib backend exploded")
+
+    monkeypatch.setattr(train, "plot_runs", broken_plot)
+    assert (
+        cli.main(["train", "--preset", "smoke", "--model", "dqn", "--run-dir", str(run_dir), *TINY_ARGS]) == 1
+    )
+    message = capsys.readouterr().err.splitlines()[-1]
+    assert "unexpected RuntimeError: matplotlib backend exploded" in message
+    assert "checkpoint step-32 is kept" in message and "--resume" in message
+    assert "Traceback" in (run_dir / "error.log").read_text()
+    monkeypatch.undo()
+    assert resume(run_dir) == 0
+    assert eval_steps(run_dir) == [32, 64]
+
+
 # --- 2. NaN and inf ------------------------------------------------------------------------------------
 
 

@@ -49,7 +49,7 @@ def test_smoke_run_writes_a_complete_run_directory(smoke_run, model):
 
     ckpt = run_dir / "checkpoints"
     latest = ckpt / (ckpt / "latest").read_text().strip()
-    assert latest.name == "step-1200" and (latest / "model.zip").exists() and (latest / "replay.pkl").exists()
+    assert latest.name == "step-1200" and (latest / "model.zip").exists() and (latest / "replay.npz").exists()
     assert json.loads((latest / "trainer.json").read_text())["num_timesteps"] == 1200
     for name in ("best.zip", "best.safetensors", "best.json"):
         assert (ckpt / name).exists(), name

@@ -296,8 +296,8 @@ def export_weights(
 ) -> tuple[Path, Path]:
     """Write the online Q-network as ``<path>.safetensors`` + ``<path>.json`` (no pickles).
 
-    Both files are written to temporary files first and then renamed, the ``.json`` last: a failed
-    write leaves the previous pair as it was.
+    Both files are written to temporary files first and then renamed: a failed write leaves the
+    previous pair as it was.
 
     :param model: a DQN with a SpikingPolicy or an SB3 DQN policy
     :param path: file stem; a ``.safetensors``/``.json``/``.zip`` suffix is replaced
@@ -307,6 +307,17 @@ def export_weights(
     :raises ValueError: for weights that are not finite, or a policy whose kwargs are not plain data
     """
     stem = Path(path).with_suffix("")
+    tensors, meta = _weights_and_meta(model, config, extra)
+    weights, meta_file = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    with atomic_path(weights) as weights_tmp, atomic_path(meta_file) as meta_tmp:
+        save_file(tensors, str(weights_tmp))
+        meta_tmp.write_text(json.dumps(meta, indent=1))
+    return weights, meta_file
+
+
+def _weights_and_meta(
+    model: DQN, config: dict[str, Any] | None, extra: dict[str, Any] | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     bad = [name for name, value in model.q_net.state_dict().items() if not torch.isfinite(value).all()]
     if bad:
         raise ValueError(f"not exporting non-finite weights ({', '.join(bad[:3])})")
@@ -324,11 +335,27 @@ def export_weights(
         "config": config or {},
         **(extra or {}),
     }
-    weights, meta_file = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    with atomic_path(weights) as tmp:
-        save_file(tensors, str(tmp))
-    write_atomic(meta_file, json.dumps(meta, indent=1))
-    return weights, meta_file
+    return tensors, meta
+
+
+def save_best(model: DQN, checkpoints: Path, config: dict[str, Any]) -> None:
+    """Write ``best.zip``, ``best.safetensors`` and ``best.json`` from ``model``: all three are written
+    to temporary files first and renamed only when every one is complete, so a failed write leaves the
+    previous three, all from one step.
+
+    :raises ValueError: for non-finite weights (nothing is written)
+    """
+    tensors, meta = _weights_and_meta(model, config, None)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    with (
+        atomic_path(checkpoints / "best.zip") as zip_tmp,
+        atomic_path(checkpoints / "best.safetensors") as weights_tmp,
+        atomic_path(checkpoints / "best.json") as meta_tmp,
+    ):
+        with zip_tmp.open("wb") as f:
+            model.save(f)
+        save_file(tensors, str(weights_tmp))
+        meta_tmp.write_text(json.dumps(meta, indent=1))
 
 
 def read_weights_meta(path: Path) -> dict[str, Any]:

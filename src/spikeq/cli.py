@@ -196,10 +196,17 @@ def _export(args: argparse.Namespace) -> int:
 
     if not args.checkpoint.exists():
         raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
-    model = DQN.load(args.checkpoint, device="cpu", custom_objects={"buffer_size": 1})
+    try:
+        model = DQN.load(args.checkpoint, device="cpu", custom_objects={"buffer_size": 1})
+    except (ValueError, RuntimeError, KeyError, OSError, EOFError, TypeError) as error:
+        raise ConfigError(f"{args.checkpoint} does not load: {str(error).splitlines()[0]}") from None
     config_file = args.checkpoint.parent.parent / "config.yaml"
     config = TrainConfig.load(config_file).to_dict() if config_file.exists() else {}
-    for path in checkpoints.export_weights(model, args.out, config):
+    try:
+        paths = checkpoints.export_weights(model, args.out, config)
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"cannot export {args.checkpoint}: {error}") from None
+    for path in paths:
         print(path)
     return 0
 

@@ -510,11 +510,7 @@ class Trainer:
         return result
 
     def _save_best(self) -> None:
-        """Write best.zip, then best.safetensors + best.json, each atomically, from finite weights."""
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.ckpt_dir / "best.zip") as tmp, tmp.open("wb") as f:
-            self.model.save(f)
-        checkpoints.export_weights(self.model, self.ckpt_dir / "best", self.config.to_dict())
+        checkpoints.save_best(self.model, self.ckpt_dir, self.config.to_dict())
 
     def checkpoint(self) -> Path | None:
         """Save a resumable checkpoint now (nothing when this step's state is saved already)."""

@@ -229,16 +229,19 @@ def load_checkpoint(
         model = DQN.load(path / "model.zip", env=env, device=device, custom_objects=rebuilt)
     except (RuntimeError, KeyError, zipfile.BadZipFile, EOFError) as error:
         raise ValueError(f"{path / 'model.zip'} does not load: {str(error).splitlines()[0]}") from None
-    if (path / "rng.json").exists():
-        _set_rng_state(model, json.loads((path / "rng.json").read_text()))
-    elif (path / "rng.pt").exists():
+    try:
+        if (path / "rng.json").exists():
+            _set_rng_state(model, json.loads((path / "rng.json").read_text()))
+        if (path / "replay.npz").exists():
+            load_replay_buffer(model.replay_buffer, path)
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is damaged: {str(error).splitlines()[0]}") from None
+    if not (path / "rng.json").exists() and (path / "rng.pt").exists():
         warnings.warn(
             f"{path / 'rng.pt'} is a pickle (an older spikeq), not loaded: the RNG states start afresh",
             stacklevel=2,
         )
-    if (path / "replay.npz").exists():
-        load_replay_buffer(model.replay_buffer, path)
-    elif (path / "replay.pkl").exists():
+    if not (path / "replay.npz").exists() and (path / "replay.pkl").exists():
         warnings.warn(
             f"{path / 'replay.pkl'} is a pickle (an older spikeq), not loaded: the replay buffer refills",
             stacklevel=2,

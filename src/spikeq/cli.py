@@ -177,8 +177,11 @@ def _train(args: argparse.Namespace) -> int:
             signal.signal(stop, signal.SIG_IGN)
         trainer.close()
     print(result.message, file=sys.stderr if result.exit_code else sys.stdout, flush=True)
-    for stop, handler in handlers.items():
-        signal.signal(stop, handler)
+    if result.status != "interrupted":
+        for stop, handler in handlers.items():
+            signal.signal(stop, handler)
+    # Interrupted: the process is ending with 128 + signal; one more Ctrl-C must not turn that into a
+    # KeyboardInterrupt on the way out, so signals stay ignored.
     return result.exit_code
 
 

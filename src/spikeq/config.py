@@ -246,7 +246,7 @@ class TrainConfig:
         """Every field holds a value of its declared type (a config file may hold anything)."""
         for f in fields(self):
             value = getattr(self, f.name)
-            allowed = _FIELD_TYPES[str(f.type)]
+            allowed = _FIELD_TYPES.get(str(f.type), (object,))
             if isinstance(value, bool) and bool not in allowed:
                 allowed = ()  # True is an int to Python, not to a config
             if not isinstance(value, allowed):

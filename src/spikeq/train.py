@@ -353,6 +353,7 @@ class Trainer:
         self._saved: tuple[int, str] | None = None  # (step, state) of the last checkpoint written
         self._checked_updates = -1
         self.lock: FileLock | None = None  # the run directory's, set by open_run
+        self._ending = False  # set once nothing is left to save: later signals are ignored
 
         if resume:
             _remove_leftovers(run_dir)
@@ -526,6 +527,8 @@ class Trainer:
     @contextmanager
     def _signals(self) -> Iterator[None]:
         def handler(signum: int, frame: Any) -> None:
+            if self._ending:
+                return  # the result is being reported: nothing is left to stop
             if self.stop_signal is not None:
                 raise StopNow  # a second signal: stop now
             self.stop_signal = signum
@@ -613,6 +616,7 @@ class Trainer:
         return True
 
     def _stopped(self, saved: bool) -> RunResult:
+        self._ending = True
         signum = self.stop_signal or signal.SIGINT
         self._finish_tracker(exit_code=128 + signum)
         why = self.failure or "stopped again while saving"
@@ -673,6 +677,7 @@ class Trainer:
         }
         with atomic_path(self.run_dir / "evaluation.json") as tmp:
             tmp.write_text(json.dumps(result, indent=1))
+        self._ending = True
         self.tracker.summary({f"final/{k}": v for k, v in result.items() if isinstance(v, int | float)})
         self._finish_tracker()
         return RunResult(

@@ -330,6 +330,33 @@ def test_a_full_disk_gives_one_line_and_a_resumable_run(tmp_path, capsys, monkey
     assert eval_steps(run_dir) == [32, 64]
 
 
+def test_a_real_file_size_limit_fails_one_line_and_leaves_no_temporary_files(tmp_path):
+    import resource
+
+    run_dir = tmp_path / "run"
+    limit = 30_000_000  # bytes per file: the model (27 MB) fits, a 5,000-frame replay (35 MB) does not
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    args = ["train", "--preset", "smoke", "--model", "dqn", "--run-dir", str(run_dir), *TINY_ARGS]
+    done = subprocess.run(
+        [*SPIKEQ, *args, "--buffer-size=5000"],
+        capture_output=True,
+        text=True,
+        env=CHILD_ENV,
+        preexec_fn=limited,
+        timeout=600,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    message = done.stderr.splitlines()[-1]
+    assert "cannot write checkpoint" in message and "File too large" in message
+    assert "no checkpoint yet: it restarts from step 0" in message and "--resume" in message
+    assert [p.name for p in (run_dir / "checkpoints").glob(".*")] == []
+    assert resume(run_dir) == 0
+    assert eval_steps(run_dir) == [32, 64]
+
+
 def test_a_failed_write_of_the_best_weights_keeps_the_previous_three(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     trainer = open_run(tiny_config(steps=32, eval_freq=16), run_dir=run_dir)

@@ -56,7 +56,7 @@ def _optional_float(text: str) -> float | None:
 def _field_help() -> dict[str, str]:
     """Each config field's ``:param name: text`` from ``TrainConfig``'s docstring."""
     docs = re.findall(r":param (\w+): (.*?)(?=\n\s*:param |\Z)", TrainConfig.__doc__ or "", re.S)
-    return {name: " ".join(text.split()) for name, text in docs}
+    return {name: " ".join(text.replace("``", "").split()) for name, text in docs}
 
 
 def _converter(annotation: Any) -> Any:

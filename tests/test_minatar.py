@@ -228,3 +228,17 @@ def test_the_random_policy_row_scores_chance(tmp_path):
     assert 0 <= result["score_mean"] < 3  # random Breakout scores about 0.5 (Young and Tian 2019)
     no_game = spikeq("evaluate", "--random")
     assert no_game.returncode == 2 and "--random needs --game" in no_game.stderr
+
+
+@pytest.mark.parametrize("model", ["dqn", "dsqn"])
+def test_a_minatar_run_resumes_from_its_checkpoint(tmp_path, model):
+    """Resume rebuilds the policy (the MinAtar torso, centred RMSprop) from the config, not from pickles."""
+    run_dir = tmp_path / "run"
+    game = ("--game", "MinAtar/Freeway", "--model", model, "--preset", "smoke")
+    first = spikeq("train", *game, "--steps", "600", "--run-dir", str(run_dir))
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = spikeq("train", "--resume", str(run_dir), "--steps", "1200")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "finished 1,200 steps" in resumed.stdout
+    steps = [row.split(",")[0] for row in (run_dir / "eval.csv").read_text().splitlines()[1:]]
+    assert steps == ["600", "1200"]

@@ -49,7 +49,7 @@ def test_smoke_run_writes_a_complete_run_directory(smoke_run, model):
 
     ckpt = run_dir / "checkpoints"
     latest = ckpt / (ckpt / "latest").read_text().strip()
-    assert latest.name == "step-1200" and (latest / "model.zip").exists() and (latest / "replay.pkl").exists()
+    assert latest.name == "step-1200" and (latest / "model.zip").exists() and (latest / "replay.npz").exists()
     assert json.loads((latest / "trainer.json").read_text())["num_timesteps"] == 1200
     for name in ("best.zip", "best.safetensors", "best.json"):
         assert (ckpt / name).exists(), name
@@ -181,14 +181,14 @@ def test_resume_errors(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    (run_dir / "checkpoints" / "step-300").mkdir(parents=True)  # a checkpoint without its files
     resolve("smoke", "dsqn").save(run_dir / "config.yaml")
     assert cli.main(["train", "--resume", str(run_dir)]) == 2
     assert "no checkpoint to resume" in capsys.readouterr().err
     assert cli.main(["train", "--resume", str(run_dir), "--game", "Breakout"]) == 2
     assert "--game Breakout does not match the run being resumed (game=Pong)" in capsys.readouterr().err
-    assert cli.main(["train", "--resume", str(run_dir), "--learning-rate", "0.1"]) == 2
-    assert "cannot change learning_rate when resuming" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", str(run_dir), "--batch-size", "64"]) == 2
+    assert "cannot change batch_size when resuming" in capsys.readouterr().err
 
 
 def test_existing_run_directory_is_never_overwritten_without_force(tmp_path, capsys):
@@ -254,7 +254,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     finally:
         trainer.close()
     assert result.status == "failed" and result.exit_code == 1
-    assert "training loss became nan" in result.message and "last good checkpoint is kept" in result.message
+    assert "training loss became nan" in result.message and "checkpoint step-300 is kept" in result.message
     latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
     assert latest == "step-300"
 

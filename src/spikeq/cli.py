@@ -18,6 +18,8 @@ dashes, booleans as ``True``/``False``.
 from __future__ import annotations
 
 import argparse
+import re
+import signal
 import sys
 import types
 import typing
@@ -27,8 +29,9 @@ from typing import Any, NoReturn
 
 from spikeq.config import MODELS, PRESETS, ConfigError, TrainConfig, from_dict, resolve
 
-# What a resumed run may change: where and how it runs, and how far it goes.
-RESUME_OVERRIDES = ("steps", "device", "wandb", "torch_threads")
+# What a resumed run may change: where and how it runs, how far it goes, and the two settings that get a
+# run past a loss that became NaN (resumed from the last finite checkpoint).
+RESUME_OVERRIDES = ("steps", "device", "wandb", "torch_threads", "learning_rate", "max_grad_norm")
 # Fields with their own options below, or that only presets set.
 _SPECIAL = {"game", "model", "preset", "tags"}
 
@@ -51,6 +54,12 @@ def _optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "null", "") else float(text)
 
 
+def _field_help() -> dict[str, str]:
+    """Each config field's ``:param name: text`` from ``TrainConfig``'s docstring."""
+    docs = re.findall(r":param (\w+): (.*?)(?=\n\s*:param |\Z)", TrainConfig.__doc__ or "", re.S)
+    return {name: " ".join(text.replace("``", "").split()) for name, text in docs}
+
+
 def _converter(annotation: Any) -> Any:
     hints = {"int": int, "float": float, "str": str, "bool": _bool, "float | None": _optional_float}
     if isinstance(annotation, str):
@@ -68,14 +77,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tags", help="comma-separated W&B tags")
     p.add_argument("--run-dir", "--run_dir", type=Path, help="run directory (default runs/<name>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its checkpoint")
-    p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    p.add_argument(
+        "--force", action="store_true", help="overwrite an existing run directory (a spikeq run only)"
+    )
+    docs = _field_help()
     for f in fields(TrainConfig):
         if f.name in _SPECIAL:
             continue
         options = [f"--{f.name.replace('_', '-')}"]
         if "_" in f.name:
             options.append(f"--{f.name}")
-        p.add_argument(*options, dest=f.name, type=_converter(f.type), help="default: the preset's value")
+        text = docs.get(f.name, "").replace("%", "%%")
+        p.add_argument(*options, dest=f.name, type=_converter(f.type), help=f"{text} (default: the preset's)")
     p.set_defaults(handler=_train)
 
 
@@ -90,10 +103,27 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_config(config: TrainConfig) -> None:
-    width = max(len(k) for k in config.to_dict())
+    from spikeq.train import cpu_warning, resolve_device
+
+    values = config.to_dict()
+    device = resolve_device(config.device)
+    if config.device == "auto":
+        values["device"] = f"auto ({device})"
+    width = max(len(k) for k in values)
     print("spikeq train: resolved config")
-    for key, value in config.to_dict().items():
+    for key, value in values.items():
         print(f"  {key:<{width}}  {value}")
+    if config.exploration_steps > config.steps:
+        final = config.exploration_initial_eps + (
+            config.exploration_final_eps - config.exploration_initial_eps
+        ) * (config.steps / config.exploration_steps)
+        print(
+            f"note: steps={config.steps:,} < exploration_steps={config.exploration_steps:,}: "
+            f"epsilon decays at the configured rate and ends the run at {final:.3f}"
+        )
+    warning = cpu_warning(config, device)
+    if warning:
+        print(warning)
     sys.stdout.flush()
 
 
@@ -101,7 +131,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     """The config of a new run, or of the run being resumed with the overrides given."""
     overrides = _overrides(args)
     if args.resume is None:
-        return resolve(args.preset or "paper", args.model or "dsqn", **overrides)
+        preset = "paper" if args.preset is None else args.preset
+        return resolve(preset, "dsqn" if args.model is None else args.model, **overrides)
     config_file = args.resume / "config.yaml"
     if not config_file.exists():
         raise ConfigError(f"cannot resume: {config_file} not found (is {args.resume} a spikeq run?)")
@@ -119,9 +150,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
             f"cannot change {', '.join(fixed)} when resuming (the checkpoint was trained with the saved "
             f"values); allowed: {', '.join(RESUME_OVERRIDES)}"
         )
-    config = from_dict({**saved.to_dict(), **changes}).validate()
-    config.save(config_file)
-    return config
+    # Saved by open_run once the checkpoint has loaded: a rejected resume leaves config.yaml as it was.
+    return from_dict({**saved.to_dict(), **changes}).validate()
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -135,12 +165,24 @@ def _train(args: argparse.Namespace) -> int:
         )
     except ValueError as error:  # ConfigError, or a bad game / space found while opening the run
         raise ConfigError(str(error).splitlines()[0]) from None
+    except KeyboardInterrupt:
+        print("spikeq train: interrupted before training started", file=sys.stderr)
+        return 130
+    handlers = {stop: signal.getsignal(stop) for stop in (signal.SIGINT, signal.SIGTERM)}
     try:
         print(f"run directory: {trainer.run_dir}  (W&B: {trainer.tracker.mode})", flush=True)
         result = trainer.run()
     finally:
+        # What could be saved is saved: a further Ctrl-C while the envs close changes nothing.
+        for stop in handlers:
+            signal.signal(stop, signal.SIG_IGN)
         trainer.close()
-    print(result.message, file=sys.stderr if result.exit_code else sys.stdout)
+    print(result.message, file=sys.stderr if result.exit_code else sys.stdout, flush=True)
+    if result.status != "interrupted":
+        for stop, handler in handlers.items():
+            signal.signal(stop, handler)
+    # Interrupted: the process is ending with 128 + signal; one more Ctrl-C must not turn that into a
+    # KeyboardInterrupt on the way out, so signals stay ignored.
     return result.exit_code
 
 
@@ -158,10 +200,17 @@ def _export(args: argparse.Namespace) -> int:
 
     if not args.checkpoint.exists():
         raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
-    model = DQN.load(args.checkpoint, device="cpu", custom_objects={"buffer_size": 1})
+    try:
+        model = DQN.load(args.checkpoint, device="cpu", custom_objects={"buffer_size": 1})
+    except (ValueError, RuntimeError, KeyError, OSError, EOFError, TypeError) as error:
+        raise ConfigError(f"{args.checkpoint} does not load: {str(error).splitlines()[0]}") from None
     config_file = args.checkpoint.parent.parent / "config.yaml"
     config = TrainConfig.load(config_file).to_dict() if config_file.exists() else {}
-    for path in checkpoints.export_weights(model, args.out, config):
+    try:
+        paths = checkpoints.export_weights(model, args.out, config)
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"cannot export {args.checkpoint}: {error}") from None
+    for path in paths:
         print(path)
     return 0
 
@@ -189,6 +238,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the env and the exploration")
     p.add_argument("--energy-model", default="45nm", help="45nm, loihi, or a YAML profile")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (default 1, fastest for these networks on a loaded machine; 0: torch's)",
+    )
     p.add_argument("--out", type=Path, help="JSON file for the results (default: print only)")
     p.add_argument("--video", type=Path, help="record the first episode to this MP4 file")
     p.add_argument(
@@ -225,6 +280,27 @@ def _game_of(args: argparse.Namespace) -> str:
     return game
 
 
+def _check_run_options(args: argparse.Namespace) -> None:
+    """The options ``evaluate`` shares with a training config, checked by the config's rules; sets the
+    torch thread count."""
+    import torch
+
+    from spikeq.config import MAX_SEED, MAX_TORCH_THREADS
+
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ConfigError(f"--seed {args.seed} is out of range; allowed: 0 to 2**32 - 1 ({MAX_SEED})")
+    if args.max_episode_steps < 1:
+        raise ConfigError(f"--max-episode-steps {args.max_episode_steps} must be >= 1")
+    if args.noop_max < 0:
+        raise ConfigError(f"--noop-max {args.noop_max} must be >= 0")
+    if not 0 <= args.torch_threads <= MAX_TORCH_THREADS:
+        raise ConfigError(
+            f"--torch-threads {args.torch_threads} is out of range; allowed: 0 to {MAX_TORCH_THREADS}"
+        )
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
@@ -249,11 +325,11 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--episodes {args.episodes} must be >= 1")
         if not 0 <= args.epsilon <= 1:
             raise ConfigError(f"--epsilon {args.epsilon} must lie in [0, 1]")
-        max_episode_steps = args.max_episode_steps or trained.get("max_episode_steps")
-        if max_episode_steps is None:
-            max_episode_steps = 10_000 if games.is_minatar(game) else 18_000
-        if max_episode_steps < 1:
-            raise ConfigError(f"--max-episode-steps {max_episode_steps} must be >= 1")
+        if args.max_episode_steps is None:
+            family_cap = 10_000 if games.is_minatar(game) else 18_000
+            args.max_episode_steps = trained.get("max_episode_steps") or family_cap
+        _check_run_options(args)
+        max_episode_steps = args.max_episode_steps
         energy_model = load_energy_model(args.energy_model)
         perturbation = Perturbation.parse(args.perturb)
         env = games.make_env(
@@ -580,9 +656,12 @@ def _sweep(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"sweep stopped; the same command continues it (finished runs are in {state})", file=sys.stderr)
         return 130
-    failed = [r for r in results if r["returncode"] != 0]
+    failed = [r for r in results if r["returncode"] not in (0, None)]
+    elsewhere = sum(r["returncode"] is None for r in results)
     if not args.dry_run:
-        print(f"sweep {sweep.name}: {len(results) - len(failed)} of {len(runs)} run(s) succeeded")
+        succeeded = len(results) - len(failed) - elsewhere
+        others = f" ({elsewhere} running in another sweep process)" if elsewhere else ""
+        print(f"sweep {sweep.name}: {succeeded} of {len(runs)} run(s) succeeded{others}")
         for record in failed:
             print(f"  failed (exit {record['returncode']}): {' '.join(record['command'])}")
     return 1 if failed else 0

@@ -7,6 +7,7 @@ in that order; the resolved config is printed at the start of a run and saved as
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 import yaml
 
+from spikeq.files import write_atomic
 from spikeq.network import NetworkSpec
 
 MODELS: dict[str, dict[str, Any]] = {
@@ -53,6 +55,22 @@ PAPER_DETACH_RESET = False
 DEFAULT_DETACH_RESET = True
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 VEC_ENVS = ("dummy", "subproc", "ale")
+# NumPy, gymnasium and ALE take 32-bit seeds; larger ones fail deep inside the first reset.
+MAX_SEED = 2**32 - 1
+# T above this is a typo rather than an experiment: one forward at T = 4096 on an Atari frame already
+# holds 4096 x 32 x 20 x 20 membrane values per conv1 map, per sample in the batch.
+MAX_NUM_STEPS = 4096
+# torch crashed (a segmentation fault) when asked for 100,000 threads; no machine here has more than this.
+MAX_TORCH_THREADS = 1024
+# The field types a config file may hold, by the annotation's text (``from __future__ import annotations``).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "float | None": (int, float, type(None)),
+    "list[str]": (list,),
+}
 
 
 class ConfigError(ValueError):
@@ -191,6 +209,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check every value; raise ``ConfigError`` naming the first bad one. Returns self."""
+        self._check_types()
         if self.model not in MODELS:
             raise ConfigError(f"unknown model {self.model!r}; allowed: {', '.join(MODELS)}")
         if self.preset not in PRESETS:
@@ -213,6 +232,28 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 0")
+        if self.seed > MAX_SEED:
+            raise ConfigError(f"seed={self.seed!r} is too large; allowed: 0 to 2**32 - 1 ({MAX_SEED})")
+        if self.torch_threads > MAX_TORCH_THREADS:
+            raise ConfigError(
+                f"torch_threads={self.torch_threads!r} is too large; allowed: 0 (torch's default) to "
+                f"{MAX_TORCH_THREADS} (this machine has {os.cpu_count()} cores)"
+            )
+        if self.num_steps > MAX_NUM_STEPS:
+            raise ConfigError(f"num_steps={self.num_steps!r} is too large; allowed: 1 to {MAX_NUM_STEPS}")
+        for name in ("tau", "threshold", "learning_rate", "surrogate_slope"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{name}={value!r} must be a finite number")
+        if math.isnan(self.max_grad_norm):
+            raise ConfigError("max_grad_norm=nan must be a number > 0 (inf: no clipping)")
+        if self.surrogate_slope is not None and not self.surrogate_slope > 0:
+            raise ConfigError(f"surrogate_slope={self.surrogate_slope!r} must be > 0 (or None: the default)")
+        if not all(isinstance(tag, str) for tag in self.tags):
+            raise ConfigError(f"tags={self.tags!r} must be a list of strings")
+        if not self.game or not self.out_dir or not self.wandb_project:
+            empty = next(k for k in ("game", "out_dir", "wandb_project") if not getattr(self, k))
+            raise ConfigError(f"{empty} is empty; give it a value")
         if self.buffer_size < self.batch_size:
             raise ConfigError(
                 f"buffer_size={self.buffer_size} is smaller than batch_size={self.batch_size}: "
@@ -233,19 +274,51 @@ class TrainConfig:
                 raise ConfigError(str(error)) from None
         return self
 
+    def _check_types(self) -> None:
+        """Every field holds a value of its declared type (a config file may hold anything)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            allowed = _FIELD_TYPES.get(str(f.type), (object,))
+            if isinstance(value, bool) and bool not in allowed:
+                allowed = ()  # True is an int to Python, not to a config
+            if not isinstance(value, allowed):
+                raise ConfigError(
+                    f"{f.name}={value!r} is a {type(value).__name__}; allowed: a value of type {f.type}"
+                )
+            if str(f.type) in ("float", "float | None") and isinstance(value, int):
+                setattr(self, f.name, float(value))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data for YAML, JSON and W&B."""
         return asdict(self)
 
     def save(self, path: Path) -> None:
-        """Write the config as YAML."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the config as YAML, atomically (a crash leaves the old file or the new one)."""
+        write_atomic(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
-        """Read a config written by ``save`` (unknown keys are an error)."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        return from_dict(data)
+        """Read and validate a config written by ``save``.
+
+        :raises ConfigError: for a file that is unreadable, not YAML, not a mapping, lacks the run's
+            identity (game, model, preset), has unknown keys or a value of the wrong type or range
+        """
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"cannot read {path}: {error}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} is not a spikeq config (a YAML mapping of config fields)")
+        missing = [key for key in ("game", "model", "preset") if key not in data]
+        if missing:
+            raise ConfigError(f"{path} is not a spikeq config: it lacks {', '.join(missing)}")
+        try:
+            return from_dict(data).validate()
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
 
 
 def from_dict(data: dict[str, Any]) -> TrainConfig:

@@ -13,14 +13,22 @@ Supported, as W&B's sweep configuration defines them: ``method`` grid or random;
 ``categorical``, ``uniform``, ``int_uniform``, ``log_uniform_values``, ``q_uniform``) for random;
 command macros ``${env}``, ``${interpreter}``, ``${program}``, ``${args}``, ``${args_no_hyphens}``,
 ``${args_no_boolean_flags}``. Bayesian search needs W&B's server and is refused with that reason.
+
+Several ``spikeq sweep`` processes may work on one file at once (on one machine or on a shared file
+system with ``flock``): each run is claimed with an exclusive lock on
+``<state>.claims/<run>.lock`` while it runs, so no two processes train the same run, and a process
+skips the runs another one has finished or is running. A claim is released when its process ends,
+however it ends.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,6 +39,8 @@ from typing import Any
 
 import numpy as np
 import yaml
+
+from spikeq.files import FileLock, LockedError
 
 METHODS = ("grid", "random")
 DISTRIBUTIONS = ("constant", "categorical", "uniform", "int_uniform", "log_uniform_values", "q_uniform")
@@ -143,7 +153,14 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
             raise ValueError(f"unknown command macro {part}; allowed: {', '.join(MACROS)}")
     if "${program}" in command and not data.get("program"):
         raise ValueError(f"{path}: the command uses ${{program}} but the file names no program")
-    return Sweep(str(data.get("name") or path.stem), method, parameters, command, data.get("program"))
+    name = str(data.get("name") or path.stem)
+    # The name becomes a file name under runs/sweeps/: no path separators, no leading dot.
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ValueError(
+            f"sweep name {name!r} is not allowed; allowed: letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return Sweep(name, method, parameters, command, data.get("program"))
 
 
 def _draw(spec: dict[str, Any], rng: np.random.Generator) -> Any:
@@ -207,12 +224,16 @@ def _key(params: dict[str, Any]) -> str:
 
 
 def read_state(path: Path) -> dict[str, dict[str, Any]]:
-    """The runs recorded in a state file, by parameter set (the last record of each)."""
+    """The runs recorded in a state file, by parameter set (the last record of each). A line cut short
+    by a crash while it was appended is not a record: that run counts as not done."""
     records: dict[str, dict[str, Any]] = {}
     if path.exists():
         for line in path.read_text().splitlines():
-            if line.strip():
+            try:
                 record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("params"), dict):
                 records[_key(record["params"])] = record
     return records
 
@@ -257,14 +278,14 @@ def run_sweep(
     :return: the records of this sweep's runs (skipped ones as recorded before)
     :raises KeyboardInterrupt: after SIGINT or SIGTERM, once the running command has exited
     """
-    done = read_state(state_path)
     results = []
     env = {**os.environ}
     env.setdefault("WANDB_RUN_GROUP", sweep.name)
+    claims = state_path.with_name(state_path.name + ".claims")
     for i, params in enumerate(runs, start=1):
         command = command_for(sweep, params)
         label = " ".join(f"{k}={_text(v)}" for k, v in params.items())
-        previous = done.get(_key(params))
+        previous = read_state(state_path).get(_key(params))
         if previous is not None and previous["returncode"] == 0:
             print(f"[{i}/{len(runs)}] {label}: done before, skipped", flush=True)
             results.append(previous)
@@ -272,18 +293,31 @@ def run_sweep(
         print(f"[{i}/{len(runs)}] {label}\n  {' '.join(command)}", flush=True)
         if dry_run:
             continue
-        started = time.perf_counter()
-        returncode, interrupted = _run_child(command, env)
-        if interrupted:
-            raise KeyboardInterrupt  # the run was stopped with the sweep: not recorded, redone next time
-        record = {
-            "params": params,
-            "command": command,
-            "returncode": returncode,
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        with state_path.open("a") as state:
-            state.write(json.dumps(record, default=str) + "\n")
+        claims.mkdir(parents=True, exist_ok=True)
+        try:
+            claim = FileLock(claims / f"{hashlib.sha256(_key(params).encode()).hexdigest()[:16]}.lock")
+        except LockedError:
+            print(f"[{i}/{len(runs)}] {label}: running in another sweep process, skipped", flush=True)
+            results.append({"params": params, "command": command, "returncode": None, "elsewhere": True})
+            continue
+        with claim:
+            previous = read_state(state_path).get(_key(params))  # finished elsewhere meanwhile?
+            if previous is not None and previous["returncode"] == 0:
+                print(f"[{i}/{len(runs)}] {label}: finished by another sweep process, skipped", flush=True)
+                results.append(previous)
+                continue
+            started = time.perf_counter()
+            returncode, interrupted = _run_child(command, env)
+            if interrupted:
+                raise KeyboardInterrupt  # the run was stopped with the sweep: not recorded, redone next time
+            record = {
+                "params": params,
+                "command": command,
+                "returncode": returncode,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+            # One write of one line in append mode: concurrent sweeps never interleave records.
+            with state_path.open("a") as state:
+                state.write(json.dumps(record, default=str) + "\n")
         results.append(record)
     return results

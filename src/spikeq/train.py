@@ -5,16 +5,29 @@ config -> envs (train: life loss ends episodes, clipped rewards; eval: full game
        -> every eval_freq steps: evaluate (eval_episodes at eval_epsilon), keep the best weights
        -> every checkpoint_freq steps, and on SIGINT/SIGTERM: checkpoint
        -> at the end: the best weights re-evaluated, with energy per action: the run's result
+
+What survives a crash (see checkpoints.py for the files): a signal at any moment, the final
+evaluations included, ends with a checkpoint, the resume command and exit code 128 + signal; a
+second signal stops at once, still saving a checkpoint unless one was being written (the previous
+one is then kept); non-finite weights stop the run before anything is saved from them; a failed
+write (a full disk) or an unexpected error ends with one line and the run resumable from its last
+checkpoint. The run directory is locked while a process trains in it.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
+import shlex
 import shutil
 import signal
+import sys
 import time
+import traceback
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,13 +36,18 @@ from typing import Any
 
 import torch
 from stable_baselines3 import DQN
+from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
-from stable_baselines3.common.utils import LinearSchedule
+from stable_baselines3.common.preprocessing import is_image_space, is_image_space_channels_first
+from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
+from stable_baselines3.common.utils import FloatSchedule, LinearSchedule
+from stable_baselines3.common.vec_env import VecTransposeImage
 from tqdm.auto import tqdm
 
 from spikeq import checkpoints, games
 from spikeq.config import OPTIMIZERS, ConfigError, TrainConfig
 from spikeq.evaluate import evaluate_model
+from spikeq.files import FileLock, LockedError, atomic_path, is_locked
 from spikeq.network import DEFAULT_GRID_ARCH, MinAtarCNN
 from spikeq.replay import FrameReplayBuffer
 from spikeq.report import plot_runs
@@ -38,8 +56,29 @@ from spikeq.tracking import FiringMonitor, Tracker
 EVAL_COLUMNS = ("step", "score_mean", "score_std", "score_min", "score_max", "episodes", "human_normalized")
 
 
+RUN_LOCK = ".lock"
+SEED_MODULUS = 2**32  # env and evaluation seeds derived from config.seed wrap around to stay 32-bit
+
+
 class EvaluationInterrupted(Exception):
     """A signal arrived while an evaluation was running; the evaluation is dropped and redone later."""
+
+
+class StopNow(BaseException):
+    """A second signal: stop whatever is running (a BaseException, so that no ``except Exception``
+    in SB3 or elsewhere swallows it)."""
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues ``run_dir``, runnable as printed: ``spikeq`` when that is this
+    installation's command on PATH, else the full path of this Python with ``-m spikeq.cli``."""
+    script = Path(sys.executable).parent / "spikeq"
+    on_path = shutil.which("spikeq")
+    if on_path and script.exists() and Path(on_path).resolve() == script.resolve():
+        command = ["spikeq"]
+    else:
+        command = [sys.executable, "-m", "spikeq.cli"]
+    return shlex.join([*command, "train", "--resume", str(run_dir)])
 
 
 @dataclass
@@ -74,24 +113,116 @@ def run_name(config: TrainConfig) -> str:
     return f"{game}-{config.model}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_dir(config: TrainConfig, run_dir: Path | None, force: bool) -> Path:
-    """Create the run directory, refusing to overwrite an existing one unless ``force``."""
-    run_dir = Path(run_dir) if run_dir else Path(config.out_dir) / run_name(config)
-    if run_dir.exists() and any(run_dir.iterdir()):
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a spikeq run directory: it holds a valid ``config.yaml``."""
+    try:
+        TrainConfig.load(Path(path) / "config.yaml")
+    except ConfigError:
+        return False
+    return True
+
+
+def _contents(path: Path) -> list[Path]:
+    return [p for p in path.iterdir() if p.name != RUN_LOCK] if path.is_dir() else []
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    """Temporary files and folders of writes a crash cut short (the lock is held: none is in progress)."""
+    for old in run_dir.glob("checkpoints/.old-step-*"):
+        # Killed while replacing a checkpoint saved twice at one step: the old copy is the complete one.
+        final = old.with_name(old.name.removeprefix(".old-"))
+        if not final.exists():
+            os.replace(old, final)
+    for leftover in [*run_dir.glob(".*.tmp"), *run_dir.glob("checkpoints/.*")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+# Above this many steps a CPU run is worth a warning: the README's CPU speeds are 2 to 60 agent steps/s.
+CPU_STEPS_WARNING = 5_000_000
+CPU_STEPS_PER_SECOND = {"dqn": 60.0, "spiking": 2.0}
+
+
+def cpu_warning(config: TrainConfig, device: str) -> str | None:
+    """A warning when ``config`` asks a CPU for more steps than it can train in reasonable time."""
+    if device != "cpu" or config.steps < CPU_STEPS_WARNING:
+        return None
+    speed = CPU_STEPS_PER_SECOND["spiking" if config.spiking else "dqn"]
+    days = config.steps / speed / 86_400
+    return (
+        f"warning: {config.steps:,} steps on a CPU take about {days:,.0f} days at the {speed:g} agent "
+        f"steps/s measured for {config.model} on a CPU (README); use a GPU (--device cuda) or fewer --steps"
+    )
+
+
+def lock_run_dir(run_dir: Path) -> FileLock:
+    """Take the run directory's lock: one process at a time trains in it.
+
+    :raises ConfigError: when another process holds it, or it cannot be written
+    """
+    try:
+        return FileLock(run_dir / RUN_LOCK)
+    except LockedError:
+        raise ConfigError(f"run directory {run_dir} is in use by another spikeq process") from None
+    except OSError as error:
+        raise ConfigError(f"cannot write to run directory {run_dir}: {error.strerror}") from None
+
+
+def prepare_run_dir(config: TrainConfig, run_dir: Path | None, force: bool) -> tuple[Path, FileLock]:
+    """Create and lock the run directory, refusing to overwrite an existing one unless ``force``.
+
+    The default name is created with an exclusive ``mkdir`` (two runs started in the same second get
+    ``<name>`` and ``<name>-2``). ``force`` removes only a spikeq run directory no process is using.
+
+    :return: the run directory and its lock
+    """
+    if run_dir is None:
+        base = Path(config.out_dir) / run_name(config)
+        try:
+            base.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"cannot write to output directory {base.parent}: {error.strerror}") from None
+        for attempt in range(1, 1000):
+            candidate = base if attempt == 1 else base.with_name(f"{base.name}-{attempt}")
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            except OSError as error:
+                raise ConfigError(f"cannot write to {base.parent}: {error.strerror}") from None
+            return candidate, lock_run_dir(candidate)
+        raise ConfigError(f"cannot find a free run directory name next to {base}")
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} is a file; choose another --run-dir")
+    if _contents(run_dir):
         if not force:
             raise ConfigError(
                 f"run directory {run_dir} already exists; resume it with --resume {run_dir}, "
                 "or pass --force to overwrite it"
             )
-        shutil.rmtree(run_dir)
+        if not is_run_dir(run_dir):
+            raise ConfigError(
+                f"--force refused: {run_dir} is not a spikeq run directory (no valid config.yaml); "
+                "remove it yourself or choose another --run-dir"
+            )
+        if is_locked(run_dir / RUN_LOCK):
+            raise ConfigError(f"--force refused: run directory {run_dir} is in use by another spikeq process")
+        # Moved aside first: a crash while deleting never leaves a half-deleted run under the name.
+        doomed = run_dir.with_name(f".{run_dir.name}.removing-{os.getpid()}")
+        os.replace(run_dir, doomed)
+        shutil.rmtree(doomed)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
     except OSError as error:
         raise ConfigError(f"cannot write to output directory {run_dir}: {error.strerror}") from None
-    return run_dir
+    lock = lock_run_dir(run_dir)
+    if _contents(run_dir):  # another process created it between the checks and the lock
+        lock.release()
+        raise ConfigError(f"run directory {run_dir} was just created by another process")
+    return run_dir, lock
 
 
 def resolve_device(device: str) -> str:
@@ -119,14 +250,19 @@ def sb3_update_schedule(train_freq: int, gradient_steps: int, n_envs: int) -> tu
     return train_freq // common, gradient_steps * (n_envs // common)
 
 
-def build_model(config: TrainConfig, env, device: str) -> DQN:
-    """The SB3 DQN of ``config`` on ``env``: SpikingPolicy for the DSQN models; for ``dqn`` SB3's
-    CnnPolicy on Atari frames (the Nature torso) and MlpPolicy over :class:`MinAtarCNN` on MinAtar
-    grids (the MinAtar torso), so that every model of a game has the same torso."""
-    train_freq, gradient_steps = sb3_update_schedule(config.train_freq, config.gradient_steps, env.num_envs)
+def policy_setup(config: TrainConfig) -> tuple[str, dict[str, Any], type[ReplayBuffer]]:
+    """The SB3 policy (its alias), its kwargs and the replay buffer class of ``config``'s model.
+
+    SpikingPolicy for the DSQN models; for ``dqn`` SB3's CnnPolicy on Atari frames (the Nature torso)
+    and MlpPolicy over :class:`MinAtarCNN` on MinAtar grids (the MinAtar torso), so that every model of
+    a game has the same torso. Training builds the model from these and resume rebuilds them (a
+    checkpoint's pickled entries are never loaded).
+    """
     minatar = games.is_minatar(config.game)
-    policy_kwargs: dict[str, Any] = dict(optimizer_class=OPTIMIZERS[config.optimizer][0])
-    policy_kwargs["optimizer_kwargs"] = dict(OPTIMIZERS[config.optimizer][1])
+    optimizer_class, optimizer_kwargs = OPTIMIZERS[config.optimizer]
+    policy_kwargs: dict[str, Any] = dict(
+        optimizer_class=optimizer_class, optimizer_kwargs=dict(optimizer_kwargs)
+    )
     if config.spiking:
         policy = "SpikingPolicy"
         policy_kwargs.update({k: v for k, v in config.network_spec().to_kwargs().items() if k != "net_arch"})
@@ -135,6 +271,15 @@ def build_model(config: TrainConfig, env, device: str) -> DQN:
         policy_kwargs.update(features_extractor_class=MinAtarCNN, net_arch=list(DEFAULT_GRID_ARCH))
     else:
         policy = "CnnPolicy"
+    # Frame de-duplication is for Atari's stacks of 84x84 frames; MinAtar grids are small.
+    replay = FrameReplayBuffer if config.frame_replay and not minatar else ReplayBuffer
+    return policy, policy_kwargs, replay
+
+
+def build_model(config: TrainConfig, env, device: str) -> DQN:
+    """The SB3 DQN of ``config`` on ``env`` (the policy of :func:`policy_setup`)."""
+    train_freq, gradient_steps = sb3_update_schedule(config.train_freq, config.gradient_steps, env.num_envs)
+    policy, policy_kwargs, replay = policy_setup(config)
     return DQN(
         policy,
         env,
@@ -146,11 +291,11 @@ def build_model(config: TrainConfig, env, device: str) -> DQN:
         gamma=config.gamma,
         train_freq=train_freq,
         gradient_steps=gradient_steps,
-        # Frame de-duplication is for Atari's stacks of 84x84 frames; MinAtar grids are small.
-        replay_buffer_class=FrameReplayBuffer if config.frame_replay and not minatar else None,
+        replay_buffer_class=replay,
         replay_buffer_kwargs=dict(handle_timeout_termination=config.bootstrap_time_limit),
         target_update_interval=config.target_update_interval,
-        exploration_fraction=min(1.0, config.exploration_steps / config.steps),
+        # A fraction above 1 (steps < exploration_steps) keeps epsilon's slope: the run ends mid-decay.
+        exploration_fraction=config.exploration_steps / config.steps,
         exploration_initial_eps=config.exploration_initial_eps,
         exploration_final_eps=config.exploration_final_eps,
         max_grad_norm=config.max_grad_norm,
@@ -167,6 +312,37 @@ def is_new_best(score: float, best: float | None) -> bool:
     return best is None or score >= best
 
 
+def rebuilt_objects(config: TrainConfig, env) -> dict[str, Any]:
+    """What a checkpoint's ``model.zip`` stores as pickles, rebuilt from the config and the env
+    (``checkpoints.load_checkpoint`` unpickles nothing). A resumed run starts new episodes, so the
+    last observations are dropped; ``learning_rate`` and the epsilon schedule are the config's."""
+    train_freq, _ = sb3_update_schedule(config.train_freq, config.gradient_steps, env.num_envs)
+    observation_space = env.observation_space
+    if is_image_space(observation_space) and not is_image_space_channels_first(observation_space):
+        # As SB3 wraps such an env for its CNN (VecTransposeImage): the model's space is channels-first.
+        observation_space = VecTransposeImage.transpose_space(observation_space)
+    policy, policy_kwargs, replay = policy_setup(config)
+    return {
+        "policy_class": DQN.policy_aliases[policy],
+        "policy_kwargs": policy_kwargs,
+        "observation_space": observation_space,
+        "action_space": env.action_space,
+        "replay_buffer_class": replay,
+        "train_freq": TrainFreq(train_freq, TrainFrequencyUnit.STEP),
+        "lr_schedule": FloatSchedule(config.learning_rate),
+        "exploration_schedule": LinearSchedule(
+            config.exploration_initial_eps,
+            config.exploration_final_eps,
+            config.exploration_steps / config.steps,
+        ),
+        "_last_obs": None,
+        "_last_episode_starts": None,
+        "_last_original_obs": None,
+        "ep_info_buffer": deque(maxlen=100),
+        "ep_success_buffer": deque(maxlen=100),
+    }
+
+
 def read_eval_rows(path: Path) -> list[dict[str, str]]:
     """The rows of ``eval.csv`` (empty when there is none)."""
     if not path.exists():
@@ -176,19 +352,22 @@ def read_eval_rows(path: Path) -> list[dict[str, str]]:
 
 
 def write_eval_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Rewrite ``eval.csv`` with ``rows``."""
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=EVAL_COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: row.get(k) for k in EVAL_COLUMNS} for row in rows)
+    """Replace ``eval.csv`` with ``rows``, atomically: a kill leaves the old rows or the new ones."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=EVAL_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: row.get(k) for k in EVAL_COLUMNS} for row in rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text.getvalue())
 
 
 class Trainer:
     """One run: owns the run directory, the model, the envs, tracking and the schedule.
 
     :param config: the validated config
-    :param run_dir: the run directory (created by ``prepare_run_dir``)
-    :param resume: continue from ``run_dir``'s latest checkpoint
+    :param run_dir: the run directory (created and locked by ``prepare_run_dir``)
+    :param resume: continue from ``run_dir``'s latest checkpoint that loads (from step 0 when it has
+        none and no evaluation yet: a run stopped before its first checkpoint)
     """
 
     def __init__(self, config: TrainConfig, run_dir: Path, resume: bool = False) -> None:
@@ -205,28 +384,41 @@ class Trainer:
         self.in_evaluation = False
         self.failure: str | None = None
         self.state: dict[str, Any] = {"best_score": None, "best_step": None, "wandb_id": None}
+        self._saved: tuple[int, str] | None = None  # (step, state) of the last checkpoint written
+        self._checked_updates = -1
+        self.lock: FileLock | None = None  # the run directory's, set by open_run
+        self._ending = False  # set once nothing is left to save: later signals are ignored
 
-        checkpoint = checkpoints.latest_checkpoint(self.ckpt_dir) if resume else None
-        if resume and checkpoint is None:
-            raise ConfigError(f"no checkpoint to resume in {self.ckpt_dir}")
+        if resume:
+            _remove_leftovers(run_dir)
+        candidates = checkpoints.checkpoint_candidates(self.ckpt_dir) if resume else []
+        if resume and not candidates:
+            if any(self.ckpt_dir.glob("step-*")):
+                raise ConfigError(f"no checkpoint to resume in {self.ckpt_dir}: none of them is complete")
+            # Stopped before its first checkpoint: nothing trained is kept, the run starts over.
+            if self.eval_csv.exists():
+                write_eval_rows(self.eval_csv, [])
+            for name in checkpoints.BEST_FILES:
+                (self.ckpt_dir / name).unlink(missing_ok=True)
+            tqdm.write(f"[resume] {run_dir} has no checkpoint yet: starting from step 0")
         # A resumed run starts new episodes: ALE emulator states are not checkpointed.
-        step0 = 0 if checkpoint is None else int(checkpoint.name.removeprefix("step-"))
+        step0 = int(candidates[0].name.removeprefix("step-")) if candidates else 0
         self.train_env = games.make_env(
             self.env_id,
             n_envs=config.n_envs,
-            seed=config.seed + step0,
+            seed=(config.seed + step0) % SEED_MODULUS,
             train=True,
             max_episode_steps=config.max_episode_steps,
             vec_env=config.vec_env,
         )
         self.eval_env = games.make_env(
-            self.env_id, n_envs=1, seed=config.seed + 10_000 + step0, train=False,
+            self.env_id, n_envs=1, seed=(config.seed + 10_000 + step0) % SEED_MODULUS, train=False,
             max_episode_steps=config.max_episode_steps,
         )  # fmt: skip
-        if checkpoint is None:
+        if not candidates:
             self.model = build_model(config, self.train_env, self.device)
         else:
-            self.model = self._load_for_resume(checkpoint)
+            self.model = self._load_for_resume(candidates)
         self.tracker = Tracker(
             run_dir,
             config.to_dict(),
@@ -239,19 +431,30 @@ class Trainer:
         self.state["wandb_id"] = self.tracker.run_id
         self.model.set_logger(self.tracker.logger)
 
-    def _load_for_resume(self, checkpoint: Path) -> DQN:
-        try:
-            model, state = checkpoints.load_checkpoint(checkpoint, self.train_env, self.device)
-        except (ValueError, KeyError) as error:
-            raise ConfigError(
-                f"checkpoint {checkpoint} does not fit {self.env_id}: {str(error).splitlines()[0]}"
-            ) from None
+    def _load_for_resume(self, candidates: list[Path]) -> DQN:
+        """The first of ``candidates`` that loads (``latest``'s, then the newest others)."""
+        errors = []
+        for checkpoint in candidates:
+            try:
+                model, state = checkpoints.load_checkpoint(
+                    checkpoint, self.train_env, self.device, rebuilt_objects(self.config, self.train_env)
+                )
+            except ValueError as error:
+                errors.append(f"{checkpoint.name}: {str(error).splitlines()[0]}")
+                continue
+            if errors:
+                tqdm.write(f"[resume] skipped {'; '.join(errors)}; resuming from {checkpoint.name}")
+            break
+        else:
+            raise ConfigError(f"no checkpoint of {self.run_dir} loads for {self.env_id}: {'; '.join(errors)}")
         self.state.update(state)
-        # The step budget may have been extended: epsilon still decays over exploration_steps.
-        model.exploration_fraction = min(1.0, self.config.exploration_steps / self.config.steps)
-        model.exploration_schedule = LinearSchedule(
-            model.exploration_initial_eps, model.exploration_final_eps, model.exploration_fraction
-        )
+        self._saved = (model.num_timesteps, json.dumps(self.state, sort_keys=True))
+        # The best weights as of this checkpoint: any saved later belong to evaluations redone now.
+        checkpoints.restore_best(checkpoint, self.ckpt_dir)
+        # The step budget may have been extended, the learning rate or clipping changed to get past a NaN.
+        model.exploration_fraction = self.config.exploration_steps / self.config.steps
+        model.learning_rate = self.config.learning_rate
+        model.max_grad_norm = self.config.max_grad_norm
         # Rows written after this checkpoint were never covered by it: they are redone.
         rows = [r for r in read_eval_rows(self.eval_csv) if int(r["step"]) <= model.num_timesteps]
         write_eval_rows(self.eval_csv, rows)
@@ -267,15 +470,28 @@ class Trainer:
     def _due(self, every: int, last_key: str) -> bool:
         return self.model.num_timesteps // every > self.state.get(last_key, 0) // every
 
+    def _weights_failure(self) -> str | None:
+        """Why the weights may not be used (non-finite tensors), or None."""
+        bad = checkpoints.nonfinite_parameters(self.model)
+        if not bad:
+            return None
+        return (
+            f"the weights became non-finite ({', '.join(bad[:2])}) by step {self.model.num_timesteps}; "
+            "stopped without saving them"
+        )
+
     def on_step(self) -> bool:
         """Called by SB3 after every vectorised env step; False stops ``learn``."""
         loss = self.model.logger.name_to_value.get("train/loss")
         if loss is not None and not math.isfinite(loss):
-            self.failure = (
-                f"training loss became {loss} at step {self.model.num_timesteps}; stopped without "
-                "saving, the last good checkpoint is kept (try a lower learning_rate or max_grad_norm)"
-            )
+            step = self.model.num_timesteps
+            self.failure = f"training loss became {loss} at step {step}; stopped without saving"
             return False
+        if self.model._n_updates != self._checked_updates:  # weights changed since the last look
+            self._checked_updates = self.model._n_updates
+            self.failure = self._weights_failure()
+            if self.failure is not None:
+                return False
         if self.stop_signal is not None:
             return False
         if self._due(self.config.eval_freq, "last_eval_step"):
@@ -288,22 +504,26 @@ class Trainer:
         # SB3 collects train_freq steps at a time; a resumed run must still end exactly at `steps`.
         return self.model.num_timesteps < self.config.steps
 
-    def evaluate_now(self) -> dict[str, Any]:
-        """Evaluate the current weights, append a row to ``eval.csv``, keep them if they are the best."""
+    def _evaluate(self, model: DQN, **kwargs: Any) -> dict[str, Any]:
+        """``evaluate_model`` on the evaluation env; a signal meanwhile raises EvaluationInterrupted."""
         self.in_evaluation = True
         try:
-            result = evaluate_model(
-                self.model,
-                self.eval_env,
-                n_episodes=self.config.eval_episodes,
-                epsilon=self.config.eval_epsilon,
-                seed=self.config.seed + self.model.num_timesteps,
-                game=self.game,
-                energy=False,
-                progress=False,
-            )
+            if self.stop_signal is not None:
+                raise EvaluationInterrupted
+            epsilon = self.config.eval_epsilon
+            return evaluate_model(model, self.eval_env, epsilon=epsilon, game=self.game, **kwargs)
         finally:
             self.in_evaluation = False
+
+    def evaluate_now(self) -> dict[str, Any]:
+        """Evaluate the current weights, append a row to ``eval.csv``, keep them if they are the best."""
+        result = self._evaluate(
+            self.model,
+            n_episodes=self.config.eval_episodes,
+            seed=(self.config.seed + self.model.num_timesteps) % SEED_MODULUS,
+            energy=False,
+            progress=False,
+        )
         step = self.model.num_timesteps
         row = {"step": step, **{k: result[k] for k in EVAL_COLUMNS if k != "step"}}
         write_eval_rows(self.eval_csv, [*read_eval_rows(self.eval_csv), row])
@@ -311,9 +531,8 @@ class Trainer:
         self.state["last_eval_step"] = step
         best = self.state.get("best_score")
         if is_new_best(result["score_mean"], best):
+            self._save_best()
             self.state.update(best_score=result["score_mean"], best_step=step)
-            self.model.save(self.ckpt_dir / "best.zip")
-            checkpoints.export_weights(self.model, self.ckpt_dir / "best", self.config.to_dict())
         for key in ("score_mean", "score_std", "score_max", "human_normalized"):
             if result[key] is not None:
                 self.model.logger.record(f"eval/{key}", result[key])
@@ -325,17 +544,27 @@ class Trainer:
         )
         return result
 
-    def checkpoint(self) -> Path:
-        """Save a resumable checkpoint now."""
+    def _save_best(self) -> None:
+        checkpoints.save_best(self.model, self.ckpt_dir, self.config.to_dict())
+
+    def checkpoint(self) -> Path | None:
+        """Save a resumable checkpoint now (nothing when this step's state is saved already)."""
         self.state["last_checkpoint_step"] = self.model.num_timesteps
-        return checkpoints.save_checkpoint(self.model, self.ckpt_dir, self.state, self.config.save_replay)
+        saved = (self.model.num_timesteps, json.dumps(self.state, sort_keys=True))
+        if saved == self._saved:
+            return None
+        path = checkpoints.save_checkpoint(self.model, self.ckpt_dir, self.state, self.config.save_replay)
+        self._saved = saved
+        return path
 
     # --- the run ----------------------------------------------------------------------------------
     @contextmanager
     def _signals(self) -> Iterator[None]:
         def handler(signum: int, frame: Any) -> None:
+            if self._ending:
+                return  # the result is being reported: nothing is left to stop
             if self.stop_signal is not None:
-                raise KeyboardInterrupt  # a second signal: stop now
+                raise StopNow  # a second signal: stop now
             self.stop_signal = signum
             if self.in_evaluation:
                 raise EvaluationInterrupted
@@ -347,54 +576,134 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
 
+    def _last_checkpoint(self) -> str:
+        latest = checkpoints.latest_checkpoint(self.ckpt_dir)
+        return f"checkpoint {latest.name} is kept" if latest else "no checkpoint yet: it restarts from step 0"
+
     def run(self) -> RunResult:
-        """Train to ``config.steps``, then evaluate the best weights. Safe to call again on resume."""
-        config = self.config
-        remaining = config.steps - self.model.num_timesteps
-        callback = _Callback(self, total=config.steps)
-        # Spiking models: per-layer firing rates in train.csv / W&B, and a warning for silent layers.
-        callbacks = CallbackList([callback, FiringMonitor()]) if config.spiking else callback
+        """Train to ``config.steps``, then evaluate the best weights. Safe to call again on resume.
+
+        Never raises for a signal, a failed write or an unexpected error: each ends in a ``RunResult``
+        (the traceback of an unexpected error goes to ``RUN_DIR/error.log``).
+        """
+        callback = _Callback(self, total=self.config.steps)
         try:
             with self._signals():
-                if remaining > 0:
-                    self.model.learn(
-                        remaining,
-                        callback=callbacks,
-                        reset_num_timesteps=self.model.num_timesteps == 0,
-                        log_interval=4,
-                    )
-                if self.failure is None and self.stop_signal is None:
-                    return self._finish()
+                try:
+                    return self._run(callback)
+                except StopNow:
+                    return self._stopped(saved=False)
         finally:
             callback.close()
+
+    def _run(self, callback: _Callback) -> RunResult:
+        config = self.config
+        remaining = config.steps - self.model.num_timesteps
+        # Spiking models: per-layer firing rates in train.csv / W&B, and a warning for silent layers.
+        callbacks = CallbackList([callback, FiringMonitor()]) if config.spiking else callback
+        if remaining <= 0 and (self.run_dir / "evaluation.json").exists():
+            return self._already_finished()
+        try:
+            if remaining > 0:
+                self.model.learn(
+                    remaining,
+                    callback=callbacks,
+                    reset_num_timesteps=self.model.num_timesteps == 0,
+                    log_interval=4,
+                )
+            if self.failure is None and self.stop_signal is None:
+                self.failure = self._weights_failure()
+            if self.failure is None and self.stop_signal is None:
+                return self._finish()
+        except EvaluationInterrupted:
+            pass  # stop_signal is set: checkpoint below
+        except StopNow:
+            return self._stopped(saved=self._save_on_exit())
+        except (checkpoints.CheckpointError, OSError) as error:
+            self.failure = f"cannot write: {error}" if isinstance(error, OSError) else str(error)
+        except ValueError as error:  # non-finite weights caught by a write
+            self.failure = str(error).splitlines()[0]
+        except Exception as error:  # a bug must still leave the run resumable
+            self.failure = self._unexpected(error)
         if self.failure is not None:
-            self.tracker.finish(exit_code=1)
-            return RunResult(self.run_dir, "failed", self.model.num_timesteps, self.failure)
-        self.checkpoint()
-        self.tracker.finish(exit_code=128 + self.stop_signal)
+            self._finish_tracker(exit_code=1)
+            return RunResult(
+                self.run_dir,
+                "failed",
+                self.model.num_timesteps,
+                f"{self.failure}; {self._last_checkpoint()}. Continue with: {resume_command(self.run_dir)}",
+            )
+        return self._stopped(saved=self._save_on_exit())
+
+    def _save_on_exit(self) -> bool:
+        """Checkpoint after a signal; a further signal during the write abandons it (the previous
+        checkpoint stays). False when nothing could be saved."""
+        try:
+            failure = self._weights_failure()
+            if failure is not None:
+                self.failure = failure
+                return False
+            self.checkpoint()
+        except StopNow:
+            return False
+        except (checkpoints.CheckpointError, OSError, ValueError) as error:
+            self.failure = str(error)
+            return False
+        return True
+
+    def _stopped(self, saved: bool) -> RunResult:
+        self._ending = True
+        signum = self.stop_signal or signal.SIGINT
+        self._finish_tracker(exit_code=128 + signum)
+        why = self.failure or "stopped again while saving"
+        what = "checkpoint saved" if saved else f"not saved ({why}); {self._last_checkpoint()}"
         return RunResult(
             self.run_dir,
             "interrupted",
             self.model.num_timesteps,
-            f"interrupted by {signal.Signals(self.stop_signal).name} at step {self.model.num_timesteps:,}; "
-            f"checkpoint saved. Continue with: spikeq train --resume {self.run_dir}",
-            signal_number=self.stop_signal,
+            f"interrupted by {signal.Signals(signum).name} at step {self.model.num_timesteps:,}; "
+            f"{what}. Continue with: {resume_command(self.run_dir)}",
+            signal_number=signum,
+        )
+
+    def _unexpected(self, error: Exception) -> str:
+        log = self.run_dir / "error.log"
+        try:
+            with log.open("a") as f:
+                f.write(f"step {self.model.num_timesteps}: {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+                f.write("".join(traceback.format_exception(error)))
+        except OSError:
+            return f"unexpected {type(error).__name__}: {error}"
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        return f"unexpected {type(error).__name__}: {first_line} (traceback in {log})"
+
+    def _finish_tracker(self, exit_code: int = 0) -> None:
+        try:
+            self.tracker.finish(exit_code=exit_code)
+        except StopNow:
+            pass
+
+    def _already_finished(self) -> RunResult:
+        result = json.loads((self.run_dir / "evaluation.json").read_text())
+        self._finish_tracker()
+        return RunResult(
+            self.run_dir,
+            "finished",
+            self.model.num_timesteps,
+            f"already finished at {self.model.num_timesteps:,} steps: score {result['score_mean']:.2f} ± "
+            f"{result['score_std']:.2f} (evaluation.json); pass --steps N to train further",
+            result=result,
         )
 
     def _finish(self) -> RunResult:
         if self.state.get("last_eval_step") != self.model.num_timesteps:
             self.evaluate_now()  # the final weights compete for "best" too
         self.checkpoint()
-        best = checkpoints.load_model(self.ckpt_dir / "best.zip", self.eval_env, self.device)
+        # The weights-only copy: the final evaluation unpickles nothing either.
+        best = checkpoints.load_model(self.ckpt_dir / "best.safetensors", self.eval_env, self.device)
         tqdm.write(f"[final] re-evaluating the best weights (step {self.state['best_step']:,})")
-        result = evaluate_model(
-            best,
-            self.eval_env,
-            n_episodes=self.config.final_eval_episodes,
-            epsilon=self.config.eval_epsilon,
-            seed=self.config.seed + 1,
-            game=self.game,
-            progress=True,
+        result = self._evaluate(
+            best, n_episodes=self.config.final_eval_episodes, seed=(self.config.seed + 1) % SEED_MODULUS
         )
         result = {
             "game": self.game,
@@ -402,9 +711,11 @@ class Trainer:
             "best_step": self.state["best_step"],
             **result,
         }
-        (self.run_dir / "evaluation.json").write_text(json.dumps(result, indent=1))
+        with atomic_path(self.run_dir / "evaluation.json") as tmp:
+            tmp.write_text(json.dumps(result, indent=1))
+        self._ending = True
         self.tracker.summary({f"final/{k}": v for k, v in result.items() if isinstance(v, int | float)})
-        self.tracker.finish()
+        self._finish_tracker()
         return RunResult(
             self.run_dir,
             "finished",
@@ -416,9 +727,11 @@ class Trainer:
         )
 
     def close(self) -> None:
-        """Close the environments."""
+        """Close the environments and let go of the run directory."""
         self.train_env.close()
         self.eval_env.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 class _Callback(BaseCallback):
@@ -445,13 +758,15 @@ class _Callback(BaseCallback):
 def open_run(
     config: TrainConfig, run_dir: Path | None = None, force: bool = False, resume: bool = False
 ) -> Trainer:
-    """Check everything, create (or reopen) the run directory and build the trainer.
+    """Check everything, create (or reopen) and lock the run directory and build the trainer.
 
-    Raises ``ConfigError`` / ``ValueError`` for bad input before anything existing is touched.
+    Raises ``ConfigError`` / ``ValueError`` for bad input before anything existing is touched; a
+    resumed run's ``config.yaml`` is rewritten (with the allowed changes) only once its checkpoint
+    has loaded.
 
     :param config: a validated config
     :param run_dir: the run directory (default: ``<out_dir>/<game>-<model>-s<seed>-<time>``)
-    :param force: overwrite an existing run directory
+    :param force: overwrite an existing run directory (only a spikeq run no process is using)
     :param resume: continue ``run_dir`` from its latest checkpoint
     """
     games.resolve_game(config.game)
@@ -460,10 +775,20 @@ def open_run(
         if run_dir is None or not Path(run_dir).is_dir():
             raise ConfigError(f"cannot resume: run directory {run_dir} does not exist")
         run_dir = Path(run_dir)
+        lock = lock_run_dir(run_dir)
     else:
-        run_dir = prepare_run_dir(config, run_dir, force)
-        config.save(run_dir / "config.yaml")
-    return Trainer(config, run_dir, resume=resume)
+        run_dir, lock = prepare_run_dir(config, run_dir, force)
+    try:
+        if not resume:
+            config.save(run_dir / "config.yaml")
+        trainer = Trainer(config, run_dir, resume=resume)
+        if resume:
+            config.save(run_dir / "config.yaml")
+    except BaseException:
+        lock.release()
+        raise
+    trainer.lock = lock
+    return trainer
 
 
 def train(
@@ -473,7 +798,7 @@ def train(
 
     :param config: a validated config
     :param run_dir: the run directory (default: ``<out_dir>/<game>-<model>-s<seed>-<time>``)
-    :param force: overwrite an existing run directory
+    :param force: overwrite an existing run directory (only a spikeq run no process is using)
     :param resume: continue ``run_dir`` from its latest checkpoint
     """
     trainer = open_run(config, run_dir, force=force, resume=resume)

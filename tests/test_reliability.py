@@ -162,7 +162,7 @@ PRECIOUS_ARGS = [
         ["--torch-threads", "100000"],
         "torch_threads=100000 is too large; allowed: 0 (torch's default) to 1024",
     ),
-    (["--preset", ""], "unknown preset ''; allowed: paper, zoo, smoke"),
+    (["--preset", ""], "unknown preset ''; allowed: paper, zoo, minatar, smoke"),
     (["--model", ""], "unknown model ''; allowed: dsqn"),
     (["--max-grad-norm", "nan"], "max_grad_norm=nan must be a number > 0"),
     (["--gamma", "inf"], "gamma=inf must lie in [0, 1]"),

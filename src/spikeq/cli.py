@@ -525,6 +525,9 @@ def _export_nir(args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot tell which game {args.checkpoint} plays; pass --game to --verify")
         if args.frames < 1:
             raise ConfigError(f"--frames {args.frames} must be >= 1")
+        for flag, value in (("--epsilon", args.epsilon), ("--min-agreement", args.min_agreement)):
+            if not 0 <= value <= 1:
+                raise ConfigError(f"{flag} {value} must lie in [0, 1]")
         env = make_observation_env(game, args.seed) if game else None
         names = action_names(env) if env else None
         result = export_nir(policy, args.out, dt=args.dt, action_names=names)

@@ -380,7 +380,7 @@ def to_nir(
         "q_reduce": "max" if spec.readout == "max_mem" else "last",
         "input_encoding": spec.encoder,
         "input_shape": np.array(space.shape),
-        "input_layout": "CHW" if q_net.is_image else "features",
+        "input_layout": "CHW" if len(space.shape) == 3 else "features",
         "input_scale": 1.0 / 255.0 if q_net.is_image and q_net.normalize_images else 1.0,
         "action_names": json.dumps(action_names),
         "torso_output": torso_output,

@@ -242,3 +242,12 @@ def test_a_minatar_run_resumes_from_its_checkpoint(tmp_path, model):
     assert "finished 1,200 steps" in resumed.stdout
     steps = [row.split(",")[0] for row in (run_dir / "eval.csv").read_text().splitlines()[1:]]
     assert steps == ["600", "1200"]
+
+
+def test_a_trained_minatar_dsqn_exports_to_nir_and_verifies(minatar_smoke, tmp_path):
+    """The MinAtar torso as a NIR graph, simulated from the file on recorded grids (exit 1 below 99%)."""
+    run_dir, _ = minatar_smoke("dsqn")
+    out = tmp_path / "breakout.nir"
+    done = spikeq("export-nir", str(run_dir / "checkpoints" / "best.zip"), str(out), "--verify")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.exists() and "MinAtar" not in done.stderr

@@ -79,7 +79,7 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
-from spikeq import atari
+from spikeq import games
 from spikeq.network import SpikingQNetwork
 from spikeq.neurons import SpikingLayer
 from spikeq.policy import SpikingPolicy
@@ -718,15 +718,16 @@ def verify_nir(
 
 
 def make_observation_env(game: str, seed: int = 0) -> VecEnv:
-    """One environment to record observations in: the paper's Atari evaluation env for an ALE game
-    (``spikeq.atari.make_env``), else the gymnasium id as is (e.g. ``CartPole-v1``).
+    """One environment to record observations in: the evaluation env of an ALE or MinAtar game
+    (``spikeq.games.make_env``), else the gymnasium id as is (e.g. ``CartPole-v1``).
 
-    :param game: ALE game (``Pong``, ``PongNoFrameskip-v4``) or a gymnasium id
+    :param game: ALE game (``Pong``, ``PongNoFrameskip-v4``), MinAtar game (``MinAtar/Breakout``) or a
+        gymnasium id
     :param seed: seed of the env
     :raises ValueError: for a name that is neither (the message lists close ALE game names)
     """
     try:
-        return atari.make_env(atari.resolve_game(game), n_envs=1, seed=seed, train=False)
+        return games.make_env(game, n_envs=1, seed=seed, train=False)
     except ValueError:
         if game not in gym.registry:
             raise

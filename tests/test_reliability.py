@@ -768,7 +768,7 @@ def test_train_help_describes_every_flag():
     help_text = " ".join(
         cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help().split()
     )
-    assert "--learning_rate LEARNING_RATE Adam learning rate (paper: 1e-4)" in help_text
+    assert "--learning_rate LEARNING_RATE optimiser learning rate (paper: Adam 1e-4)" in help_text
     assert "--num_steps NUM_STEPS T, simulation steps of the spiking network (paper: 64)" in help_text
     assert "default: the preset's value" not in help_text
 

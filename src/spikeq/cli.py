@@ -360,6 +360,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
         "model": trained.get("model"),
         "train_seed": trained.get("seed"),
+        "train_steps": trained.get("steps"),
         **result,
     }
     print(format_evaluation(result))

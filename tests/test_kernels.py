@@ -206,26 +206,29 @@ def test_kernels_reset_gradient_differs_from_the_detached_one(kernel_calls):
 
 
 def test_auto_takes_the_kernels_for_cuda_tensors_only(monkeypatch):
-    current = torch.randn(4, 2, 10)
+    cpu = torch.randn(4, 2, 10)
+    on_device = cpu.to(DEVICE)  # CUDA, or the CPU under Triton's interpreter
     leaky = SpikingLayer(NeuronSpec()).leaky
-    beta, threshold = leaky.beta, leaky.threshold
 
-    def chosen(name, x=current):
-        return engine.choose_backend(name, x, beta.to(x.dtype), threshold.to(x.dtype), leaky.spike_grad)
+    def chosen(name, x):
+        return engine.choose_backend(name, x, leaky.beta.to(x), leaky.threshold.to(x), leaky.spike_grad)
 
-    assert chosen("auto") is torch_backend and chosen("torch") is torch_backend
-    assert chosen("triton") is triton_backend  # a CPU tensor, under Triton's interpreter
+    assert chosen("auto", cpu) is torch_backend and chosen("torch", on_device) is torch_backend
+    assert chosen("triton", on_device) is triton_backend
+    assert chosen("auto", on_device) is (triton_backend if on_device.is_cuda else torch_backend)
     with pytest.raises(ValueError, match="backend 'triton' takes float32 or float64, got torch.float16"):
-        chosen("triton", current.half())
+        chosen("triton", on_device.half())
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend 'triton' runs on CUDA tensors, got a cpu tensor"):
-        chosen("triton")
+        chosen("triton", cpu)
 
 
 def test_bad_backend_names_the_value_and_the_allowed_ones():
     message = r"unknown backend 'cuda'; allowed: auto, torch, triton"
     with pytest.raises(ValueError, match=message):
         NetworkSpec(backend="cuda")
+    with pytest.raises(ValueError, match="engine='snntorch' steps snnTorch's Leaky instead"):
+        NetworkSpec(engine="snntorch", backend="triton")
     with pytest.raises(ValueError, match=message):
         SpikingLayer(NeuronSpec(), backend="cuda")
     current = torch.zeros(2, 1, 3)

@@ -80,6 +80,11 @@ class NetworkSpec(NeuronSpec):
             object.__setattr__(self, "net_arch", arch)
         super().__post_init__()
         check_engine(self.engine, self.detach_reset)
+        if self.engine == "snntorch" and self.backend == "triton":
+            raise ValueError(
+                "backend='triton' runs the fused engine's recurrence; engine='snntorch' steps snnTorch's "
+                "Leaky instead: use engine='fused' with backend='triton', or backend='auto' or 'torch'"
+            )
         if self.backend == "triton" and self.surrogate != "atan":
             raise ValueError(
                 f"backend='triton' differentiates surrogate='atan' only, got surrogate={self.surrogate!r}; "

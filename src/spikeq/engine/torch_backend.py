@@ -205,7 +205,8 @@ def adjoint(
     :param mem: ``[T, B, ...]`` U of the forward pass
     :param grad_spikes: ``[T, B, ...]`` or None (spikes unused, or the neurons do not fire)
     :param grad_mem: ``[T, B, ...]`` or None
-    :param ctx: the autograd context (reset, input_scale, spike_fn, static, needs_input_grad)
+    :param ctx: the autograd context (reset, input_scale, spike_fn, detach_reset, static,
+        needs_input_grad)
     :param out: ``[T, B, ...]`` buffer for H; each chunk of ``mem`` is read before the same chunk of
         ``out`` is written, so ``out`` may be ``mem`` itself
     :return: the gradients of the current (``out``, or for a static current its sum over the steps,

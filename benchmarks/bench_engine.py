@@ -10,7 +10,7 @@ the fc1 firing rates), or its non-spiking reference, with 6 actions (Pong):
 - spikeq fused: ``SpikingPolicy`` with ``engine="fused"`` (time-batched layers, fused recurrence; on
   CUDA the recurrence runs in spikeq's Triton kernels when Triton is installed);
 - spikeq fused, torch loop (CUDA only): the same with the recurrence in PyTorch kernels, step by step
-  (``SPIKEQ_RECURRENCE=torch``), to show what the Triton kernels gain;
+  (``backend="torch"``), to show what the Triton kernels gain;
 - spikeq fused+recompute: the same with ``recompute=True`` (conv1's layer keeps no membrane);
 - spikeq snntorch: ``SpikingPolicy`` with ``engine="snntorch"`` (every layer called at every step);
 - snntorch naive: a plain snnTorch network as the snnTorch tutorials write it, independent of spikeq
@@ -39,9 +39,8 @@ Measured in one process, contenders interleaved round by round so that a busy ma
 Inputs for (a), (b) and (d) are real Pong frames (random play). With PyTorch's default initialisation
 the DSQN does not fire at all on them; for (a), (b) and (d) every network's weights are multiplied by
 ``--weight-gain`` (default 8), which makes each spiking layer fire in 10 to 14% of its neuron-steps at
-batch 32 (printed with the table), as a network that acts on the frames would. The firing rates
-matter to spikeq's paths that exploit the spikes' structure (the closed form and the distinct steps of
-the static first layer); the peers' cost does not depend on them. (c) trains from SB3's own
+batch 32 (printed with the table), as a network that acts on the frames would; no contender's cost
+depends much on them, but gradients through silent layers would be zero. (c) trains from SB3's own
 initialisation. ``--device cuda`` runs everything on the GPU with ``torch.cuda.synchronize`` around
 each timing.
 """
@@ -261,14 +260,12 @@ class Contender:
     :param name: its row name
     :param build: T -> (online, target) Q-networks
     :param loop_policy: (c): the SB3 policy name and policy_kwargs for T, or None to skip (c)
-    :param recurrence: where spikeq's engine runs the recurrence for it (``engine.RECURRENCES``)
     :param cuda_only: a row that means something on CUDA only
     """
 
     name: str
     build: Callable[[int], tuple[nn.Module, nn.Module]]
     loop_policy: Callable[[int], tuple[str, dict]] | None = None
-    recurrence: str = "auto"
     cuda_only: bool = False
 
 
@@ -280,9 +277,8 @@ CONTENDERS = (
     ),
     Contender(
         "spikeq fused, torch loop",
-        lambda t: spikeq_networks(t, engine="fused"),
-        lambda t: ("SpikingPolicy", dict(num_steps=t, engine="fused")),
-        recurrence="torch",
+        lambda t: spikeq_networks(t, engine="fused", backend="torch"),
+        lambda t: ("SpikingPolicy", dict(num_steps=t, engine="fused", backend="torch")),
         cuda_only=True,
     ),
     Contender("spikeq fused+recompute", lambda t: spikeq_networks(t, engine="fused", recompute=True)),
@@ -402,10 +398,17 @@ def _status_mb(key: str) -> float:
     raise KeyError(key)
 
 
-def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
-    """Peak memory one call of ``fn`` adds, in MB (None where it cannot be measured)."""
+def peak_memory_mb(
+    fn: Callable[[], object], device: torch.device, workspaces: list[engine.Workspace]
+) -> float | None:
+    """Peak memory one call of ``fn`` adds, in MB (None where it cannot be measured).
+
+    :param workspaces: the networks' workspaces, emptied first: buffers kept from earlier steps would
+        not show as the step's memory
+    """
     gc.collect()
-    engine.WORKSPACE.clear()  # buffers kept from earlier steps would not show as the step's memory
+    for workspace in workspaces:
+        workspace.clear()
     if device.type == "cuda":
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -471,7 +474,6 @@ def run_steps(
     obs = batch.obs[:1]
     torch.manual_seed(0)
     trainers = {}
-    recurrence = {c.name: c.recurrence for c in contenders}
     for c in contenders:
         online, target = c.build(num_steps)
         with torch.no_grad():
@@ -484,25 +486,22 @@ def run_steps(
             print(f"{name}: firing rates at T = {num_steps}, weight gain {args.weight_gain:g}: ", end="")
             print(", ".join(f"{layer} {rate:.3f}" for layer, rate in firing_rates(trainer.online, batch.obs)))
             break
-    for name, trainer in trainers.items():  # warm-up: allocator, kernels, Adam state
-        engine.use_recurrence(recurrence[name])
+    for trainer in trainers.values():  # warm-up: allocator, kernels, Adam state
         greedy_action(trainer.online, obs)
         trainer.step()
     for _ in range(args.train_repeats):
         for name, trainer in trainers.items():
-            engine.use_recurrence(recurrence[name])
             rows[name].action_ms += [
                 timed(lambda t=trainer: greedy_action(t.online, obs), device) * 1e3
                 for _ in range(args.action_calls)
             ]
             rows[name].train_ms.append(timed(trainer.step, device) * 1e3)
     for name, trainer in trainers.items():
-        engine.use_recurrence(recurrence[name])
-        rows[name].peak_mb = peak_memory_mb(trainer.step, device)
+        workspaces = [net.workspace for net in (trainer.online, trainer.target) if hasattr(net, "workspace")]
+        rows[name].peak_mb = peak_memory_mb(trainer.step, device, workspaces)
     del trainers
     for c in contenders:
         if c.loop_policy is not None and args.loop_steps > 0:
-            engine.use_recurrence(c.recurrence)
             policy, policy_kwargs = c.loop_policy(num_steps)
             rows[c.name].agent_steps_per_s = agent_steps_per_second(
                 policy, policy_kwargs, device, args.learning_starts, args.loop_steps
@@ -649,10 +648,9 @@ def main() -> None:
         contenders = [c for c in contenders if not c.name.startswith("spikingjelly")]
     print(f"machine: {machine()}, device {device}")
     if device.type == "cuda":
-        kernels = engine._triton_kernels()
         print(
-            f"spikeq fused: recurrence in Triton {kernels.triton.__version__} kernels"
-            if kernels
+            f"spikeq fused: recurrence in Triton {engine.triton_backend.kernels().triton.__version__} kernels"
+            if engine.triton_backend.available()
             else "Triton is not installed: spikeq fused runs the recurrence in PyTorch kernels"
         )
     frames = pong_frames(4 * TRAIN_BATCH)

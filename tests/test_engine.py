@@ -18,21 +18,10 @@ from layer_runs import assert_grads_close, run_layer
 
 from spikeq import NetworkSpec, NeuronSpec, SpikingLayer, SpikingQNetwork, engine
 from spikeq.encoding import ENCODERS
+from spikeq.engine import torch_backend
 from spikeq.readout import READOUTS
 
 NEURON_RESETS = [("lif", "zero"), ("if", "zero"), ("lif", "subtract"), ("if", "subtract")]
-
-
-@pytest.fixture(autouse=True, params=["numpy", "torch"])
-def loop(request, monkeypatch):
-    """Every test runs both forward loops: numpy's ufuncs (small CPU layers) with every buffer from the
-    workspace, and PyTorch's kernels (large layers, other dtypes and devices) with fresh buffers."""
-    if request.param == "numpy":
-        monkeypatch.setattr(engine, "NUMPY_ELEMENTS", 1 << 30)
-        monkeypatch.setattr(engine.WORKSPACE, "min_bytes", 0)
-    else:
-        monkeypatch.setattr(engine, "NUMPY_ELEMENTS", -1)
-    return request.param
 
 
 @pytest.mark.parametrize("neuron,reset", NEURON_RESETS)
@@ -91,8 +80,8 @@ def test_spikes_only_path_equals_leaky_step_by_step(
     monkeypatch, neuron, reset, static, recompute, learn, chunk_elements, small_elements
 ):
     if chunk_elements is not None:
-        monkeypatch.setattr(engine, "CHUNK_ELEMENTS", chunk_elements)
-        monkeypatch.setattr(engine, "SMALL_ELEMENTS", small_elements)
+        monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(torch_backend, "SMALL_ELEMENTS", small_elements)
     spec = NeuronSpec(neuron=neuron, reset=reset, learn_beta=learn, learn_threshold=learn)
     layer = SpikingLayer(spec)
     torch.manual_seed(0)
@@ -112,99 +101,6 @@ def test_without_autograd_the_engine_gives_the_same_spikes():
         spikes_mem, _ = layer(current, 8, "fused")
     assert torch.equal(spikes_grad.detach(), spikes_inference)
     assert torch.equal(spikes_mem, spikes_inference)
-
-
-def loop_spikes(layer, current, num_steps):
-    """Spikes of the step loop (``_integrate``) itself, for a static current."""
-    steps, beta, threshold, _ = engine._neuron_parameters(current, layer.leaky, num_steps)
-    spikes = torch.empty(steps, *current.shape[1:], dtype=current.dtype)
-    reset = int(layer.leaky.reset_mechanism_val)
-    engine._integrate(current, steps, beta, threshold, reset, layer.input_scale, None, spikes)
-    return spikes
-
-
-@pytest.fixture
-def loop_calls(monkeypatch):
-    """How often the step loop ran (a list that grows by one per call)."""
-    calls = []
-    integrate = engine._integrate
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return integrate(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "_integrate", counted)
-    return calls
-
-
-@pytest.mark.parametrize("neuron,tau,threshold", [("lif", 2.0, 1.0), ("lif", 3.0, 0.7), ("if", 2.0, 1.3)])
-@pytest.mark.parametrize("num_steps", [2, 7, 64])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_static_spikes_in_closed_form_equal_the_loop(
-    loop_calls, monkeypatch, neuron, tau, threshold, num_steps, dtype
-):
-    # Without autograd, a static current under the zero reset fires periodically: the engine writes
-    # the spikes without a loop. Currents sit on both sides of every step's firing boundary.
-    layer = SpikingLayer(NeuronSpec(neuron=neuron, tau=tau, threshold=threshold)).to(dtype)
-    _, beta, thr, _ = engine._neuron_parameters(torch.zeros(1, dtype=dtype), layer.leaky, num_steps)
-    drives = engine._first_spike_drives(beta.numpy(), thr.numpy(), num_steps)
-    assert np.all(np.diff(drives) >= 0)
-    boundary = torch.as_tensor(drives / drives.dtype.type(layer.input_scale))
-    near = [boundary]
-    up = down = boundary
-    for _ in range(3):
-        up = torch.nextafter(up, torch.tensor(float("inf"), dtype=dtype))
-        down = torch.nextafter(down, torch.tensor(0.0, dtype=dtype))
-        near += [up, down]
-    special = torch.tensor([0.0, -0.0, -1.0, 1e-30, threshold], dtype=dtype)
-    spread = torch.rand(200, generator=torch.Generator().manual_seed(0), dtype=dtype) * 2 * threshold
-    firing = torch.cat([*near, special, spread])
-    silent = torch.zeros(8 * len(firing), dtype=dtype)  # the closed form is for sparse firing
-    current = torch.cat([firing, silent]).reshape(1, 1, -1)
-    with torch.no_grad():
-        spikes = layer.spikes(current, num_steps)
-    assert not loop_calls  # the closed form was used
-    expected = loop_spikes(layer, current, num_steps)
-    assert torch.equal(spikes, expected)
-    assert expected.sum() > 0
-    # for acting, the same spikes as their distinct steps (layers of up to NUMPY_ELEMENTS neurons)
-    monkeypatch.setattr(engine, "NUMPY_ELEMENTS", 1 << 16)
-    with torch.no_grad():
-        distinct, inverse = engine.periodic_steps(current, layer.leaky, num_steps, layer.input_scale)
-    assert torch.equal(distinct[inverse], expected) and len(distinct) <= num_steps
-
-
-def test_closed_form_leaves_dense_learnable_and_soft_reset_layers_to_the_loop(loop_calls):
-    current = torch.full((1, 2, 50), 10.0)  # fires at every step: too many spikes to scatter
-    cases = [
-        (NeuronSpec(), current),
-        (NeuronSpec(learn_threshold=True), current / 20),
-        (NeuronSpec(reset="subtract"), current / 20),
-    ]
-    for spec, drive in cases:
-        layer = SpikingLayer(spec)
-        with torch.no_grad():
-            spikes = layer.spikes(drive, 12)
-            reference, _ = layer(drive, 12, "snntorch")
-        assert torch.equal(spikes, reference)
-    assert len(loop_calls) == len(cases)
-
-
-def test_without_numpy_interop_the_torch_loop_runs(monkeypatch, loop_calls):
-    # torch built against numpy 1 cannot share memory with numpy 2: the numpy paths step aside.
-    monkeypatch.setattr(engine, "NUMPY_INTEROP", False)
-    monkeypatch.setattr(engine, "NUMPY_ELEMENTS", 1 << 30)
-
-    def no_numpy(*args):
-        raise AssertionError("the numpy loop ran without numpy interop")
-
-    monkeypatch.setattr(engine, "_integrate_numpy", no_numpy)
-    layer = SpikingLayer(NeuronSpec())
-    current = torch.cat([torch.rand(1, 3, 40) * 3, torch.zeros(1, 3, 400)], dim=2)  # sparse firing
-    with torch.no_grad():
-        spikes = layer.spikes(current, 16)
-        reference, _ = layer(current, 16, "snntorch")
-    assert loop_calls and torch.equal(spikes, reference) and spikes.sum() > 0
 
 
 def test_spikes_only_backward_runs_once():
@@ -268,7 +164,7 @@ def assert_engines_agree(fused, step_by_step, obs):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for name in fused.layer_names:  # hidden layers: the comparison means something only with spikes
         assert 0 < float(spikes[name].mean()) < 1, name
-    # Without autograd (acting, target networks) the engine takes other paths: the same results.
+    # Without autograd (acting, target networks) the engine stores no membrane: the same results.
     torch.manual_seed(1)
     with torch.inference_mode(), fused.record() as activity:
         assert torch.equal(fused(obs), q)
@@ -334,87 +230,3 @@ def test_recompute_changes_memory_not_results():
         assert torch.equal(layer_spikes, expected_spikes[name]), name
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-
-
-def periodic_spikes(num_steps, shape, periods, dtype=torch.float32):
-    """Spikes of neurons firing every p-th step, p drawn from ``periods`` (0: never)."""
-    generator = torch.Generator().manual_seed(4)
-    period = torch.tensor(periods)[torch.randint(len(periods), shape, generator=generator)]
-    t = torch.arange(1, num_steps + 1).reshape(-1, *[1] * len(shape))
-    return ((period > 0) & (t % period.clamp(min=1) == 0)).to(dtype)
-
-
-def test_distinct_steps_find_every_repeat_exactly():
-    x = periodic_spikes(24, (3, 40), [0, 1, 2, 3, 4])
-    first, inverse = engine._distinct_steps(x)
-    # step t's pattern is the set of periods 2, 3, 4 dividing t + 1: {}, {2}, {3}, {2, 4}, {2, 3}, {2, 3, 4}
-    assert len(first) == 6
-    assert torch.equal(x[first][inverse], x)
-    assert sorted(first.tolist()) == first.tolist() and inverse[first].tolist() == list(range(len(first)))
-    # mostly distinct steps: not worth it
-    assert engine._distinct_steps(torch.rand(24, 3, 40)) is None
-
-
-def test_distinct_steps_never_merge_slices_whose_keys_collide(monkeypatch):
-    x = periodic_spikes(16, (2, 30), [0, 2, 4])
-    rows = x.reshape(16, -1)
-    monkeypatch.setitem(engine._HASH_WEIGHTS, (rows.shape[1], rows.dtype), torch.zeros(2, rows.shape[1]))
-    assert engine._distinct_steps(x) is None  # every key is 0, and the slices differ
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_over_distinct_steps_equals_over_time(dtype):
-    conv = torch.nn.Conv2d(8, 16, 3, 2).to(dtype)
-    x = periodic_spikes(32, (3, 8, 11, 11), [0, 1, 2, 3, 5, 7], dtype)
-    with torch.no_grad():
-        expected = engine.over_time(conv, x)
-        got = engine.over_distinct_steps(conv, x)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-12)
-    # the weights' gradient (x needs none) goes through the distinct steps: the same sums
-    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
-    grad = torch.autograd.grad((engine.over_distinct_steps(conv, x) * weights).sum(), conv.weight)[0]
-    grad_expected = torch.autograd.grad((engine.over_time(conv, x) * weights).sum(), conv.weight)[0]
-    # sums over 96 images in another order: equal within rounding relative to the largest entry
-    tolerance = (1e-5 if dtype == torch.float32 else 1e-12) * float(grad_expected.abs().max())
-    torch.testing.assert_close(grad, grad_expected, rtol=0, atol=tolerance)
-
-
-def test_spikes_that_need_a_gradient_run_every_step(monkeypatch):
-    # The spikes' own gradient must reach every step's surrogate: no deduplication under autograd.
-    calls = []
-    monkeypatch.setattr(engine, "_distinct_steps", lambda x, most=0.75: calls.append(x) or None)
-    x = periodic_spikes(8, (2, 5), [1, 2]).requires_grad_()
-    engine.over_distinct_steps(torch.nn.Linear(5, 3), x)
-    assert not calls
-    with torch.no_grad():
-        engine.over_distinct_steps(torch.nn.Linear(5, 3), x)
-    assert len(calls) == 1
-
-
-def test_a_static_first_layer_lets_the_next_run_once_per_distinct_step(monkeypatch, loop):
-    # Direct input at T = 32: the first layer's spikes repeat, conv2 runs on the distinct steps only,
-    # and acting gives the step-by-step engine's Q and spikes exactly. A small layer's distinct steps
-    # are written without a loop (periodic_steps, with the numpy loop's size limit); a larger one's
-    # are found in its spikes (_distinct_steps; the fixture's "torch" loop sets the limit to -1).
-    found = {"periodic": [], "hashed": []}
-
-    def recorded(original, calls):
-        def call(*args, **kwargs):
-            calls.append(original(*args, **kwargs))
-            return calls[-1]
-
-        return call
-
-    monkeypatch.setattr(engine, "periodic_steps", recorded(engine.periodic_steps, found["periodic"]))
-    monkeypatch.setattr(engine, "_distinct_steps", recorded(engine._distinct_steps, found["hashed"]))
-    fused, step_by_step = make_pair(IMAGE_SPACE, num_steps=32, net_arch=[16])
-    obs = observations(IMAGE_SPACE, 2)
-    with torch.inference_mode(), fused.record() as activity:
-        q = fused(obs)
-    used = "periodic" if loop == "numpy" else "hashed"
-    assert len(found[used]) == 1 and found[used][0] is not None and len(found[used][0][0]) < 24
-    assert all(result is None for result in found["periodic" if used == "hashed" else "hashed"])
-    with torch.inference_mode(), step_by_step.record() as expected:
-        assert torch.equal(q, step_by_step(obs))
-    for a, b in zip(activity, expected, strict=True):
-        assert a.spikes is None or torch.equal(a.spikes, b.spikes), a.name

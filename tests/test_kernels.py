@@ -20,6 +20,7 @@ from gymnasium import spaces
 from layer_runs import assert_grads_close, run_layer
 
 from spikeq import NetworkSpec, NeuronSpec, SpikingLayer, SpikingQNetwork, engine
+from spikeq.engine import torch_backend, triton_backend
 
 pytest.importorskip("triton")
 
@@ -29,8 +30,8 @@ NEURON_RESETS = [("lif", "zero"), ("if", "zero"), ("lif", "subtract"), ("if", "s
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Run the recurrence in the Triton kernels; returns {"integrate": n, "adjoint": n} launches."""
-    kernels = engine._triton_kernels()
+    """Counts the Triton kernels' launches: {"integrate": n, "adjoint": n}."""
+    kernels = triton_backend.kernels()
     calls = {"integrate": 0, "adjoint": 0}
 
     def counted(name):
@@ -44,7 +45,6 @@ def kernel_calls(monkeypatch):
 
     for name in calls:
         monkeypatch.setattr(kernels, name, counted(name))
-    monkeypatch.setattr(engine, "_recurrence", "triton")
     return calls
 
 
@@ -61,7 +61,7 @@ def assert_same(got, want):
 @pytest.mark.parametrize("learn", [False, True])
 def test_kernels_equal_snntorch_step_by_step(kernel_calls, neuron, reset, static, fire, learn):
     spec = NeuronSpec(neuron=neuron, reset=reset, learn_beta=learn, learn_threshold=learn)
-    layer = SpikingLayer(spec, fire=fire).to(DEVICE)
+    layer = SpikingLayer(spec, fire=fire, backend="triton").to(DEVICE)
     num_steps = 13
     generator = torch.Generator().manual_seed(0)
     current = (torch.randn(1 if static else num_steps, 3, 70, generator=generator) * 1.5).to(DEVICE)
@@ -75,7 +75,7 @@ def test_kernels_equal_snntorch_step_by_step(kernel_calls, neuron, reset, static
 @pytest.mark.parametrize("neuron,reset", NEURON_RESETS)
 @pytest.mark.parametrize("static,recompute", [(False, False), (True, False), (True, True)])
 def test_kernels_spikes_only_path_equals_snntorch(kernel_calls, neuron, reset, static, recompute):
-    layer = SpikingLayer(NeuronSpec(neuron=neuron, reset=reset)).to(DEVICE)
+    layer = SpikingLayer(NeuronSpec(neuron=neuron, reset=reset), backend="triton").to(DEVICE)
     num_steps = 9
     current = (
         torch.randn(1 if static else num_steps, 2, 300, generator=torch.Generator().manual_seed(3)) * 2
@@ -90,7 +90,7 @@ def test_kernels_spikes_only_path_equals_snntorch(kernel_calls, neuron, reset, s
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kernel_membranes_are_bit_identical_near_the_threshold(kernel_calls, dtype):
     # Currents a few ulps either side of values that put the membrane exactly on the threshold.
-    layer = SpikingLayer(NeuronSpec(tau=3.0, threshold=0.7)).to(device=DEVICE, dtype=dtype)
+    layer = SpikingLayer(NeuronSpec(tau=3.0, threshold=0.7), backend="triton").to(device=DEVICE, dtype=dtype)
     base = torch.tensor([0.7 * 3, 0.35 * 3, 0.7, 2.1 / 2], dtype=dtype)
     near = [base]
     up = down = base
@@ -106,31 +106,37 @@ def test_kernel_membranes_are_bit_identical_near_the_threshold(kernel_calls, dty
     assert 0 < spikes.sum() < spikes.numel()
 
 
-def test_other_surrogates_and_per_neuron_parameters_leave_the_kernels(kernel_calls):
-    # Another surrogate: forward in the kernel, backward through the PyTorch adjoint.
-    layer = SpikingLayer(NeuronSpec(surrogate="fast_sigmoid")).to(DEVICE)
+def test_the_kernels_refuse_what_they_cannot_run_and_auto_leaves_it_to_torch(kernel_calls):
     current = (torch.randn(8, 4, 50, generator=torch.Generator().manual_seed(5)) * 2).to(DEVICE)
-    assert_same(run_layer(layer, current, 8, "fused"), run_layer(layer, current, 8, "snntorch"))
-    assert kernel_calls == {"integrate": 1, "adjoint": 0}
-    # A decay per neuron: the PyTorch loop, forward and backward.
+    # Another surrogate: the adjoint kernel is written for ATan.
+    with pytest.raises(ValueError, match="differentiates snnTorch's ATan surrogate only"):
+        SpikingLayer(NeuronSpec(surrogate="fast_sigmoid"), backend="triton").to(DEVICE)(current, 8)
+    with pytest.raises(ValueError, match="backend='triton' differentiates surrogate='atan' only"):
+        NetworkSpec(backend="triton", surrogate="fast_sigmoid")
+    # A decay per neuron.
     leaky = snn.Leaky(beta=torch.linspace(0.2, 0.9, 50), learn_beta=True).to(DEVICE)
-    _, mem = engine.leaky_sequence(current, leaky)
-    assert kernel_calls == {"integrate": 1, "adjoint": 0}
+    with pytest.raises(ValueError, match="scalar beta and threshold"):
+        engine.leaky_sequence(current, leaky, backend="triton")
+    assert kernel_calls == {"integrate": 0, "adjoint": 0}
+    # "auto" runs both in the PyTorch loop, as snnTorch's Leaky would.
+    _, mem = engine.leaky_sequence(current, leaky, backend="auto")
     u, expected = torch.zeros_like(current[0]), []
     for i in current:
         _, u = leaky(i, u)
         expected.append(u)
     assert torch.equal(mem.detach(), torch.stack(expected).detach())
+    layer = SpikingLayer(NeuronSpec(surrogate="fast_sigmoid"), backend="auto").to(DEVICE)
+    assert_same(run_layer(layer, current, 8, "fused"), run_layer(layer, current, 8, "snntorch"))
+    assert kernel_calls == {"integrate": 0, "adjoint": 0}
 
 
-def test_dsqn_q_values_and_gradients_equal_snntorch(kernel_calls, monkeypatch):
+def test_dsqn_q_values_and_gradients_equal_snntorch(kernel_calls):
     space = spaces.Box(0, 255, (2, 44, 44), dtype="uint8")
     obs = torch.randint(0, 256, (3, 2, 44, 44), generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
-    def run(engine_name, recurrence):
-        monkeypatch.setattr(engine, "_recurrence", recurrence)
+    def run(engine_name, backend):
         torch.manual_seed(0)
-        spec = NetworkSpec(engine=engine_name, num_steps=6, net_arch=[32], readout="max_mem")
+        spec = NetworkSpec(engine=engine_name, backend=backend, num_steps=6, net_arch=[32], readout="max_mem")
         net = SpikingQNetwork(space, spaces.Discrete(4), spec).to(DEVICE, torch.float64)
         with torch.no_grad():
             for p in net.parameters():
@@ -144,12 +150,12 @@ def test_dsqn_q_values_and_gradients_equal_snntorch(kernel_calls, monkeypatch):
     assert kernel_calls == {"integrate": 5, "adjoint": 5}
     assert spikes[-1] is None  # non-spiking output neurons (max_mem readout)
     assert all(0 < float(s.mean()) < 1 for s in spikes[:-1])
-    for engine_name, recurrence, rtol, atol in [
+    for engine_name, backend, rtol, atol in [
         ("fused", "torch", 1e-10, 1e-12),
         ("snntorch", "torch", 1e-5, 1e-6),
     ]:
         # snnTorch's surrogates pass the gradient through float32: compared at float32 precision
-        q_ref, spikes_ref, grads_ref = run(engine_name, recurrence)
+        q_ref, spikes_ref, grads_ref = run(engine_name, backend)
         assert all(torch.equal(s, r) for s, r in zip(spikes[:-1], spikes_ref[:-1], strict=True))
         assert torch.equal(q, q_ref)
         for g, g_ref in zip(grads, grads_ref, strict=True):
@@ -157,10 +163,10 @@ def test_dsqn_q_values_and_gradients_equal_snntorch(kernel_calls, monkeypatch):
     assert kernel_calls == {"integrate": 5, "adjoint": 5}
 
 
-def recurrence_run(monkeypatch, recurrence, layer, current, num_steps, spikes_only, recompute=False):
-    """``run_layer`` with the recurrence in ``recurrence`` ("triton" or "torch")."""
-    monkeypatch.setattr(engine, "_recurrence", recurrence)
-    return run_layer(layer, current, num_steps, "fused", spikes_only=spikes_only, recompute=recompute)
+def backend_run(backend, spec, fire, current, num_steps, spikes_only, dtype=torch.float32):
+    """``run_layer`` of a layer of ``spec`` on ``backend`` ("triton" or "torch")."""
+    layer = SpikingLayer(spec, fire=fire, backend=backend).to(DEVICE, dtype)
+    return run_layer(layer, current, num_steps, "fused", spikes_only=spikes_only)
 
 
 @pytest.mark.parametrize("neuron,reset", NEURON_RESETS)
@@ -168,21 +174,20 @@ def recurrence_run(monkeypatch, recurrence, layer, current, num_steps, spikes_on
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("fire,spikes_only", [(True, False), (True, True), (False, False)])
 def test_kernels_give_the_reset_gradient_of_either_setting(
-    kernel_calls, monkeypatch, neuron, reset, detach_reset, static, fire, spikes_only
+    kernel_calls, neuron, reset, detach_reset, static, fire, spikes_only
 ):
     # The adjoint kernel against the PyTorch adjoint (itself checked against SpikingJelly's equations
     # in tests/test_reset_gradient.py), with learnable decay and threshold, in float64.
     spec = NeuronSpec(
         neuron=neuron, reset=reset, detach_reset=detach_reset, learn_beta=True, learn_threshold=True
     )
-    layer = SpikingLayer(spec, fire=fire).to(DEVICE, torch.float64)
     num_steps = 11
     generator = torch.Generator().manual_seed(0)
     current = (torch.randn(1 if static else num_steps, 3, 40, generator=generator) * 1.5).to(DEVICE)
     current = current.double()
-    got = recurrence_run(monkeypatch, "triton", layer, current, num_steps, spikes_only)
+    got = backend_run("triton", spec, fire, current, num_steps, spikes_only, torch.float64)
     assert kernel_calls == {"integrate": 1, "adjoint": 1}
-    want = recurrence_run(monkeypatch, "torch", layer, current, num_steps, spikes_only)
+    want = backend_run("torch", spec, fire, current, num_steps, spikes_only, torch.float64)
     assert kernel_calls == {"integrate": 1, "adjoint": 1}
     assert torch.equal(got[0], want[0]) and (got[1] is None or torch.equal(got[1], want[1]))
     for g, g_ref in zip(got[2], want[2], strict=True):
@@ -190,36 +195,45 @@ def test_kernels_give_the_reset_gradient_of_either_setting(
     assert not fire or 0 < got[0].mean() < 1
 
 
-def test_kernels_reset_gradient_differs_from_the_detached_one(kernel_calls, monkeypatch):
+def test_kernels_reset_gradient_differs_from_the_detached_one(kernel_calls):
     current = (torch.randn(9, 2, 60, generator=torch.Generator().manual_seed(1)) * 1.5).to(DEVICE)
     grads = {}
     for detach_reset in (True, False):
-        layer = SpikingLayer(NeuronSpec(detach_reset=detach_reset)).to(DEVICE)
-        grads[detach_reset] = recurrence_run(monkeypatch, "triton", layer, current, 9, True)[2][0]
+        spec = NeuronSpec(detach_reset=detach_reset)
+        grads[detach_reset] = backend_run("triton", spec, True, current, 9, True)[2][0]
     relative = (grads[True] - grads[False]).norm() / grads[False].norm()
     assert float(relative) > 0.05
 
 
-def test_auto_keeps_cpu_tensors_out_of_the_kernels(monkeypatch):
-    monkeypatch.setattr(engine, "_recurrence", "auto")
-    current = torch.randn(4, 2, 10)
-    _, beta, threshold, _ = engine._neuron_parameters(current, SpikingLayer(NeuronSpec()).leaky, None)
-    assert not engine._triton_can_run(current, beta, threshold)
-    monkeypatch.setattr(engine, "_recurrence", "triton")
-    assert engine._triton_can_run(current, beta, threshold)
-    assert not engine._triton_can_run(current.half(), beta.half(), threshold.half())
-    monkeypatch.setattr(engine, "_recurrence", "torch")
-    assert not engine._triton_can_run(current, beta, threshold)
+def test_auto_takes_the_kernels_for_cuda_tensors_only(monkeypatch):
+    cpu = torch.randn(4, 2, 10)
+    on_device = cpu.to(DEVICE)  # CUDA, or the CPU under Triton's interpreter
+    leaky = SpikingLayer(NeuronSpec()).leaky
+
+    def chosen(name, x):
+        return engine.choose_backend(name, x, leaky.beta.to(x), leaky.threshold.to(x), leaky.spike_grad)
+
+    assert chosen("auto", cpu) is torch_backend and chosen("torch", on_device) is torch_backend
+    assert chosen("triton", on_device) is triton_backend
+    assert chosen("auto", on_device) is (triton_backend if on_device.is_cuda else torch_backend)
+    with pytest.raises(ValueError, match="backend 'triton' takes float32 or float64, got torch.float16"):
+        chosen("triton", on_device.half())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend 'triton' runs on CUDA tensors, got a cpu tensor"):
+        chosen("triton", cpu)
 
 
-def test_bad_recurrence_names_the_value_and_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"recurrence 'cuda' is not one of auto, triton, torch"):
-        engine.use_recurrence("cuda")
-    env = {**os.environ, "SPIKEQ_RECURRENCE": "fast"}
-    done = subprocess.run(
-        [sys.executable, "-c", "import spikeq"], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert done.returncode != 0 and "recurrence 'fast' is not one of auto, triton, torch" in done.stderr
+def test_bad_backend_names_the_value_and_the_allowed_ones():
+    message = r"unknown backend 'cuda'; allowed: auto, torch, triton"
+    with pytest.raises(ValueError, match=message):
+        NetworkSpec(backend="cuda")
+    with pytest.raises(ValueError, match="engine='snntorch' steps snnTorch's Leaky instead"):
+        NetworkSpec(engine="snntorch", backend="triton")
+    with pytest.raises(ValueError, match=message):
+        SpikingLayer(NeuronSpec(), backend="cuda")
+    current = torch.zeros(2, 1, 3)
+    with pytest.raises(ValueError, match=message):
+        engine.leaky_sequence(current, SpikingLayer(NeuronSpec()).leaky, backend="cuda")
 
 
 def test_kernels_compile_for_an_h200_and_the_forward_has_no_fused_multiply_add():

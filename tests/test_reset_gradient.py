@@ -26,8 +26,9 @@ import torch
 from gymnasium import spaces
 from stable_baselines3 import DQN
 
-from spikeq import NetworkSpec, NeuronSpec, SpikingLayer, SpikingQNetwork, atari, cli, engine
+from spikeq import NetworkSpec, NeuronSpec, SpikingLayer, SpikingQNetwork, atari, cli
 from spikeq.config import ConfigError, resolve
+from spikeq.engine import torch_backend
 from spikeq.readout import READOUTS
 
 NEURON_RESETS = [("lif", "zero"), ("if", "zero"), ("lif", "subtract"), ("if", "subtract")]
@@ -201,24 +202,17 @@ def reference_layer(spec, current, num_steps, beta, threshold, fire=True):
     return torch.stack([s for s, _ in out]), torch.stack([h for _, h in out])
 
 
-@pytest.fixture(params=["torch", "numpy"])
-def loop(request, monkeypatch):
-    """Both CPU forward loops of the engine (its numpy one for small layers, its PyTorch one)."""
-    monkeypatch.setattr(engine, "NUMPY_ELEMENTS", 1 << 30 if request.param == "numpy" else -1)
-    return request.param
-
-
 @pytest.mark.parametrize("neuron,reset", NEURON_RESETS)
 @pytest.mark.parametrize("detach_reset", [True, False])
 @pytest.mark.parametrize("static", [True, False])
 @pytest.mark.parametrize("spikes_only", [True, False])
 @pytest.mark.parametrize("chunk_elements", [None, 40])
 def test_layer_gradients_with_learnable_decay_and_threshold(
-    loop, monkeypatch, neuron, reset, detach_reset, static, spikes_only, chunk_elements
+    monkeypatch, neuron, reset, detach_reset, static, spikes_only, chunk_elements
 ):
     # The gradients of the current, beta and the threshold, also with the adjoint in chunks of steps.
     if chunk_elements is not None:
-        monkeypatch.setattr(engine, "CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", chunk_elements)
     spec = NeuronSpec(
         neuron=neuron, reset=reset, detach_reset=detach_reset, learn_beta=True, learn_threshold=True,
         tau=3.0, threshold=0.8,

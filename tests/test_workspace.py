@@ -1,9 +1,11 @@
 """The engine's buffer workspace: a buffer is reused only once nothing else holds it."""
 
+import copy
+
 import torch
 from gymnasium import spaces
 
-from spikeq import NetworkSpec, SpikingQNetwork, engine
+from spikeq import NetworkSpec, SpikingQNetwork
 from spikeq.engine import Workspace
 
 LIKE = torch.empty(0)
@@ -80,7 +82,7 @@ def train_steps(net, obs, count):
     return grads
 
 
-def test_training_through_the_workspace_equals_fresh_buffers(monkeypatch):
+def test_training_through_the_workspace_equals_fresh_buffers():
     # Pooled buffers come back dirty from the last step: results must not depend on that.
     space = spaces.Box(-1, 1, (40,))
     spec = NetworkSpec(num_steps=6, net_arch=[64, 32], threshold=0.3)
@@ -90,17 +92,29 @@ def test_training_through_the_workspace_equals_fresh_buffers(monkeypatch):
     fresh_net.load_state_dict(net.state_dict())
     obs = torch.rand(5, 40) * 2 - 1
 
-    monkeypatch.setattr(engine, "WORKSPACE", Workspace(min_bytes=0))
+    net.workspace.min_bytes = 0  # every buffer from the network's workspace
     pooled = train_steps(net, obs, 3)
-    resident = engine.WORKSPACE.resident_bytes
+    resident = net.workspace.resident_bytes
     assert resident > 0
     train_steps(net, obs, 2)
-    assert engine.WORKSPACE.resident_bytes == resident  # the buffers of one step serve the next
+    assert net.workspace.resident_bytes == resident  # the buffers of one step serve the next
 
-    monkeypatch.setattr(engine, "WORKSPACE", Workspace(min_bytes=1 << 40))
+    fresh_net.workspace.min_bytes = 1 << 40  # none
     fresh = train_steps(fresh_net, obs, 3)
-    assert engine.WORKSPACE.resident_bytes == 0
+    assert fresh_net.workspace.resident_bytes == 0
     for step_pooled, step_fresh in zip(pooled, fresh, strict=True):
         for a, b in zip(step_pooled, step_fresh, strict=True):
             assert torch.equal(a, b)
     assert any(g.abs().sum() > 0 for g in pooled[0][:-2])  # gradients reach the spiking layers
+
+
+def test_each_network_owns_its_workspace_and_a_copy_gets_its_own():
+    space = spaces.Box(-1, 1, (8,))
+    net = SpikingQNetwork(space, spaces.Discrete(2), NetworkSpec(num_steps=4, readout="spike"))
+    layers = [*net.neurons, net.readout.neurons]
+    assert all(layer.workspace is net.workspace for layer in layers)
+    other = SpikingQNetwork(space, spaces.Discrete(2), NetworkSpec(num_steps=4))
+    assert other.workspace is not net.workspace
+    copied = copy.deepcopy(net)  # as SB3 copies policies
+    assert copied.workspace is not net.workspace
+    assert all(layer.workspace is copied.workspace for layer in [*copied.neurons, copied.readout.neurons])

@@ -107,6 +107,8 @@ class TrainConfig:
     :param surrogate_slope: its shape parameter (None: default)
     :param encoder: ``direct`` (paper) or ``poisson``
     :param engine: ``fused`` or ``snntorch``
+    :param backend: where the fused engine runs the recurrence: ``auto`` (Triton kernels on CUDA where
+        installed, else PyTorch), ``torch`` or ``triton``
     :param recompute: fused engine: recompute the static first layer's membrane in the backward pass
         instead of storing it (less memory, a little more time)
     :param init: ``default`` (PyTorch's, the reference code's: silent on Atari frames at first) or
@@ -165,6 +167,7 @@ class TrainConfig:
     surrogate_slope: float | None = None
     encoder: str = "direct"
     engine: str = "fused"
+    backend: str = "auto"
     recompute: bool = False
     init: str = "default"
     neuron: str = "lif"

@@ -1,21 +1,22 @@
 """Triton kernels for the membrane recurrence: one launch per layer and direction instead of T steps.
 
-On a GPU, ``engine._integrate`` launches three to five small kernels per step and layer, and the
-adjoint as many again: at T = 64 a training step of the paper's DSQN issues over a thousand launches,
+On a GPU, ``engine.torch_backend.integrate`` launches three to five small kernels per step and layer,
+and the adjoint as many again: at T = 64 a training step of the paper's DSQN issues over a thousand launches,
 and their fixed cost, not arithmetic, bounds it. Here each program owns a block of neurons and runs
 all T steps with the membrane in registers: one launch forward, one backward per layer.
 
-- Forward: the float operations of ``engine._integrate`` in its order, with floating-point
+- Forward: the float operations of ``engine.torch_backend.integrate`` in its order, with floating-point
   contraction off (no fused multiply-add), so spikes and membranes are bit-identical to the PyTorch
   loop's, hence to snnTorch ``Leaky``'s.
-- Backward: ``engine._adjoint`` for snnTorch's ATan surrogate (the paper's), with the reset's gradient
-  cut or not (``detach_reset``); gradients equal within float rounding (sums are taken in another order).
-- Scalar beta and threshold only (the DSQN's); the engine keeps the PyTorch loop for per-neuron ones
-  and for other surrogates.
+- Backward: ``engine.torch_backend.adjoint`` for snnTorch's ATan surrogate (the paper's), with the
+  reset's gradient cut or not (``detach_reset``); gradients equal within float rounding (sums are taken
+  in another order).
+- Scalar beta and threshold only (the DSQN's); ``engine.triton_backend`` refuses per-neuron ones and
+  other surrogates.
 
-The engine imports this module on first use. With ``TRITON_INTERPRET=1`` set before that, Triton's
-interpreter runs the kernels on CPU tensors through numpy, with the same float operations; the tests
-check the kernels that way on machines without a GPU.
+The engine imports this module on first use of the ``triton`` backend. With ``TRITON_INTERPRET=1`` set
+before that, Triton's interpreter runs the kernels on CPU tensors through numpy, with the same float
+operations; the tests check the kernels that way on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import triton.language as tl
 # Neurons per program: at batch 32 the DSQN's layers have 16k (fc1) to 410k (conv1) neurons, so a
 # layer takes 64 to 1,600 programs.
 BLOCK = 256
-# reset codes, as engine.RESET_*: snnTorch's reset_mechanism_val (constexpr: read inside the kernels)
+# reset codes, as engine.torch_backend.RESET_*: snnTorch's reset_mechanism_val (constexpr: read inside
+# the kernels)
 _SUBTRACT, _ZERO = tl.constexpr(0), tl.constexpr(1)
 
 
@@ -49,7 +51,7 @@ def _forward_kernel(
     STORE_SPIKES: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """U[t] and S[t] for ``n`` neurons over ``steps`` steps; see ``engine._integrate`` for the
+    """U[t] and S[t] for ``n`` neurons over ``steps`` steps; see ``engine.torch_backend.integrate`` for the
     recurrence. ``current_stride`` is n, or 0 for the same current at every step."""
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < n
@@ -105,7 +107,7 @@ def _adjoint_kernel(
     DETACH_RESET: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """H = dL/dI in reverse time, per neuron; see ``engine._adjoint`` for the equations (with the
+    """H = dL/dI in reverse time, per neuron; see ``engine.torch_backend.adjoint`` for the equations (with the
     reset's gradient cut, DETACH_RESET, or flowing through the spike in the reset). ``out`` gets
     H[t] (or, with STATIC, the sum over t in its first n entries) and may be ``mem`` itself: each
     entry is read before it is written, by the same program."""
@@ -209,7 +211,7 @@ def integrate(
     mem: torch.Tensor | None,
     spikes: torch.Tensor | None,
 ) -> None:
-    """``engine._integrate`` in one launch (same arguments; scalar beta and threshold)."""
+    """``engine.torch_backend.integrate`` in one launch (same arguments; scalar beta and threshold)."""
     current = current.contiguous()
     n = current[0].numel()
     target = mem if mem is not None else spikes
@@ -242,12 +244,12 @@ def adjoint(
     out: torch.Tensor,
     alpha: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``engine._adjoint`` in one launch, for snnTorch's ATan surrogate with this ``alpha`` (the
+    """``engine.torch_backend.adjoint`` in one launch, for snnTorch's ATan surrogate with this ``alpha`` (the
     surrogate's derivative enters through grad_spikes, and through the reset unless it is detached)."""
     steps, n, scale = mem.shape[0], mem[0].numel(), ctx.input_scale
     slope = torch.pi / 2 * alpha
     constants = _constants(mem, beta, threshold, scale, slope, 0.0, 2 / (alpha * scale), alpha / 2)
-    constants[4] = constants[1] * -slope  # the offset, rounded as engine._surrogate_product rounds it
+    constants[4] = constants[1] * -slope  # the offset, rounded as torch_backend._surrogate_product rounds it
     need_beta, need_threshold = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     terms = mem.new_empty((2, n)) if need_beta or need_threshold else mem
     grad_spikes = grad_spikes.contiguous() if grad_spikes is not None else None

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 from gymnasium import spaces
 from stable_baselines3.common.policies import BasePolicy
@@ -34,7 +35,7 @@ from stable_baselines3.dqn.policies import QNetwork
 from torch import nn
 
 from spikeq.encoding import ENCODERS, make_encoder
-from spikeq.engine import over_distinct_steps, over_time
+from spikeq.engine import BACKENDS, Workspace, over_time
 from spikeq.neurons import ENGINES, NeuronSpec, SpikingLayer, check_engine
 from spikeq.readout import READOUTS, Readout
 
@@ -68,6 +69,9 @@ class NetworkSpec(NeuronSpec):
     :param encoder: ``"direct"`` (paper) or ``"poisson"``
     :param readout: ``"rate"`` (paper), ``"spike"``, ``"max_mem"``, ``"last_mem"``, ``"mean_mem"``
     :param engine: ``"fused"`` (time-batched) or ``"snntorch"`` (every layer called at every step)
+    :param backend: where the fused engine runs the membrane recurrence (``spikeq.engine``): ``"torch"``
+        (PyTorch kernels, any device), ``"triton"`` (spikeq's Triton kernels, CUDA) or ``"auto"``
+        (Triton for CUDA tensors where it is installed, else PyTorch)
     :param recompute: fused engine: recompute the membrane of a layer with a static (direct) input in
         the backward pass instead of storing it, T times its input: less memory, a little more time
     :param net_arch: hidden fully-connected sizes: after the convolutions for images (default
@@ -81,6 +85,7 @@ class NetworkSpec(NeuronSpec):
     encoder: str = "direct"
     readout: str = "rate"
     engine: str = "fused"
+    backend: str = "auto"
     recompute: bool = False
     net_arch: tuple[int, ...] | None = None
     init: str = "firing"
@@ -95,6 +100,7 @@ class NetworkSpec(NeuronSpec):
             ("readout", self.readout, READOUTS),
             ("engine", self.engine, ENGINES),
             ("init", self.init, INITS),
+            ("backend", self.backend, BACKENDS),
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
@@ -105,6 +111,16 @@ class NetworkSpec(NeuronSpec):
             object.__setattr__(self, "net_arch", arch)
         super().__post_init__()
         check_engine(self.engine, self.detach_reset)
+        if self.engine == "snntorch" and self.backend == "triton":
+            raise ValueError(
+                "backend='triton' runs the fused engine's recurrence; engine='snntorch' steps snnTorch's "
+                "Leaky instead: use engine='fused' with backend='triton', or backend='auto' or 'torch'"
+            )
+        if self.backend == "triton" and self.surrogate != "atan":
+            raise ValueError(
+                f"backend='triton' differentiates surrogate='atan' only, got surrogate={self.surrogate!r}; "
+                "use backend='torch' or 'auto'"
+            )
 
     @property
     def neuron_spec(self) -> NeuronSpec:
@@ -191,6 +207,31 @@ class MinAtarCNN(BaseFeaturesExtractor):
         return self.cnn(observations)
 
 
+def check_image_dtype(observation_space: spaces.Space, normalize_images: bool) -> None:
+    """Raise ``ValueError`` for image-shaped float observations with ``normalize_images=True``.
+
+    (Other dtypes keep SB3's rule: uint8 ``[C, H, W]`` is an image, anything else a vector, e.g.
+    MinAtar's boolean grids.)
+
+    SB3 treats such observations as its ``CnnPolicy`` does: images are uint8 in [0, 255], divided by
+    255 when ``normalize_images`` is True; a float image would be divided again, so ``NatureCNN``
+    refuses it and asks for ``normalize_images=False``. A spiking network would otherwise silently take
+    it for a vector and build an MLP over every pixel.
+    """
+    if (
+        normalize_images
+        and isinstance(observation_space, spaces.Box)
+        and len(observation_space.shape) == 3
+        and np.issubdtype(observation_space.dtype, np.floating)
+    ):
+        raise ValueError(
+            f"observation space {observation_space} looks like an image but is float: with "
+            "normalize_images=True SB3 expects uint8 images in [0, 255]; for float images already "
+            "normalised pass normalize_images=False (policy_kwargs=dict(normalize_images=False)), which "
+            "builds the convolutional torso"
+        )
+
+
 class SpikingQNetwork(QNetwork):
     """DSQN: a Q-network whose hidden layers are snnTorch ``Leaky`` neurons run for T steps.
 
@@ -217,11 +258,17 @@ class SpikingQNetwork(QNetwork):
         self.is_image = is_image_space(
             observation_space, check_channels=False, normalized_image=not normalize_images
         )
+        check_image_dtype(observation_space, normalize_images)
         self.encoder = make_encoder(spec.encoder, observation_space, self.is_image)
         self.layer_names, synapses = self._build_torso()
         self.synapses = nn.ModuleList(synapses)
-        self.neurons = nn.ModuleList(SpikingLayer(spec.neuron_spec) for _ in synapses)
-        self.readout = Readout(spec.readout, self._torso_width(), int(action_space.n), spec.neuron_spec)
+        # The fused engine's large buffers, reused from one training step to the next (engine.Workspace)
+        self.workspace = Workspace()
+        layer_kwargs = dict(backend=spec.backend, workspace=self.workspace)
+        self.neurons = nn.ModuleList(SpikingLayer(spec.neuron_spec, **layer_kwargs) for _ in synapses)
+        self.readout = Readout(
+            spec.readout, self._torso_width(), int(action_space.n), spec.neuron_spec, **layer_kwargs
+        )
         n_fc = sum(name.startswith("fc") for name in self.layer_names)
         self.readout_name = f"fc{n_fc + 1}"
         self._activity: list[LayerActivity] | None = None
@@ -388,22 +435,12 @@ class SpikingQNetwork(QNetwork):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _torso_fused(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # Layer by layer: each synapse over all steps at once, then the layer's recurrence over T steps.
+        # With direct input x is [1, B, ...], so conv1 runs once and its current is static.
         layer_spikes = []
-        # The spikes of a static current repeat from step to step; without autograd the next layer's
-        # synapses run on the distinct steps only. repeats: x as (distinct steps, inverse) where the
-        # engine wrote them so (small layers); static: the previous layer's current was static.
-        repeats, static = None, False
         for synapse, neurons in zip(self.synapses, self.neurons, strict=True):
-            if repeats is not None:
-                current = over_time(synapse, repeats[0]).index_select(0, repeats[1])
-            else:
-                current = over_distinct_steps(synapse, x) if static else over_time(synapse, x)
-            static = current.shape[0] == 1
-            repeats = neurons.periodic_steps(current, self.num_steps) if static else None
-            if repeats is not None:
-                x = repeats[0].index_select(0, repeats[1])
-            else:
-                x = neurons.spikes(current, self.num_steps, self.spec.recompute)  # [T, B, ...]
+            current = over_time(synapse, x)  # [T or 1, B, ...]
+            x = neurons.spikes(current, self.num_steps, self.spec.recompute)  # [T, B, ...]
             layer_spikes.append(x)
         return layer_spikes
 

@@ -153,12 +153,25 @@ class SpikingLayer(nn.Module):
 
     :param spec: the neuron model
     :param fire: whether the neurons fire and reset (False: leaky integrators)
+    :param backend: where the fused engine runs the recurrence: one of ``engine.BACKENDS``
+    :param workspace: where the fused engine takes its large buffers from (None: fresh memory); a
+        network gives all its layers its own
     """
 
-    def __init__(self, spec: NeuronSpec, fire: bool = True) -> None:
+    def __init__(
+        self,
+        spec: NeuronSpec,
+        fire: bool = True,
+        backend: str = "auto",
+        workspace: engine.Workspace | None = None,
+    ) -> None:
         super().__init__()
+        if backend not in engine.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(engine.BACKENDS)}")
         self.spec = spec
         self.fire = fire
+        self.backend = backend
+        self.workspace = workspace
         self.input_scale = spec.input_scale
         self.detach_reset = spec.detach_reset
         self.leaky = snn.Leaky(
@@ -172,6 +185,29 @@ class SpikingLayer(nn.Module):
         # snnTorch registers every neuron in a global list for its global resets; this project
         # never uses them (state is passed explicitly), so keep instances collectable.
         snn.SpikingNeuron.instances.remove(self.leaky)
+        # The state dict holds floating-point tensors only, as SB3 expects of a policy (its save/load
+        # round trips perturb every entry with rand_like): the reset mechanism is the spec's, and the
+        # spikes are 0/1 (snnTorch's graded spikes, which the fused engine does not scale by, are
+        # refused on load, see _check_loaded_state).
+        for name in ("reset_mechanism_val", "graded_spikes_factor"):
+            self.leaky.register_buffer(name, getattr(self.leaky, name), persistent=False)
+        self._register_load_state_dict_pre_hook(self._check_loaded_state)
+
+    def _check_loaded_state(self, state_dict: dict, prefix: str, *args: object) -> None:
+        """Take state dicts saved before these buffers left it: the reset mechanism must be the spec's
+        (snnTorch's code: 0 subtract, 1 zero, 2 none) and the spikes unscaled."""
+        reset = state_dict.pop(prefix + "leaky.reset_mechanism_val", None)
+        if reset is not None and int(reset) != int(self.leaky.reset_mechanism_val):
+            raise ValueError(
+                f"the state dict's reset_mechanism_val={int(reset)} is not this layer's "
+                f"{int(self.leaky.reset_mechanism_val)} (reset={self.spec.reset!r}, fire={self.fire})"
+            )
+        factor = state_dict.pop(prefix + "leaky.graded_spikes_factor", None)
+        if factor is not None and float(factor) != 1.0:
+            raise ValueError(
+                f"graded_spikes_factor={float(factor)} is not supported: spikeq's spikes are 0/1 "
+                "(snnTorch's graded spikes are not implemented by the fused engine); allowed: 1.0"
+            )
 
     def forward(
         self, current: torch.Tensor, num_steps: int, engine_name: str = "fused"
@@ -194,6 +230,8 @@ class SpikingLayer(nn.Module):
                 num_steps=num_steps,
                 input_scale=self.input_scale,
                 detach_reset=self.detach_reset,
+                backend=self.backend,
+                workspace=self.workspace,
             )
         if engine_name != "snntorch":
             raise ValueError(f"unknown engine {engine_name!r}; allowed: {', '.join(ENGINES)}")
@@ -222,23 +260,15 @@ class SpikingLayer(nn.Module):
         :return: spikes ``[T, B, ...]``
         """
         return engine.spike_sequence(
-            current, self.leaky, num_steps, self.input_scale, recompute, self.detach_reset
+            current,
+            self.leaky,
+            num_steps,
+            self.input_scale,
+            recompute,
+            self.detach_reset,
+            self.backend,
+            self.workspace,
         )
-
-    def periodic_steps(
-        self, current: torch.Tensor, num_steps: int
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The spikes of a static current as (distinct steps, each step's index among them), where the
-        engine can write them without a loop (``engine.periodic_steps``); None elsewhere.
-
-        :param current: ``[1, B, ...]`` input current, the same at every step
-        :param num_steps: T
-        :return: ``distinct [K, B, ...]`` and ``inverse [T]``, with ``distinct[inverse]`` equal to
-            ``spikes(current, num_steps)``
-        """
-        if not self.fire:
-            return None
-        return engine.periodic_steps(current, self.leaky, num_steps, self.input_scale)
 
     def step(self, current: torch.Tensor, mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One time step through snnTorch's ``Leaky`` (the step-by-step engine).
@@ -260,5 +290,6 @@ class SpikingLayer(nn.Module):
         s = self.spec
         return (
             f"neuron={s.neuron}, tau={s.tau}, threshold={s.threshold}, reset={s.reset}, "
-            f"surrogate={s.surrogate}, detach_reset={s.detach_reset}, fire={self.fire}"
+            f"surrogate={s.surrogate}, detach_reset={s.detach_reset}, fire={self.fire}, "
+            f"backend={self.backend}"
         )

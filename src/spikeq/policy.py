@@ -37,7 +37,8 @@ class SpikingPolicy(DQNPolicy):
     :param optimizer_kwargs: its kwargs besides the learning rate
     :param spec_kwargs: the remaining fields of ``NetworkSpec``: ``num_steps``, ``neuron``, ``tau``,
         ``threshold``, ``reset``, ``surrogate``, ``surrogate_slope``, ``learn_beta``,
-        ``learn_threshold``, ``detach_reset``, ``encoder``, ``readout``, ``engine``, ``recompute``, ``init``
+        ``learn_threshold``, ``detach_reset``, ``encoder``, ``readout``, ``engine``, ``backend``,
+        ``recompute``, ``init``
     """
 
     q_net: SpikingQNetwork

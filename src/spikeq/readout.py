@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spikeq.engine import over_time
+from spikeq.engine import Workspace, over_time
 from spikeq.neurons import NeuronSpec, SpikingLayer
 
 READOUTS = ("rate", "spike", "max_mem", "last_mem", "mean_mem")
@@ -26,15 +26,29 @@ class Readout(nn.Module):
     :param in_features: size of the last hidden layer
     :param n_actions: number of Q-values
     :param neuron: neuron model of the output neurons (``spike`` and membrane readouts)
+    :param backend: where the fused engine runs the output neurons' recurrence (``engine.BACKENDS``)
+    :param workspace: where the fused engine takes its large buffers from (None: fresh memory)
     """
 
-    def __init__(self, kind: str, in_features: int, n_actions: int, neuron: NeuronSpec) -> None:
+    def __init__(
+        self,
+        kind: str,
+        in_features: int,
+        n_actions: int,
+        neuron: NeuronSpec,
+        backend: str = "auto",
+        workspace: Workspace | None = None,
+    ) -> None:
         super().__init__()
         if kind not in READOUTS:
             raise ValueError(f"unknown readout {kind!r}; allowed: {', '.join(READOUTS)}")
         self.kind = kind
         self.linear = nn.Linear(in_features, n_actions)
-        self.neurons = None if kind == "rate" else SpikingLayer(neuron, fire=kind == "spike")
+        self.neurons = (
+            None
+            if kind == "rate"
+            else SpikingLayer(neuron, fire=kind == "spike", backend=backend, workspace=workspace)
+        )
 
     def forward(
         self, spikes: torch.Tensor, num_steps: int, engine: str

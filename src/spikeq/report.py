@@ -131,7 +131,8 @@ def results_table(paths: list[Path]) -> list[dict[str, Any]]:
     run's mean score),
     ``score_sd`` (standard deviation of those means across runs, ddof 1; None for one run),
     ``human_normalized``, ``energy_ratio`` (E_SNN / E_ANN, 1 for an ANN), ``spikes_per_action`` and
-    ``firing_rate`` (the mean over spiking layers of each layer's firing rate), each the mean over runs.
+    ``firing_rate`` (all spiking neurons together: spikes / (neurons x T) per decision), each the mean
+    over runs.
     """
     if not paths:
         raise ValueError("no run directories or evaluation files given")

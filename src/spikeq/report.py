@@ -29,6 +29,16 @@ import numpy as np
 from spikeq.config import TrainConfig
 
 
+def _save(figure: plt.Figure, out: Path) -> Path:
+    """Write ``figure`` to ``out`` (its folder created) and close it."""
+    figure.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out
+
+
 def read_curve(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
     """Steps, mean scores and score standard deviations of a run's ``eval.csv``."""
     path = Path(run_dir) / "eval.csv"
@@ -77,12 +87,7 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
     axes.set_title(title or ", ".join(dict.fromkeys(games)) or "evaluation")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=120)
-    plt.close(figure)
-    return out
+    return _save(figure, out)
 
 
 def read_result(path: Path) -> dict[str, Any]:
@@ -255,9 +260,4 @@ def plot_learning_curves(
     panels[0][0].set_ylabel("evaluation score (mean over seeds; band: min-max)")
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=120)
-    plt.close(figure)
-    return out
+    return _save(figure, out)

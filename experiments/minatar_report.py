@@ -49,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     scores = {
         json.loads(path.read_text())["game"]: json.loads(path.read_text())["score_mean"] for path in chance
     }
-    figure = plot_learning_curves(
-        runs, args.results / "learning_curves.png", chance=scores, title="MinAtar: evaluation score"
-    )
+    figure = plot_learning_curves(runs, args.results / "learning_curves.png", chance=scores, title="MinAtar")
     print(format_table(rows))
     print(f"written: {table}, {figure}")
     return 0

@@ -126,11 +126,14 @@ def test_table_summarises_runs_per_game_and_model(smoke_run, tmp_path, capsys):
     dsqn_scores = [json.loads((dsqn / "evaluation.json").read_text())["score_mean"], standalone["score_mean"]]
     assert by_model["dsqn"]["score"] == pytest.approx(sum(dsqn_scores) / 2)
     assert by_model["dsqn"]["num_steps"] == 4 and 0 < by_model["dsqn"]["energy_ratio"]
-    assert "| Pong | dsqn | none | 4 | 2 | 0,0 |" in printed
+    assert "| Pong | dsqn | firing | none | 4 | 2 | 0,0 |" in printed
 
     write_table(rows, tmp_path / "results.csv")
     assert (
-        (tmp_path / "results.csv").read_text().splitlines()[0].startswith("game,model,perturbation,num_steps")
+        (tmp_path / "results.csv")
+        .read_text()
+        .splitlines()[0]
+        .startswith("game,model,init,perturbation,num_steps")
     )
     (tmp_path / "unfinished").mkdir()
     assert cli.main(["table", str(dsqn), str(tmp_path / "unfinished")]) == 0

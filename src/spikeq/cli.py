@@ -361,6 +361,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "model": trained.get("model"),
         "train_seed": trained.get("seed"),
         "train_steps": trained.get("steps"),
+        "init": trained.get("init") if trained.get("model", "dqn") not in ("dqn", "random") else None,
         **result,
     }
     print(format_evaluation(result))

@@ -109,6 +109,7 @@ def read_result(path: Path) -> dict[str, Any]:
                 "model": result.get("model", config.model),
                 "train_seed": config.seed,
                 "train_steps": config.steps,
+                "init": config.init if config.spiking else None,
             }
     elif path.suffix == ".json" and path.exists():
         result = json.loads(path.read_text())
@@ -130,7 +131,8 @@ def _mean(values: list[float | None]) -> float | None:
 def results_table(paths: list[Path]) -> list[dict[str, Any]]:
     """One row per (game, model, perturbation, step budget): the evaluations of its runs (seeds) summarised.
 
-    Columns: ``game``, ``model``, ``perturbation`` (``spikeq evaluate --perturb``), ``num_steps`` (T;
+    Columns: ``game``, ``model``, ``init`` (a spiking model's initialisation, from its config),
+    ``perturbation`` (``spikeq evaluate --perturb``), ``num_steps`` (T;
     None for an ANN), ``runs``, ``seeds``, ``train_steps`` (the runs' step budget, from their
     config.yaml; runs of different budgets get rows of their own), ``score`` (mean over runs of each
     run's mean score),
@@ -144,15 +146,22 @@ def results_table(paths: list[Path]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str, str, int | None], list[dict[str, Any]]] = {}
     for path in paths:
         result = read_result(path)
-        key = (result["game"], result["model"], result.get("perturbation", "none"), result.get("train_steps"))
+        key = (
+            result["game"],
+            result["model"],
+            result.get("init"),
+            result.get("perturbation", "none"),
+            result.get("train_steps"),
+        )
         groups.setdefault(key, []).append(result)
     rows = []
-    for (game, model, perturbation, train_steps), results in groups.items():
+    for (game, model, init, perturbation, train_steps), results in groups.items():
         scores = [r["score_mean"] for r in results]
         rows.append(
             {
                 "game": game,
                 "model": model,
+                "init": init,
                 "perturbation": perturbation,
                 "num_steps": results[0].get("num_steps"),
                 "runs": len(results),
@@ -180,6 +189,7 @@ def _cell(value: Any, spec: str) -> str:
 _TABLE = (
     ("game", "game", "s"),
     ("model", "model", "s"),
+    ("init", "init", "s"),
     ("perturbation", "perturbation", "s"),
     ("T", "num_steps", "d"),
     ("runs", "runs", "d"),
@@ -239,12 +249,11 @@ def plot_learning_curves(
     for run_dir in run_dirs:
         config = TrainConfig.load(Path(run_dir) / "config.yaml")
         steps, means, _ = read_curve(run_dir)
-        curves.setdefault(config.game, {}).setdefault(config.model, []).append(
-            dict(zip(steps, means, strict=True))
-        )
+        label = f"{config.model} ({config.init} init)" if config.spiking else config.model
+        curves.setdefault(config.game, {}).setdefault(label, []).append(dict(zip(steps, means, strict=True)))
     if not curves:
         raise ValueError("no run directories given")
-    figure, panels = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.6), squeeze=False)
+    figure, panels = plt.subplots(1, len(curves), figsize=(max(6.0, 4.2 * len(curves)), 3.8), squeeze=False)
     for axes, (game, models) in zip(panels[0], sorted(curves.items()), strict=True):
         for model, runs in sorted(models.items()):
             steps = sorted(set.intersection(*(set(run) for run in runs)))
@@ -255,9 +264,9 @@ def plot_learning_curves(
             axes.axhline(chance[game], color="grey", linestyle="--", linewidth=1, label="random")
         axes.set_title(game)
         axes.set_xlabel("agent steps")
+        axes.xaxis.set_major_formatter(lambda steps, _: f"{steps / 1e3:g}k")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7)
-    panels[0][0].set_ylabel("evaluation score (mean over seeds; band: min-max)")
-    if title:
-        figure.suptitle(title)
+    panels[0][0].set_ylabel("evaluation score")
+    figure.suptitle(f"{title + ': ' if title else ''}mean over seeds (n runs), band min-max", fontsize=9)
     return _save(figure, out)

@@ -265,7 +265,7 @@ def test_cli_refuses_an_ann_dqn_and_a_corrupt_file_with_one_line(tmp_path, capsy
     cases = {
         "dqn.json": "holds a MlpPolicy (an ANN DQN)",
         "corrupt.zip": "is not a readable SB3 DQN checkpoint",
-        "corrupt.json": "is not a spikeq weights file",
+        "corrupt.json": "is not readable JSON",
         "missing.zip": "does not exist",
     }
     for name, reason in cases.items():

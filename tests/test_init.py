@@ -186,3 +186,13 @@ def test_a_silent_network_is_named_on_the_console():
 
 def test_a_firing_network_raises_no_warning():
     assert firing_warnings("firing") == []
+
+
+def test_firing_monitor_arguments_and_models_it_cannot_watch():
+    with pytest.raises(ValueError, match="stretch=0 must be an integer >= 1"):
+        FiringMonitor(stretch=0)
+    ann = DQN("MlpPolicy", "CartPole-v1", learning_starts=0)
+    with pytest.raises(
+        ValueError, match="FiringMonitor watches spiking Q-networks; this model's is a QNetwork"
+    ):
+        ann.learn(10, callback=FiringMonitor())

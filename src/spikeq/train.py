@@ -249,6 +249,11 @@ def sb3_update_schedule(train_freq: int, gradient_steps: int, n_envs: int) -> tu
     return train_freq // common, gradient_steps * (n_envs // common)
 
 
+def policy_name(config: TrainConfig) -> str:
+    """The SB3 policy of ``config``'s model (``rebuilt_objects`` resumes with the same one)."""
+    return "SpikingPolicy" if config.spiking else "CnnPolicy"
+
+
 def build_model(config: TrainConfig, env, device: str) -> DQN:
     """The SB3 DQN of ``config`` on ``env`` (SpikingPolicy for the DSQN models, CnnPolicy for dqn)."""
     train_freq, gradient_steps = sb3_update_schedule(config.train_freq, config.gradient_steps, env.num_envs)
@@ -256,7 +261,7 @@ def build_model(config: TrainConfig, env, device: str) -> DQN:
     if config.spiking:
         policy_kwargs = {k: v for k, v in config.network_spec().to_kwargs().items() if k != "net_arch"}
     return DQN(
-        "SpikingPolicy" if config.spiking else "CnnPolicy",
+        policy_name(config),
         env,
         learning_rate=config.learning_rate,
         buffer_size=config.buffer_size,
@@ -290,7 +295,7 @@ def rebuilt_objects(config: TrainConfig, env) -> dict[str, Any]:
         # As SB3 wraps such an env for its CNN (VecTransposeImage): the model's space is channels-first.
         observation_space = VecTransposeImage.transpose_space(observation_space)
     return {
-        "policy_class": DQN.policy_aliases["SpikingPolicy" if config.spiking else "CnnPolicy"],
+        "policy_class": DQN.policy_aliases[policy_name(config)],
         "observation_space": observation_space,
         "action_space": env.action_space,
         "replay_buffer_class": FrameReplayBuffer if config.frame_replay else ReplayBuffer,

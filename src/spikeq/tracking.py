@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from stable_baselines3.common.logger import KVWriter, Logger
 
+from spikeq.files import atomic_path
+
 
 def wandb_mode(requested: str) -> str:
     """Resolve ``auto`` to ``online`` when the user is logged in to W&B, else ``offline``.
@@ -95,7 +97,7 @@ class CSVWriter(KVWriter):
             with self.path.open(newline="") as f:
                 rows = list(csv.DictReader(f))
         self.columns = columns
-        with self.path.open("w", newline="") as f:
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:  # a kill keeps the old rows
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)

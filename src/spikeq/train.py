@@ -683,6 +683,7 @@ class Trainer:
 
     def _finish(self) -> RunResult:
         if self.state.get("last_eval_step") != self.model.num_timesteps:
+            tqdm.write(f"[final] evaluating the last weights (step {self.model.num_timesteps:,})")
             self.evaluate_now()  # the final weights compete for "best" too
         self.checkpoint()
         # The weights-only copy: the final evaluation unpickles nothing either.

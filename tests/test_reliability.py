@@ -285,6 +285,8 @@ def test_a_kill_at_any_write_point_resumes_with_every_evaluation_once(tmp_path):
         assert (run_dir / "checkpoints" / "latest").read_text() == "step-64"
         best = json.loads((run_dir / "checkpoints" / "best.json").read_text())
         assert best["num_timesteps"] == result["best_step"], "best.* come from one step"
+        logged = [int(row["step"]) for row in read_eval_rows(run_dir / "train.csv")]
+        assert logged == [32, 64], "train.csv: the rows after the checkpoint are redone, not repeated"
 
 
 def test_latest_naming_a_missing_or_broken_checkpoint_falls_back_to_the_other(tmp_path, capsys):
@@ -536,8 +538,8 @@ def test_ctrl_c_in_the_final_evaluation_leaves_a_resumable_run(tmp_path):
         "--final-eval-episodes=10",
         "--max-episode-steps=300",
     )
-    live.wait_for("40/40", in_stderr=True)
-    time.sleep(1.0)
+    live.wait_for("[final] evaluating the last weights (step 40)")
+    time.sleep(0.5)
     live.process.send_signal(signal.SIGINT)
     code, out, err = live.finish()
     assert code == 128 + signal.SIGINT and "Traceback" not in err, err[-3000:]

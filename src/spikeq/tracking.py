@@ -21,6 +21,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import KVWriter, Logger
 from torch.utils.hooks import RemovableHandle
 
+from spikeq.files import atomic_path
 from spikeq.network import SpikingQNetwork
 
 # A spiking layer silent (no spike at all) or saturated (more than SATURATED_RATE of its neuron-steps
@@ -107,7 +108,7 @@ class CSVWriter(KVWriter):
             with self.path.open(newline="") as f:
                 rows = list(csv.DictReader(f))
         self.columns = columns
-        with self.path.open("w", newline="") as f:
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:  # a kill keeps the old rows
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)

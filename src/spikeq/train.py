@@ -126,6 +126,21 @@ def _contents(path: Path) -> list[Path]:
     return [p for p in path.iterdir() if p.name != RUN_LOCK] if path.is_dir() else []
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the rows of ``train.csv`` logged after ``step`` (and a row a kill cut short), atomically."""
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    header, body = rows[0], rows[1:]
+    at = header.index("step") if "step" in header else 0
+    kept = [r for r in body if len(r) == len(header) and r[at].isdigit() and int(r[at]) <= step]
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *kept])
+
+
 def _remove_leftovers(run_dir: Path) -> None:
     """Temporary files and folders of writes a crash cut short (the lock is held: none is in progress)."""
     for old in run_dir.glob("checkpoints/.old-step-*"):
@@ -398,6 +413,7 @@ class Trainer:
             # Stopped before its first checkpoint: nothing trained is kept, the run starts over.
             if self.eval_csv.exists():
                 write_eval_rows(self.eval_csv, [])
+            _truncate_log(run_dir / "train.csv", 0)
             for name in checkpoints.BEST_FILES:
                 (self.ckpt_dir / name).unlink(missing_ok=True)
             tqdm.write(f"[resume] {run_dir} has no checkpoint yet: starting from step 0")
@@ -458,6 +474,7 @@ class Trainer:
         # Rows written after this checkpoint were never covered by it: they are redone.
         rows = [r for r in read_eval_rows(self.eval_csv) if int(r["step"]) <= model.num_timesteps]
         write_eval_rows(self.eval_csv, rows)
+        _truncate_log(self.run_dir / "train.csv", model.num_timesteps)
         if (
             model.replay_buffer.size() < self.config.batch_size
             and model.num_timesteps > model.learning_starts
@@ -697,6 +714,7 @@ class Trainer:
 
     def _finish(self) -> RunResult:
         if self.state.get("last_eval_step") != self.model.num_timesteps:
+            tqdm.write(f"[final] evaluating the last weights (step {self.model.num_timesteps:,})")
             self.evaluate_now()  # the final weights compete for "best" too
         self.checkpoint()
         # The weights-only copy: the final evaluation unpickles nothing either.

@@ -153,8 +153,8 @@ def test_convert_command_then_evaluate(smoke_run, tmp_path, capsys):
     assert cli.main(["table", str(run_dir), str(result_file)]) == 0
     table = capsys.readouterr().out
     assert (
-        "| Pong | dqn | none | n/a | 1 | 0 |" in table
-        and "| Pong | dqn-converted | none | 16 | 1 | 0 |" in table
+        "| Pong | dqn | n/a | none | n/a | 1 | 0 |" in table
+        and "| Pong | dqn-converted | n/a | none | 16 | 1 | 0 |" in table
     )
 
     # Bad input: one line on stderr, exit code 2 (in this process: no interpreter start-up).

@@ -74,11 +74,16 @@ class SpikingPolicy(DQNPolicy):
             optimizer_class=optimizer_class,
             optimizer_kwargs=optimizer_kwargs,
         )
+        self._calibration_pending = True
         self.q_net.register_forward_pre_hook(self._calibrate_on_first_batch)
 
     def _calibrate_on_first_batch(self, q_net: SpikingQNetwork, args: tuple[torch.Tensor]) -> None:
-        # Acting (eval mode) does not count: only a training batch, the first of them.
-        if q_net.training and q_net.needs_calibration:
+        # Acting (eval mode) does not count: only a training batch, the first of them. The flag is read
+        # from the buffer once (a device sync on a GPU), not at every update.
+        if not q_net.training or not self._calibration_pending:
+            return
+        self._calibration_pending = False
+        if q_net.needs_calibration:
             q_net.calibrate_firing(args[0])
             self.q_net_target.load_state_dict(q_net.state_dict())
 

@@ -59,7 +59,8 @@ class Run:
     def command(self, run_dir: Path) -> list[str]:
         """The ``spikeq train`` command that starts this run, or resumes it where it has a checkpoint."""
         if (run_dir / "checkpoints" / "latest").exists():
-            return [*SPIKEQ, "train", "--resume", str(run_dir), "--torch-threads", "1"]
+            resume = ["--resume", str(run_dir), "--steps", str(self.steps), "--torch-threads", "1"]
+            return [*SPIKEQ, "train", *resume]
         command = [
             *SPIKEQ, "train", "--game", f"MinAtar/{self.game}", "--model", self.model,
             "--preset", "minatar", "--seed", str(self.seed), "--steps", str(self.steps),

@@ -213,6 +213,21 @@ def test_the_study_report_regenerates_table_and_curves(minatar_smoke, tmp_path):
     assert (results / "learning_curves.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_the_study_starts_new_runs_and_resumes_cut_ones_to_their_budget(tmp_path):
+    run = study.Run("Freeway", "dsqn", 2, steps=300_000)
+    run_dir = tmp_path / run.name
+    assert run.name == "MinAtar-Freeway-dsqn-s2-300k"
+    start = run.command(run_dir)
+    assert start[start.index("--game") + 1] == "MinAtar/Freeway" and "--force" not in start
+    assert start[start.index("--steps") + 1] == "300000" and "--resume" not in start
+    (run_dir / "checkpoints").mkdir(parents=True)
+    assert "--force" in run.command(run_dir)  # cut before its first checkpoint: started afresh
+    (run_dir / "checkpoints" / "latest").write_text("step-50000")
+    resume = run.command(run_dir)
+    assert resume[resume.index("--resume") + 1] == str(run_dir)
+    assert resume[resume.index("--steps") + 1] == "300000"  # a run trained further gets the study's budget
+
+
 def test_a_bad_minatar_game_fails_in_one_line():
     done = spikeq("train", "--game", "MinAtar/Breakot", "--preset", "smoke")
     assert done.returncode == 2 and "Traceback" not in done.stderr

@@ -603,6 +603,25 @@ def test_ctrl_c_before_the_first_checkpoint_restarts_the_run_on_resume(tmp_path,
     assert eval_steps(run_dir) == [16, 32]
 
 
+def test_a_finished_run_trained_further_keeps_its_result_under_its_step_count(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    assert run_tiny(run_dir, steps=32, eval_freq=16).status == "finished"
+    first = (run_dir / "evaluation.json").read_text()
+
+    def cut(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # Cut before the new budget's result: no evaluation.json claims the run finished, the old one stays.
+    monkeypatch.setattr(train.Trainer, "_finish", cut)
+    assert resume(run_dir, "--steps", "48") == 1
+    assert not (run_dir / "evaluation.json").exists()
+    assert (run_dir / "evaluation-32.json").read_text() == first
+    monkeypatch.undo()
+    assert resume(run_dir, "--steps", "48") == 0
+    assert (run_dir / "evaluation-32.json").read_text() == first
+    assert eval_steps(run_dir) == [16, 32, 48] and (run_dir / "evaluation.json").exists()
+
+
 # --- 7. races --------------------------------------------------------------------------------------------
 
 

@@ -29,9 +29,12 @@ from typing import Any, NoReturn
 
 from spikeq.config import MODELS, PRESETS, ConfigError, TrainConfig, from_dict, resolve
 
-# What a resumed run may change: where and how it runs, how far it goes, and the two settings that get a
-# run past a loss that became NaN (resumed from the last finite checkpoint).
-RESUME_OVERRIDES = ("steps", "device", "wandb", "torch_threads", "learning_rate", "max_grad_norm")
+# What a resumed run may change: where and how it runs, how far it goes, how it checkpoints, and the two
+# settings that get a run past a loss that became NaN (resumed from the last finite checkpoint).
+RESUME_OVERRIDES = (
+    "steps", "device", "wandb", "torch_threads", "checkpoint_freq", "save_replay",
+    "learning_rate", "max_grad_norm",
+)  # fmt: skip
 # Fields with their own options below, or that only presets set.
 _SPECIAL = {"game", "model", "preset", "tags"}
 

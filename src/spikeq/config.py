@@ -381,7 +381,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_episode_steps=10_000,
         # MinAtar's games have no time limit; this cap is spikeq's, so training bootstraps through it.
         bootstrap_time_limit=True,
-        checkpoint_freq=100_000,
+        # Runs last hours: a checkpoint every 50k steps, with the replay (100k grids, 80 MB), so that a
+        # cut run resumes exactly where it was.
+        checkpoint_freq=50_000,
+        save_replay=True,
         torch_threads=1,
     ),
     # A tiny end-to-end run (about a minute on a 2-core CPU): every part of the pipeline, no learning.

@@ -1,4 +1,4 @@
-"""ANN->SNN conversion (spikeq.convert, Tan et al. 2021): what T buys.
+"""ANN->SNN conversion (spikeq.analysis.convert, Tan et al. 2021): what T buys.
 
 Trains an ANN DQN on CartPole with rl-baselines3-zoo's hyperparameters (one update per two steps, as
 tests/test_cartpole.py) until 20 greedy episodes average 475, records observations it plays
@@ -23,9 +23,9 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
 import spikeq  # noqa: F401  (registers SpikingPolicy)
-from spikeq.config import CARTPOLE_DQN
-from spikeq.convert import action_agreement, convert_dqn, record_frames
-from spikeq.energy import EnergyMeter
+from spikeq.analysis.convert import action_agreement, convert_dqn, record_frames
+from spikeq.analysis.energy import EnergyMeter
+from spikeq.experiment.config import CARTPOLE_DQN
 
 
 def spikes_and_sops(model: DQN, frames: np.ndarray) -> tuple[float, float]:

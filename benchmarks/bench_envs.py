@@ -2,13 +2,13 @@
 
 Run:  .venv/bin/python benchmarks/bench_envs.py [--game Pong] [--n-envs 1 4 8] [--steps 1000] [--rounds 3]
 
-Every contender is ``spikeq.atari.make_env`` (the paper's training env: no-op reset, max-and-skip 4,
+Every contender is ``spikeq.envs.atari.make_env`` (the paper's training env: no-op reset, max-and-skip 4,
 time limit, Monitor, lost life ends the episode, FIRE reset, 84x84 grayscale, clipped rewards,
 4-frame stack) with one ``vec_env`` choice:
 
 - dummy: SB3's ``DummyVecEnv``, all games stepped one after the other in this process;
 - subproc: SB3's ``SubprocVecEnv``, one worker process per game;
-- ale: :class:`spikeq.vector.AleVecEnv`, one native ale-py ``AtariVectorEnv`` thread per game.
+- ale: :class:`spikeq.envs.vector.AleVecEnv`, one native ale-py ``AtariVectorEnv`` thread per game.
 
 Reported: agent steps per second (all envs together: ``n_envs`` per ``step``) with uniformly random
 actions, autoresets included, the median over ``--rounds`` rounds of ``--steps`` vector steps after
@@ -28,7 +28,7 @@ import time
 import numpy as np
 from stable_baselines3.common.vec_env import VecEnv
 
-from spikeq.atari import make_env
+from spikeq.envs.atari import make_env
 
 VEC_ENVS = ("dummy", "subproc", "ale")
 WARMUP_STEPS = 50

@@ -21,8 +21,8 @@ import torch
 from stable_baselines3 import DQN
 
 import spikeq  # noqa: F401  (registers SpikingPolicy)
-from spikeq import atari
-from spikeq.replay import FrameReplayBuffer
+from spikeq.envs import atari
+from spikeq.envs.replay import FrameReplayBuffer
 
 CHECKPOINTS = (1, 100, 250, 500, 1000)
 FIRES = 0.01  # a layer "fires" when at least this fraction of its neuron-steps spike

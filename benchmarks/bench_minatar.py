@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from spikeq import games
-from spikeq.config import resolve
-from spikeq.minatar import GAMES
-from spikeq.train import build_model
+from spikeq.envs import games
+from spikeq.envs.minatar import GAMES
+from spikeq.experiment.config import resolve
+from spikeq.experiment.train import build_model
 
 
 def firing_rates(game: str, init: str, seed: int = 0) -> dict[str, float]:

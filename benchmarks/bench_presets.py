@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/bench_presets.py [--device cpu] [--steps 400] [--threads 0]
         [--n-envs 1] [--vec-env dummy|subproc|ale] [--presets ...] [--models ...]
 
-For every preset and model the real SB3 DQN of ``spikeq.train.build_model`` runs on the real Pong env
-(the preset's network, batch size, update frequency and replay buffer). After a warm-up of random
+For every preset and model the real SB3 DQN of ``spikeq.experiment.train.build_model`` runs on the real
+Pong env (the preset's network, batch size, update frequency and replay buffer). After a warm-up of random
 actions that fills the replay buffer, two phases of ``--steps`` agent steps each are timed, with
 epsilon at the preset's final value: acting (the policy picks every action: one forward pass per
 vector step, no updates) and training (plus the preset's updates, one every ``train_freq`` agent
@@ -20,9 +20,9 @@ import time
 import torch
 
 import spikeq  # noqa: F401  (registers SpikingPolicy)
-from spikeq import atari
-from spikeq.config import VEC_ENVS, resolve
-from spikeq.train import build_model
+from spikeq.envs import atari
+from spikeq.experiment.config import VEC_ENVS, resolve
+from spikeq.experiment.train import build_model
 
 
 def steps_per_second(model, steps: int) -> float:
@@ -76,7 +76,7 @@ def main() -> None:
             c = r["config"]
             hours = r["budget"] / r["training"] / 3600
             projection = f"{hours:.2f} h" if hours < 48 else f"{hours / 24:.1f} days"
-            t = c.num_steps if c.spiking else "-"
+            t = c.network.num_steps if c.spiking else "-"
             print(
                 f"{preset:<7} {model_name:<6} {t:>3} {c.batch_size:>5} {r['acting']:>15.1f} "
                 f"{r['training']:>17.1f} {r['budget']:>11,} {projection:>24}",

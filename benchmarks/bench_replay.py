@@ -34,8 +34,8 @@ from gymnasium import spaces
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.vec_env.stacked_observations import StackedObservations
 
-from spikeq.atari import make_env
-from spikeq.replay import FrameReplayBuffer
+from spikeq.envs.atari import make_env
+from spikeq.envs.replay import FrameReplayBuffer
 
 FRAME_SHAPE = (1, 84, 84)  # one channel-first grayscale frame
 # sample() is timed in this many rounds and the median round reported: robust to a busy machine.

@@ -17,8 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from spikeq import games
-from spikeq.report import format_table, plot_learning_curves, results_table
+from spikeq.analysis.report import format_table, plot_learning_curves, results_table
+from spikeq.envs import games
 
 RESULTS = Path("experiments/results/minatar")
 

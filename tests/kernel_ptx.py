@@ -15,7 +15,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from spikeq import kernels
+from spikeq.snn.engine import kernels
 
 H200 = GPUTarget("cuda", 90, 32)
 POINTER_ARGS = {
@@ -34,7 +34,7 @@ INT_ARGS = ("n", "steps", "current_stride", "last")
 
 
 def ptx(kernel_name: str, constexprs: dict, dtype: str) -> str:
-    """The PTX of one variant, compiled with the launch options ``spikeq.kernels`` uses."""
+    """The PTX of one variant, compiled with the launch options ``spikeq.snn.engine.kernels`` uses."""
     kernel = getattr(kernels, kernel_name)
     names = kernel.arg_names
     signature = {}

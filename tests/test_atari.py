@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 
-from spikeq.atari import (
+from spikeq.envs.ale_games import (
     PAPER_GAMES,
     REFERENCE_SCORES,
     game_short_name,
     human_normalized,
-    make_env,
     resolve_game,
 )
+from spikeq.envs.atari import make_env
 
 
 def test_short_names_resolve_to_the_no_frameskip_v4_ids_full_ids_pass_through():

@@ -13,7 +13,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from spikeq import SpikingQNetwork  # importing spikeq registers "SpikingPolicy"
-from spikeq.config import CARTPOLE_DQN
+from spikeq.experiment.config import CARTPOLE_DQN
 
 BUDGET = 80_000
 

@@ -8,7 +8,7 @@ import yaml
 from conftest import run_spikeq as spikeq
 
 from spikeq import cli
-from spikeq.report import results_table, write_table
+from spikeq.analysis.report import results_table, write_table
 
 KEYS = (
     "score_mean", "score_std", "score_min", "score_max", "human_normalized", "firing_rate",
@@ -37,7 +37,7 @@ def test_evaluate_reports_scores_and_energy(smoke_run, tmp_path, model):
         assert key in result, key
     assert result["episodes"] == 2 and len(result["scores"]) == 2
     assert result["score_min"] <= result["score_mean"] <= result["score_max"]
-    random_score, human_score = -20.7, 14.6  # Pong (spikeq.atari.REFERENCE_SCORES)
+    random_score, human_score = -20.7, 14.6  # Pong (spikeq.envs.ale_games.REFERENCE_SCORES)
     assert result["human_normalized"] == pytest.approx(
         (result["score_mean"] - random_score) / (human_score - random_score)
     )

@@ -11,9 +11,10 @@ from stable_baselines3 import DQN
 from stable_baselines3.common.env_util import make_vec_env
 from torch import nn
 
-from spikeq import atari, cli
-from spikeq.convert import action_agreement, convert_dqn, hidden_activations, record_frames
-from spikeq.network import SpikingQNetwork
+from spikeq import cli
+from spikeq.analysis.convert import action_agreement, convert_dqn, hidden_activations, record_frames
+from spikeq.envs import atari
+from spikeq.snn.network import SpikingQNetwork
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Energy accounting: exact operation counts on hand-computable spike patterns, and energy per action.
 
-Conventions under test (``spikeq.energy``): an input spike costs one synaptic operation (SOP) per
+Conventions under test (``spikeq.analysis.energy``): an input spike costs one synaptic operation (SOP) per
 synapse it really reaches (border-aware for convolutions), a layer with analog input costs its dense
 MACs once per presentation, and with the 45 nm model E = 4.6 pJ * MACs + 0.9 pJ * SOPs.
 """
@@ -15,7 +15,7 @@ from stable_baselines3.dqn.policies import CnnPolicy, MlpPolicy
 from torch import nn
 
 from spikeq import NetworkSpec, SpikingQNetwork
-from spikeq.energy import (
+from spikeq.analysis.energy import (
     ENERGY_MODELS,
     EnergyCounts,
     EnergyMeter,

@@ -16,10 +16,11 @@ import torch
 from gymnasium import spaces
 from layer_runs import assert_grads_close, run_layer
 
-from spikeq import NetworkSpec, NeuronSpec, SpikingLayer, SpikingQNetwork, engine
-from spikeq.encoding import ENCODERS
-from spikeq.engine import torch_backend
-from spikeq.readout import READOUTS
+from spikeq import NetworkSpec, NeuronSpec, SpikingLayer, SpikingQNetwork
+from spikeq.snn import engine
+from spikeq.snn.encoding import ENCODERS
+from spikeq.snn.engine import torch_backend
+from spikeq.snn.readout import READOUTS
 
 NEURON_RESETS = [("lif", "zero"), ("if", "zero"), ("lif", "subtract"), ("if", "subtract")]
 

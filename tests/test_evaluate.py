@@ -16,7 +16,7 @@ from stable_baselines3.common.env_util import make_atari_env
 from stable_baselines3.common.vec_env import VecFrameStack
 
 import spikeq  # noqa: F401 (registers "SpikingPolicy" with DQN)
-from spikeq.evaluate import evaluate_model
+from spikeq.analysis.evaluate import evaluate_model
 
 gymnasium.register_envs(ale_py)
 

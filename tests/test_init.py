@@ -9,10 +9,11 @@ import pytest
 import torch
 from stable_baselines3 import DQN
 
-from spikeq import atari, checkpoints
-from spikeq.network import SpikingQNetwork
-from spikeq.readout import READOUTS
-from spikeq.tracking import FiringMonitor
+from spikeq.analysis import weights
+from spikeq.envs import atari
+from spikeq.experiment.tracking import FiringMonitor
+from spikeq.snn.network import SpikingQNetwork
+from spikeq.snn.readout import READOUTS
 
 
 def play(game: str, n_frames: int, seed: int = 0) -> tuple:
@@ -138,14 +139,14 @@ def test_a_saved_loaded_or_exported_network_is_never_calibrated_again(breakout, 
     model = dqn(env, num_steps=8)
     model.learn(model.learning_starts + 2)
     model.save(tmp_path / "model.zip")
-    checkpoints.export_weights(model, tmp_path / "best")
+    weights.export_weights(model, tmp_path / "best")
     obs, _ = model.policy.obs_to_tensor(frames)
     with torch.no_grad():
         expected = model.q_net(obs)
     for loaded in (
         DQN.load(tmp_path / "model.zip", env=env),  # what a resumed run does
-        checkpoints.load_model(tmp_path / "model.zip", env, "cpu"),
-        checkpoints.load_model(tmp_path / "best.safetensors", env, "cpu"),
+        weights.load_model(tmp_path / "model.zip", env, "cpu"),
+        weights.load_model(tmp_path / "best.safetensors", env, "cpu"),
     ):
         assert loaded.policy.spec.init == "firing" and not loaded.q_net.needs_calibration
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The Triton recurrence kernels (spikeq.kernels) against snnTorch's ``Leaky`` called step by step.
+"""The Triton recurrence kernels (spikeq.snn.engine.kernels) against snnTorch's ``Leaky`` called step by step.
 
 On a GPU the engine runs the membrane recurrence in these kernels by default. Without one, conftest.py
 sets TRITON_INTERPRET=1 and the kernels run on CPU tensors in Triton's interpreter, which executes
@@ -19,8 +19,9 @@ import torch
 from gymnasium import spaces
 from layer_runs import assert_grads_close, run_layer
 
-from spikeq import NetworkSpec, NeuronSpec, SpikingLayer, SpikingQNetwork, engine
-from spikeq.engine import torch_backend, triton_backend
+from spikeq import NetworkSpec, NeuronSpec, SpikingLayer, SpikingQNetwork
+from spikeq.snn import engine
+from spikeq.snn.engine import torch_backend, triton_backend
 
 pytest.importorskip("triton")
 

@@ -14,11 +14,11 @@ from gymnasium import spaces
 from minatar import Environment
 from torch import nn
 
-from spikeq import games, minatar
-from spikeq.checkpoints import export_weights, load_model
-from spikeq.config import OPTIMIZERS, PRESETS, resolve
-from spikeq.network import MinAtarCNN, NetworkSpec, SpikingQNetwork, torso_of
-from spikeq.train import build_model
+from spikeq.analysis.weights import export_weights, load_model
+from spikeq.envs import games, minatar
+from spikeq.experiment.config import OPTIMIZERS, PRESETS, resolve
+from spikeq.experiment.train import build_model
+from spikeq.snn.network import MinAtarCNN, NetworkSpec, SpikingQNetwork, torso_of
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -140,7 +140,7 @@ def test_the_minatar_preset_is_their_dqn_setup():
         1.0, 0.1, 100_000,
     )  # fmt: skip
     assert (config.gamma, config.optimizer, config.learning_rate) == (0.99, "rmsprop", 2.5e-4)
-    assert config.max_grad_norm == float("inf") and config.num_steps == 8
+    assert config.max_grad_norm == float("inf") and config.network.num_steps == 8
     assert (config.eval_freq, config.eval_episodes, config.eval_epsilon) == (100_000, 30, 0.05)
     # Every value can still be overridden.
     assert resolve("minatar", "dsqn", learning_rate=1e-3, optimizer="adam").optimizer == "adam"

@@ -11,12 +11,13 @@ from conftest import run_spikeq
 from stable_baselines3 import DQN
 from stable_baselines3.common.env_util import make_vec_env
 
-from spikeq import atari, cli
-from spikeq.checkpoints import export_weights
-from spikeq.convert import convert_dqn, record_frames
-from spikeq.engine import over_time
-from spikeq.network import SpikingQNetwork
-from spikeq.nir_export import DEFAULT_DT, NirSimulator, action_names, export_nir, verify_nir
+from spikeq import cli
+from spikeq.analysis.convert import convert_dqn, record_frames
+from spikeq.analysis.nir_export import DEFAULT_DT, NirSimulator, action_names, export_nir, verify_nir
+from spikeq.analysis.weights import export_weights
+from spikeq.envs import atari
+from spikeq.snn.engine import over_time
+from spikeq.snn.network import SpikingQNetwork
 
 NUM_STEPS = 8
 FRAMES = 300

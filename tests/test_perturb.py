@@ -7,10 +7,11 @@ import torch
 from stable_baselines3 import DQN
 from torch.nn import functional
 
-from spikeq import atari, cli
-from spikeq.convert import record_frames
-from spikeq.evaluate import evaluate_model
-from spikeq.perturb import Perturbation
+from spikeq import cli
+from spikeq.analysis.convert import record_frames
+from spikeq.analysis.evaluate import evaluate_model
+from spikeq.analysis.perturb import Perturbation
+from spikeq.envs import atari
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,14 @@ import yaml
 from conftest import SPIKEQ
 from safetensors.torch import load_file
 
-from spikeq import atari, checkpoints, cli, train
-from spikeq.config import resolve
+from spikeq import cli
+from spikeq.analysis import weights
+from spikeq.envs import atari
+from spikeq.experiment import checkpoints, train
+from spikeq.experiment.config import resolve
+from spikeq.experiment.sweep import load_sweep, read_state
+from spikeq.experiment.train import build_model, open_run, prepare_run_dir, read_eval_rows, resume_command
 from spikeq.files import FileLock
-from spikeq.sweep import load_sweep, read_state
-from spikeq.train import build_model, open_run, prepare_run_dir, read_eval_rows, resume_command
 
 # A whole run in a few seconds: evaluations and checkpoints at steps 32 and 64, one short episode each.
 TINY = dict(
@@ -694,7 +697,7 @@ def exported(tmp_path_factory):
     env = atari.make_env("Pong", n_envs=1, seed=0, train=True)
     for model in ("dsqn", "dqn"):
         config = resolve("smoke", model, buffer_size=64, batch_size=8)
-        checkpoints.export_weights(build_model(config, env, "cpu"), folder / model, config.to_dict())
+        weights.export_weights(build_model(config, env, "cpu"), folder / model, config.to_dict())
     env.close()
     return folder
 

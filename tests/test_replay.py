@@ -10,8 +10,8 @@ from stable_baselines3 import DQN
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.vec_env import VecEnv, VecTransposeImage
 
-from spikeq.atari import make_env
-from spikeq.replay import FrameReplayBuffer
+from spikeq.envs.atari import make_env
+from spikeq.envs.replay import FrameReplayBuffer
 
 
 def play(

@@ -26,10 +26,11 @@ import torch
 from gymnasium import spaces
 from stable_baselines3 import DQN
 
-from spikeq import NetworkSpec, NeuronSpec, SpikingLayer, SpikingQNetwork, atari, cli
-from spikeq.config import ConfigError, resolve
-from spikeq.engine import torch_backend
-from spikeq.readout import READOUTS
+from spikeq import NetworkSpec, NeuronSpec, SpikingLayer, SpikingQNetwork, cli
+from spikeq.envs import atari
+from spikeq.experiment.config import ConfigError, resolve
+from spikeq.snn.engine import torch_backend
+from spikeq.snn.readout import READOUTS
 
 NEURON_RESETS = [("lif", "zero"), ("if", "zero"), ("lif", "subtract"), ("if", "subtract")]
 ALPHA = 2.0
@@ -262,23 +263,23 @@ def test_the_snntorch_engine_refuses_the_reset_gradient():
         layer(torch.zeros(4, 1, 3), 4, "snntorch")
     with pytest.raises(ConfigError, match=message):
         resolve("paper", "dsqn", engine="snntorch")
-    assert resolve("paper", "dsqn", engine="snntorch", detach_reset=True).engine == "snntorch"
+    assert resolve("paper", "dsqn", engine="snntorch", detach_reset=True).network.engine == "snntorch"
 
 
 def test_the_paper_preset_lets_the_gradient_through_the_reset():
     for model in ("dsqn", "dsqn-if", "dsqn-spike", "dsqn-mem"):
         config = resolve("paper", model)
-        assert config.detach_reset is False and config.network_spec().detach_reset is False
-    assert resolve("zoo", "dsqn").detach_reset is True
-    assert resolve("smoke", "dsqn").detach_reset is True
+        assert config.network.detach_reset is False and config.to_dict()["detach_reset"] is False
+    assert resolve("zoo", "dsqn").network.detach_reset is True
+    assert resolve("smoke", "dsqn").network.detach_reset is True
     assert NetworkSpec().detach_reset is True  # SpikingPolicy's default
 
 
 def test_the_command_line_sets_the_reset_gradient(tmp_path, capsys):
     args = cli.build_parser().parse_args(["train", "--preset=smoke", "--detach-reset=False"])
-    assert cli._train_config(args).detach_reset is False
+    assert cli._train_config(args).network.detach_reset is False
     args = cli.build_parser().parse_args(["train", "--preset", "paper", "--detach_reset", "true"])
-    assert cli._train_config(args).network_spec().detach_reset is True
+    assert cli._train_config(args).network.detach_reset is True
     code = cli.main(["train", "--preset", "paper", "--engine", "snntorch", "--out-dir", str(tmp_path)])
     assert code == 2 and "engine='snntorch' cannot run detach_reset=False" in capsys.readouterr().err
 

@@ -13,7 +13,7 @@ import yaml
 from conftest import SPIKEQ
 
 from spikeq import cli
-from spikeq.sweep import command_for, expand, load_sweep, read_state
+from spikeq.experiment.sweep import command_for, expand, load_sweep, read_state
 
 SWEEPS = Path(__file__).parent.parent / "experiments" / "sweeps"
 
@@ -32,7 +32,7 @@ def test_the_project_sweep_files_expand_into_valid_training_runs(name, runs):
         if "model" in params:
             assert config.model == params["model"] and config.game == "Breakout"
         else:
-            assert config.num_steps == params["num_steps"] and config.preset == "zoo"
+            assert config.network.num_steps == params["num_steps"] and config.preset == "zoo"
 
 
 def write_sweep(tmp_path: Path, **config) -> Path:

@@ -15,9 +15,10 @@ import yaml
 from conftest import SPIKEQ
 from conftest import run_spikeq as spikeq
 
-from spikeq import atari, cli
-from spikeq.config import PRESETS, resolve
-from spikeq.train import build_model, is_new_best, sb3_update_schedule
+from spikeq import cli
+from spikeq.envs import atari
+from spikeq.experiment.config import PRESETS, resolve
+from spikeq.experiment.train import build_model, is_new_best, sb3_update_schedule
 
 
 def eval_rows(run_dir: Path) -> list[dict]:
@@ -210,21 +211,23 @@ def test_unwritable_output_directory(tmp_path, capsys):
 def test_presets_and_overrides_resolve_in_order():
     config = resolve("zoo", "dsqn-if", learning_rate=3e-4)
     assert config.buffer_size == 100_000 and config.exploration_final_eps == 0.01  # zoo
-    assert config.neuron == "if"  # model
+    assert config.network.neuron == "if"  # model
     assert config.learning_rate == 3e-4  # override
     paper = resolve("paper", "dsqn")
     assert (paper.steps, paper.buffer_size, paper.learning_starts, paper.target_update_interval) == (
         50_000_000, 1_000_000, 50_000, 10_000
     )  # fmt: skip
-    assert (paper.num_steps, paper.eval_freq, paper.eval_episodes, paper.eval_epsilon) == (
+    assert (paper.network.num_steps, paper.eval_freq, paper.eval_episodes, paper.eval_epsilon) == (
         64,
         250_000,
         30,
         0.05,
     )
     # The reference code's initialisation under the paper's preset; a firing network elsewhere.
-    assert paper.init == "default" and config.init == resolve("smoke").init == "firing"
-    assert paper.network_spec().init == "default"
+    assert paper.network.init == "default"
+    assert config.network.init == resolve("smoke").network.init == "firing"
+    # Flat in config.yaml, W&B and on the command line.
+    assert paper.to_dict()["init"] == "default" and "network" not in paper.to_dict()
 
 
 def test_sweep_agent_style_arguments_are_accepted():
@@ -233,13 +236,14 @@ def test_sweep_agent_style_arguments_are_accepted():
          "--learning-rate=3e-4", "--surrogate_slope=4", "--tags=sweep,T16"]
     )  # fmt: skip
     config = cli._train_config(args)
-    assert (config.preset, config.game, config.num_steps, config.seed) == ("zoo", "Breakout", 16, 2)
-    assert config.save_replay is True and config.learning_rate == 3e-4 and config.surrogate_slope == 4.0
+    assert (config.preset, config.game, config.network.num_steps, config.seed) == ("zoo", "Breakout", 16, 2)
+    assert config.save_replay is True and config.learning_rate == 3e-4
+    assert config.network.surrogate_slope == 4.0
     assert config.tags == ["sweep", "T16"]
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    from spikeq.train import open_run
+    from spikeq.experiment.train import open_run
 
     config = resolve("smoke", "dsqn", steps=600, wandb="disabled", save_replay=False)
     trainer = open_run(config, run_dir=tmp_path / "run")

@@ -4,7 +4,7 @@
 the same seeds and actions and no no-ops (no-op counts come from different RNGs). What must match
 exactly: rewards, dones, time-outs, lives, the Monitor's full-game scores and lengths, and the
 frames, except where ALE's max-pooling of grayscale frames differs from SB3's max-pooling of RGB
-frames (Pong) and in the last frame of a game over (see ``spikeq.vector``).
+frames (Pong) and in the last frame of a game over (see ``spikeq.envs.vector``).
 """
 
 import numpy as np
@@ -14,10 +14,10 @@ from stable_baselines3.common.atari_wrappers import ClipRewardEnv, EpisodicLifeE
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import VecEnv
 
-from spikeq.atari import make_env
-from spikeq.evaluate import evaluate_model
-from spikeq.replay import FrameReplayBuffer
-from spikeq.vector import AleVecEnv
+from spikeq.analysis.evaluate import evaluate_model
+from spikeq.envs.atari import make_env
+from spikeq.envs.replay import FrameReplayBuffer
+from spikeq.envs.vector import AleVecEnv
 
 
 def sb3_lives_and_frames(env: VecEnv) -> tuple[list[int], list[int]]:
@@ -89,7 +89,7 @@ def test_breakout_training_env_plays_exactly_the_sb3_game():
     assert len(report["lost_life"]) >= 10 and len(report["game_over"]) >= 1 and len(report["time_out"]) >= 1
     assert np.max(report["lost_life"]) == 0 and np.max(report["time_out"]) == 0
     older, newest = np.max(report["game_over"], axis=0)
-    # A game over on the 3rd or 4th frame of a skip: ALE keeps the frame before (spikeq.vector).
+    # A game over on the 3rd or 4th frame of a skip: ALE keeps the frame before (spikeq.envs.vector).
     assert older == 0 and newest < 1.0
     assert all(episode["l"] <= 150 for episode in report["episodes"])
 

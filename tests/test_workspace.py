@@ -6,7 +6,7 @@ import torch
 from gymnasium import spaces
 
 from spikeq import NetworkSpec, SpikingQNetwork
-from spikeq.engine import Workspace
+from spikeq.snn.engine import Workspace
 
 LIKE = torch.empty(0)
 

@@ -3,9 +3,9 @@
 Importing the package registers ``"SpikingPolicy"`` with SB3's DQN.
 """
 
-from spikeq.network import NetworkSpec, SpikingQNetwork
-from spikeq.neurons import NeuronSpec, SpikingLayer
-from spikeq.policy import SpikingPolicy
+from spikeq.snn.network import NetworkSpec, SpikingQNetwork
+from spikeq.snn.neurons import NeuronSpec, SpikingLayer
+from spikeq.snn.policy import SpikingPolicy
 
 __all__ = ["NetworkSpec", "NeuronSpec", "SpikingLayer", "SpikingPolicy", "SpikingQNetwork"]
 __version__ = "0.1.0"

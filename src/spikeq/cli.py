@@ -18,16 +18,14 @@ dashes, booleans as ``True``/``False``.
 from __future__ import annotations
 
 import argparse
-import re
 import signal
 import sys
 import types
 import typing
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from spikeq.config import MODELS, PRESETS, ConfigError, TrainConfig, from_dict, resolve
+from spikeq.experiment.config import MODELS, PRESETS, ConfigError, TrainConfig, from_dict, resolve, settings
 
 # What a resumed run may change: where and how it runs, how far it goes, how it checkpoints, and the two
 # settings that get a run past a loss that became NaN (resumed from the last finite checkpoint).
@@ -57,12 +55,6 @@ def _optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "null", "") else float(text)
 
 
-def _field_help() -> dict[str, str]:
-    """Each config field's ``:param name: text`` from ``TrainConfig``'s docstring."""
-    docs = re.findall(r":param (\w+): (.*?)(?=\n\s*:param |\Z)", TrainConfig.__doc__ or "", re.S)
-    return {name: " ".join(text.replace("``", "").split()) for name, text in docs}
-
-
 def _converter(annotation: Any) -> Any:
     hints = {"int": int, "float": float, "str": str, "bool": _bool, "float | None": _optional_float}
     if isinstance(annotation, str):
@@ -83,20 +75,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--force", action="store_true", help="overwrite an existing run directory (a spikeq run only)"
     )
-    docs = _field_help()
-    for f in fields(TrainConfig):
-        if f.name in _SPECIAL:
+    for name, (annotation, doc) in settings().items():
+        if name in _SPECIAL:
             continue
-        options = [f"--{f.name.replace('_', '-')}"]
-        if "_" in f.name:
-            options.append(f"--{f.name}")
-        text = docs.get(f.name, "").replace("%", "%%")
-        p.add_argument(*options, dest=f.name, type=_converter(f.type), help=f"{text} (default: the preset's)")
+        options = [f"--{name.replace('_', '-')}"]
+        if "_" in name:
+            options.append(f"--{name}")
+        text = doc.replace("%", "%%") + " (default: the preset's)"
+        p.add_argument(*options, dest=name, type=_converter(annotation), help=text)
     p.set_defaults(handler=_train)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    values = {f.name: getattr(args, f.name, None) for f in fields(TrainConfig) if f.name not in _SPECIAL}
+    values = {name: getattr(args, name, None) for name in settings() if name not in _SPECIAL}
     overrides = {k: v for k, v in values.items() if v is not None}
     if args.game is not None:
         overrides["game"] = args.game
@@ -106,7 +97,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_config(config: TrainConfig) -> None:
-    from spikeq.train import cpu_warning, resolve_device
+    from spikeq.experiment.train import cpu_warning, resolve_device
 
     values = config.to_dict()
     device = resolve_device(config.device)
@@ -146,7 +137,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
             raise ConfigError(
                 f"--{key} {given} does not match the run being resumed ({key}={getattr(saved, key)})"
             )
-    changes = {k: v for k, v in overrides.items() if k != "game" and v != getattr(saved, k)}
+    saved_values = saved.to_dict()
+    changes = {k: v for k, v in overrides.items() if k != "game" and v != saved_values[k]}
     fixed = sorted(set(changes) - set(RESUME_OVERRIDES))
     if fixed:
         raise ConfigError(
@@ -158,7 +150,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from spikeq.train import open_run
+    from spikeq.experiment.train import open_run
 
     try:
         config = _train_config(args)
@@ -199,7 +191,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _export(args: argparse.Namespace) -> int:
     from stable_baselines3 import DQN
 
-    from spikeq import checkpoints
+    from spikeq.analysis import weights
 
     if not args.checkpoint.exists():
         raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
@@ -210,7 +202,7 @@ def _export(args: argparse.Namespace) -> int:
     config_file = args.checkpoint.parent.parent / "config.yaml"
     config = TrainConfig.load(config_file).to_dict() if config_file.exists() else {}
     try:
-        paths = checkpoints.export_weights(model, args.out, config)
+        paths = weights.export_weights(model, args.out, config)
     except (ValueError, OSError) as error:
         raise ConfigError(f"cannot export {args.checkpoint}: {error}") from None
     for path in paths:
@@ -262,7 +254,7 @@ def _checkpoint_config(path: Path) -> dict[str, Any]:
     """What a checkpoint was trained with (game, model, seed, ...): from a weights-only JSON or the
     run's config.yaml; empty where neither says."""
     if path.suffix in (".safetensors", ".json"):
-        from spikeq.checkpoints import read_weights_meta
+        from spikeq.analysis.weights import read_weights_meta
 
         return read_weights_meta(path).get("config", {})
     for folder in (path.parent, path.parent.parent, path.parent.parent.parent):
@@ -288,7 +280,7 @@ def _check_run_options(args: argparse.Namespace) -> None:
     torch thread count."""
     import torch
 
-    from spikeq.config import MAX_SEED, MAX_TORCH_THREADS
+    from spikeq.experiment.config import MAX_SEED, MAX_TORCH_THREADS
 
     if not 0 <= args.seed <= MAX_SEED:
         raise ConfigError(f"--seed {args.seed} is out of range; allowed: 0 to 2**32 - 1 ({MAX_SEED})")
@@ -307,12 +299,12 @@ def _check_run_options(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from spikeq import games
-    from spikeq.checkpoints import load_model
-    from spikeq.energy import load_energy_model
-    from spikeq.evaluate import evaluate_model
-    from spikeq.perturb import Perturbation
-    from spikeq.train import resolve_device
+    from spikeq.analysis.energy import load_energy_model
+    from spikeq.analysis.evaluate import evaluate_model
+    from spikeq.analysis.perturb import Perturbation
+    from spikeq.analysis.weights import load_model
+    from spikeq.envs import games
+    from spikeq.experiment.train import resolve_device
 
     try:
         if args.random:
@@ -404,7 +396,7 @@ def format_evaluation(result: dict[str, Any]) -> str:
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    from spikeq.convert import PAPER_FRAMES, PAPER_NUM_STEPS, PAPER_PERCENTILE
+    from spikeq.analysis.convert import PAPER_FRAMES, PAPER_NUM_STEPS, PAPER_PERCENTILE
 
     p = sub.add_parser("convert", help="convert a trained ANN DQN into a spiking one (Tan et al. 2021)")
     p.add_argument("checkpoint", type=Path, help="the ANN DQN: SB3 zip, or weights-only .safetensors/.json")
@@ -442,10 +434,10 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from spikeq import games
-    from spikeq.checkpoints import export_weights, load_model
-    from spikeq.convert import action_agreement, ann_layers, convert_dqn, record_frames
-    from spikeq.train import resolve_device
+    from spikeq.analysis.convert import action_agreement, ann_layers, convert_dqn, record_frames
+    from spikeq.analysis.weights import export_weights, load_model
+    from spikeq.envs import games
+    from spikeq.experiment.train import resolve_device
 
     try:
         game = _game_of(args)
@@ -485,7 +477,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _add_export_nir(sub: argparse._SubParsersAction) -> None:
-    from spikeq.nir_export import DEFAULT_DT, MIN_AGREEMENT
+    from spikeq.analysis.nir_export import DEFAULT_DT, MIN_AGREEMENT
 
     p = sub.add_parser(
         "export-nir", help="write a spiking checkpoint as a NIR graph for neuromorphic hardware"
@@ -514,8 +506,8 @@ def _add_export_nir(sub: argparse._SubParsersAction) -> None:
 
 
 def _export_nir(args: argparse.Namespace) -> int:
-    from spikeq.convert import record_frames
-    from spikeq.nir_export import (
+    from spikeq.analysis.convert import record_frames
+    from spikeq.analysis.nir_export import (
         action_names,
         export_nir,
         load_spiking_policy,
@@ -585,7 +577,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from spikeq.report import plot_runs
+    from spikeq.analysis.report import plot_runs
 
     try:
         print(plot_runs(args.runs, args.out, args.title))
@@ -604,7 +596,7 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
 
 
 def _table(args: argparse.Namespace) -> int:
-    from spikeq.report import format_table, results_table, write_table
+    from spikeq.analysis.report import format_table, results_table, write_table
 
     # Run directories that hold no result yet (unfinished runs, runs/sweeps/ under a glob) are skipped.
     paths = [p for p in args.paths if not p.is_dir() or (p / "evaluation.json").exists()]
@@ -644,7 +636,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 def _sweep(args: argparse.Namespace) -> int:
     import yaml
 
-    from spikeq.sweep import expand, load_sweep, run_sweep
+    from spikeq.experiment.sweep import expand, load_sweep, run_sweep
 
     overrides = {}
     for item in args.set:

@@ -34,10 +34,10 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.dqn.policies import QNetwork
 from torch import nn
 
-from spikeq.encoding import ENCODERS, make_encoder
-from spikeq.engine import BACKENDS, Workspace, over_time
-from spikeq.neurons import ENGINES, NeuronSpec, SpikingLayer, check_engine
-from spikeq.readout import READOUTS, Readout
+from spikeq.snn.encoding import ENCODERS, make_encoder
+from spikeq.snn.engine import BACKENDS, Workspace, over_time
+from spikeq.snn.neurons import ENGINES, NeuronSpec, SpikingLayer, check_engine
+from spikeq.snn.readout import READOUTS, Readout
 
 # Nature-DQN convolutions (Mnih et al. 2015), used unchanged by the paper: (out_channels, kernel, stride)
 NATURE_CONVS = ((32, 8, 4), (64, 4, 2), (64, 3, 1))
@@ -59,6 +59,10 @@ FIRING_TARGET_RATE = 0.1
 CALIBRATION_STEPS = 30
 CALIBRATION_MAX_SCALE = 2.0**16
 
+# T above this is a typo rather than an experiment: one forward at T = 4096 on an Atari frame already
+# holds 4096 x 32 x 20 x 20 membrane values per conv1 map, per sample in the batch.
+MAX_NUM_STEPS = 4096
+
 
 @dataclass(frozen=True)
 class NetworkSpec(NeuronSpec):
@@ -69,7 +73,7 @@ class NetworkSpec(NeuronSpec):
     :param encoder: ``"direct"`` (paper) or ``"poisson"``
     :param readout: ``"rate"`` (paper), ``"spike"``, ``"max_mem"``, ``"last_mem"``, ``"mean_mem"``
     :param engine: ``"fused"`` (time-batched) or ``"snntorch"`` (every layer called at every step)
-    :param backend: where the fused engine runs the membrane recurrence (``spikeq.engine``): ``"torch"``
+    :param backend: where the fused engine runs the membrane recurrence (``spikeq.snn.engine``): ``"torch"``
         (PyTorch kernels, any device), ``"triton"`` (spikeq's Triton kernels, CUDA) or ``"auto"``
         (Triton for CUDA tensors where it is installed, else PyTorch)
     :param recompute: fused engine: recompute the membrane of a layer with a static (direct) input in

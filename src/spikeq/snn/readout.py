@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spikeq.engine import Workspace, over_time
-from spikeq.neurons import NeuronSpec, SpikingLayer
+from spikeq.snn.engine import Workspace, over_time
+from spikeq.snn.neurons import NeuronSpec, SpikingLayer
 
 READOUTS = ("rate", "spike", "max_mem", "last_mem", "mean_mem")
 

@@ -1,7 +1,7 @@
 """The paper's Atari environment on ale-py's native vector env, as a Stable-Baselines3 ``VecEnv``.
 
-:func:`spikeq.atari.make_env` with ``vec_env="ale"`` returns an :class:`AleVecEnv`. It plays the
-same protocol as the SB3 wrapper chain documented in :mod:`spikeq.atari`, split in two::
+:func:`spikeq.envs.atari.make_env` with ``vec_env="ale"`` returns an :class:`AleVecEnv`. It plays the
+same protocol as the SB3 wrapper chain documented in :mod:`spikeq.envs.atari`, split in two::
 
     ale_py AtariVectorEnv (C++ thread)   FRAME_SKIP frames per step, max over the last 2 frames,
       one per game                       grayscale, 84x84 (INTER_AREA), no-ops on reset
@@ -62,7 +62,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
-from spikeq.atari import FRAME_SKIP, SCREEN_SIZE, resolve_game
+from spikeq.envs.ale_games import FRAME_SKIP, SCREEN_SIZE, resolve_game
 
 # Same-step autoreset with info["final_obs"] in the native vector env.
 MIN_ALE_VERSION = (0, 12)
@@ -273,7 +273,7 @@ class AleVecEnv(VecEnv):
     Rewards are float32, clipped to their sign in the training env. See the module docstring for
     the few differences from the SB3 path.
 
-    :param game: short game name (``"Pong"``) or ALE id, see :func:`spikeq.atari.resolve_game`; the
+    :param game: short game name (``"Pong"``) or ALE id, see :func:`spikeq.envs.ale_games.resolve_game`; the
         id's sticky-action probability, action set and frame cap are used (``"ALE/Pong-v5"``: sticky)
     :param n_envs: number of games stepped together, each in its own native thread
     :param train: ``True``: an episode ends at a lost life and rewards are clipped to their sign;
@@ -438,7 +438,7 @@ class AleVecEnv(VecEnv):
         """Whether each game behaves as if wrapped in ``wrapper_class``: the SB3 wrappers it emulates.
 
         ``env_is_wrapped(Monitor)`` is ``True``: ``info["episode"]`` marks the end of the full game,
-        so a done without it is a lost life (as :func:`spikeq.evaluate.evaluate_model` reads it).
+        so a done without it is a lost life (as :func:`spikeq.analysis.evaluate.evaluate_model` reads it).
         """
         emulated: list[type[gym.Wrapper]] = [Monitor, TimeLimit, MaxAndSkipEnv, WarpFrame]
         if self.noop_max > 0:

@@ -44,14 +44,16 @@ from stable_baselines3.common.utils import FloatSchedule, LinearSchedule
 from stable_baselines3.common.vec_env import VecTransposeImage
 from tqdm.auto import tqdm
 
-from spikeq import checkpoints, games
-from spikeq.config import OPTIMIZERS, ConfigError, TrainConfig
-from spikeq.evaluate import evaluate_model
+from spikeq.analysis import weights
+from spikeq.analysis.evaluate import evaluate_model
+from spikeq.analysis.report import plot_runs
+from spikeq.envs import games
+from spikeq.envs.replay import FrameReplayBuffer
+from spikeq.experiment import checkpoints
+from spikeq.experiment.config import OPTIMIZERS, ConfigError, TrainConfig
+from spikeq.experiment.tracking import FiringMonitor, Tracker
 from spikeq.files import FileLock, LockedError, atomic_path, is_locked
-from spikeq.network import DEFAULT_GRID_ARCH, MinAtarCNN
-from spikeq.replay import FrameReplayBuffer
-from spikeq.report import plot_runs
-from spikeq.tracking import FiringMonitor, Tracker
+from spikeq.snn.network import DEFAULT_GRID_ARCH, MinAtarCNN
 
 EVAL_COLUMNS = ("step", "score_mean", "score_std", "score_min", "score_max", "episodes", "human_normalized")
 
@@ -280,7 +282,7 @@ def policy_setup(config: TrainConfig) -> tuple[str, dict[str, Any], type[ReplayB
     )
     if config.spiking:
         policy = "SpikingPolicy"
-        policy_kwargs.update({k: v for k, v in config.network_spec().to_kwargs().items() if k != "net_arch"})
+        policy_kwargs.update({k: v for k, v in config.network.to_kwargs().items() if k != "net_arch"})
     elif minatar:
         policy = "MlpPolicy"
         policy_kwargs.update(features_extractor_class=MinAtarCNN, net_arch=list(DEFAULT_GRID_ARCH))
@@ -730,7 +732,7 @@ class Trainer:
             self.evaluate_now()  # the final weights compete for "best" too
         self.checkpoint()
         # The weights-only copy: the final evaluation unpickles nothing either.
-        best = checkpoints.load_model(self.ckpt_dir / "best.safetensors", self.eval_env, self.device)
+        best = weights.load_model(self.ckpt_dir / "best.safetensors", self.eval_env, self.device)
         tqdm.write(f"[final] re-evaluating the best weights (step {self.state['best_step']:,})")
         result = self._evaluate(
             best, n_episodes=self.config.final_eval_episodes, seed=(self.config.seed + 1) % SEED_MODULUS

@@ -25,8 +25,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 import numpy as np
-
-from spikeq.config import TrainConfig
+import yaml
 
 
 def _save(figure: plt.Figure, out: Path) -> Path:
@@ -53,12 +52,30 @@ def read_curve(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
     )
 
 
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """A run's ``config.yaml`` as plain data (``{}`` when it has none): reports only label and group
+    runs by it; ``spikeq.experiment.config.TrainConfig.load`` is what validates it for training.
+
+    :raises ValueError: for a file that is not a YAML mapping
+    """
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a spikeq config (a YAML mapping of config fields)")
+    return data
+
+
 def _label(run_dir: Path) -> str:
-    config_file = Path(run_dir) / "config.yaml"
-    if not config_file.exists():
+    config = run_config(run_dir)
+    if not config:
         return Path(run_dir).name
-    config = TrainConfig.load(config_file)
-    return f"{config.model} s{config.seed}" + (f" T={config.num_steps}" if config.spiking else "")
+    label = f"{config.get('model')} s{config.get('seed')}"
+    return label if config.get("model") == "dqn" else f"{label} T={config.get('num_steps')}"
 
 
 def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path:
@@ -79,9 +96,8 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
         low = [m - s for m, s in zip(means, stds, strict=True)]
         high = [m + s for m, s in zip(means, stds, strict=True)]
         axes.fill_between(steps, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
-        config_file = Path(run_dir) / "config.yaml"
-        if config_file.exists():
-            games.append(TrainConfig.load(config_file).game)
+        if "game" in (config := run_config(run_dir)):
+            games.append(config["game"])
     axes.set_xlabel("agent steps")
     axes.set_ylabel("evaluation score (mean ± std over episodes)")
     axes.set_title(title or ", ".join(dict.fromkeys(games)) or "evaluation")
@@ -102,14 +118,14 @@ def read_result(path: Path) -> dict[str, Any]:
         if not file.exists():
             raise ValueError(f"{path} has no evaluation.json: has the run finished?")
         result = json.loads(file.read_text())
-        if (path / "config.yaml").exists():
-            config = TrainConfig.load(path / "config.yaml")
+        if config := run_config(path):
+            model = result.get("model", config.get("model"))
             result = {
                 **result,
-                "model": result.get("model", config.model),
-                "train_seed": config.seed,
-                "train_steps": config.steps,
-                "init": config.init if config.spiking else None,
+                "model": model,
+                "train_seed": config.get("seed"),
+                "train_steps": config.get("steps"),
+                "init": config.get("init") if model != "dqn" else None,
             }
     elif path.suffix == ".json" and path.exists():
         result = json.loads(path.read_text())
@@ -247,10 +263,14 @@ def plot_learning_curves(
     """
     curves: dict[str, dict[str, list[dict[int, float]]]] = {}
     for run_dir in run_dirs:
-        config = TrainConfig.load(Path(run_dir) / "config.yaml")
+        config = run_config(run_dir)
+        if not {"game", "model"} <= config.keys():
+            raise ValueError(f"{run_dir} has no config.yaml naming its game and model")
         steps, means, _ = read_curve(run_dir)
-        label = f"{config.model} ({config.init} init)" if config.spiking else config.model
-        curves.setdefault(config.game, {}).setdefault(label, []).append(dict(zip(steps, means, strict=True)))
+        model = config["model"]
+        label = model if model == "dqn" else f"{model} ({config.get('init')} init)"
+        runs = curves.setdefault(config["game"], {}).setdefault(label, [])
+        runs.append(dict(zip(steps, means, strict=True)))
     if not curves:
         raise ValueError("no run directories given")
     figure, panels = plt.subplots(1, len(curves), figsize=(max(6.0, 4.2 * len(curves)), 3.8), squeeze=False)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+import re
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ import torch
 import yaml
 
 from spikeq.files import write_atomic
-from spikeq.network import NetworkSpec
+from spikeq.snn.network import MAX_NUM_STEPS, NetworkSpec
+from spikeq.snn.neurons import NeuronSpec
 
 MODELS: dict[str, dict[str, Any]] = {
     # The paper's DSQN and its ablations (Liu et al. 2022), plus Chen et al.'s max-membrane readout.
@@ -57,9 +59,6 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 VEC_ENVS = ("dummy", "subproc", "ale")
 # NumPy, gymnasium and ALE take 32-bit seeds; larger ones fail deep inside the first reset.
 MAX_SEED = 2**32 - 1
-# T above this is a typo rather than an experiment: one forward at T = 4096 on an Atari frame already
-# holds 4096 x 32 x 20 x 20 membrane values per conv1 map, per sample in the batch.
-MAX_NUM_STEPS = 4096
 # torch crashed (a segmentation fault) when asked for 100,000 threads; no machine here has more than this.
 MAX_TORCH_THREADS = 1024
 # The field types a config file may hold, by the annotation's text (``from __future__ import annotations``).
@@ -77,10 +76,18 @@ class ConfigError(ValueError):
     """A config value that cannot be used; the message names it and what is allowed."""
 
 
+# The spiking network of the paper's protocol: NetworkSpec's defaults but PyTorch's initialisation (the
+# reference code's) and the reset's gradient cut until a preset chooses (DEFAULT_DETACH_RESET).
+PAPER_NETWORK = NetworkSpec(init="default", detach_reset=DEFAULT_DETACH_RESET)
+# The network settings a run names flat; the torso's sizes (net_arch) stay each torso's own.
+NETWORK_FIELDS: dict[str, str] = {f.name: str(f.type) for f in fields(NetworkSpec) if f.name != "net_arch"}
+
+
 @dataclass
 class TrainConfig:
-    """Every setting of a training run. Defaults are the paper's protocol: Liu et al. 2022 and its reference
-    code (github.com/AptX395/Deep-Spiking-Q-Networks), as the README's "The paper's protocol" lists it,
+    """Every setting of a training run: the run's own, and its spiking network's (``network``). Defaults
+    are the paper's protocol: Liu et al. 2022 and its reference code
+    (github.com/AptX395/Deep-Spiking-Q-Networks), as the README's "The paper's protocol" lists it,
     except ``detach_reset``, which the ``paper`` preset sets (``PAPER_DETACH_RESET``).
 
     :param game: ALE game, short (``Pong``) or full id (``PongNoFrameskip-v4``), or MinAtar game
@@ -95,27 +102,10 @@ class TrainConfig:
         each) or ``ale`` (ale-py's native vector env, threads in C++; the same games step for step)
     :param torch_threads: CPU threads for torch (0: torch's default); 1 is fastest for small networks
         on a few cores, where spare cores run the emulator
-    :param num_steps: T, simulation steps of the spiking network (paper: 64)
-    :param tau: LIF membrane time constant (paper: 2.0)
-    :param threshold: firing threshold (paper: 1.0)
-    :param reset: ``zero`` (paper) or ``subtract``
-    :param learn_beta: trainable membrane decay per layer
-    :param learn_threshold: trainable threshold per layer
-    :param detach_reset: cut the gradient through the reset (snnTorch's ``Leaky``); False is the paper's
-        code (SpikingJelly's ``detach_reset=False``), which the ``paper`` preset sets
-    :param surrogate: surrogate gradient (paper: atan, alpha 2)
-    :param surrogate_slope: its shape parameter (None: default)
-    :param encoder: ``direct`` (paper) or ``poisson``
-    :param engine: ``fused`` or ``snntorch``
-    :param backend: where the fused engine runs the recurrence: ``auto`` (Triton kernels on CUDA where
-        installed, else PyTorch), ``torch`` or ``triton``
-    :param recompute: fused engine: recompute the static first layer's membrane in the backward pass
-        instead of storing it (less memory, a little more time)
-    :param init: ``default`` (PyTorch's, the reference code's: silent on Atari frames at first) or
-        ``firing`` (every spiking layer rescaled on the first training batch to fire; see
-        ``SpikingQNetwork.calibrate_firing``)
-    :param neuron: set by ``model`` unless overridden: ``lif`` or ``if``
-    :param readout: set by ``model`` unless overridden
+    :param network: the spiking network's settings (unused by ``dqn``): ``PAPER_NETWORK`` unless a
+        preset, the model or an override changes them. Config files, the CLI, sweeps and ``resolve``
+        name them flat, beside the run's own (``num_steps: 8``, ``--num-steps 8``); their names, types
+        and documentation are ``NetworkSpec``'s and ``NeuronSpec``'s, declared there once.
     :param optimizer: ``adam`` (paper) or ``rmsprop`` (centred, MinAtar's DQN), see ``OPTIMIZERS``
     :param learning_rate: optimiser learning rate (paper: Adam 1e-4)
     :param batch_size: minibatch size (paper: 32)
@@ -156,22 +146,7 @@ class TrainConfig:
     n_envs: int = 1
     vec_env: str = "dummy"
     torch_threads: int = 0
-    num_steps: int = 64
-    tau: float = 2.0
-    threshold: float = 1.0
-    reset: str = "zero"
-    learn_beta: bool = False
-    learn_threshold: bool = False
-    detach_reset: bool = DEFAULT_DETACH_RESET
-    surrogate: str = "atan"
-    surrogate_slope: float | None = None
-    encoder: str = "direct"
-    engine: str = "fused"
-    backend: str = "auto"
-    recompute: bool = False
-    init: str = "default"
-    neuron: str = "lif"
-    readout: str = "rate"
+    network: NetworkSpec = PAPER_NETWORK
     optimizer: str = "adam"
     learning_rate: float = 1e-4
     batch_size: int = 32
@@ -203,12 +178,6 @@ class TrainConfig:
     def spiking(self) -> bool:
         """Whether the model is a spiking network (everything but ``dqn``)."""
         return self.model != "dqn"
-
-    def network_spec(self) -> NetworkSpec:
-        """The spiking network's hyperparameters (validated)."""
-        # Every NetworkSpec field but net_arch (the torso's sizes stay the paper's) is a config field.
-        names = [f.name for f in fields(NetworkSpec) if f.name != "net_arch"]
-        return NetworkSpec(**{name: getattr(self, name) for name in names})
 
     def validate(self) -> TrainConfig:
         """Check every value; raise ``ConfigError`` naming the first bad one. Returns self."""
@@ -242,16 +211,10 @@ class TrainConfig:
                 f"torch_threads={self.torch_threads!r} is too large; allowed: 0 (torch's default) to "
                 f"{MAX_TORCH_THREADS} (this machine has {os.cpu_count()} cores)"
             )
-        if self.num_steps > MAX_NUM_STEPS:
-            raise ConfigError(f"num_steps={self.num_steps!r} is too large; allowed: 1 to {MAX_NUM_STEPS}")
-        for name in ("tau", "threshold", "learning_rate", "surrogate_slope"):
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                raise ConfigError(f"{name}={value!r} must be a finite number")
+        if not math.isfinite(self.learning_rate):
+            raise ConfigError(f"learning_rate={self.learning_rate!r} must be a finite number")
         if math.isnan(self.max_grad_norm):
             raise ConfigError("max_grad_norm=nan must be a number > 0 (inf: no clipping)")
-        if self.surrogate_slope is not None and not self.surrogate_slope > 0:
-            raise ConfigError(f"surrogate_slope={self.surrogate_slope!r} must be > 0 (or None: the default)")
         if not all(isinstance(tag, str) for tag in self.tags):
             raise ConfigError(f"tags={self.tags!r} must be a list of strings")
         if not self.game or not self.out_dir or not self.wandb_project:
@@ -270,30 +233,23 @@ class TrainConfig:
             raise ConfigError(f"learning_rate={self.learning_rate!r} must be > 0")
         if not self.max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm={self.max_grad_norm!r} must be > 0 (inf: no clipping)")
-        if self.spiking:
-            try:
-                self.network_spec()
-            except ValueError as error:
-                raise ConfigError(str(error)) from None
         return self
 
     def _check_types(self) -> None:
-        """Every field holds a value of its declared type (a config file may hold anything)."""
+        """Every run field holds a value of its declared type (a config file may hold anything)."""
         for f in fields(self):
-            value = getattr(self, f.name)
-            allowed = _FIELD_TYPES.get(str(f.type), (object,))
-            if isinstance(value, bool) and bool not in allowed:
-                allowed = ()  # True is an int to Python, not to a config
-            if not isinstance(value, allowed):
-                raise ConfigError(
-                    f"{f.name}={value!r} is a {type(value).__name__}; allowed: a value of type {f.type}"
-                )
-            if str(f.type) in ("float", "float | None") and isinstance(value, int):
-                setattr(self, f.name, float(value))
+            if f.name != "network":
+                setattr(self, f.name, _checked(f.name, getattr(self, f.name), str(f.type)))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for YAML, JSON and W&B."""
-        return asdict(self)
+        """Plain data for YAML, JSON and W&B: every setting flat, the network's among the run's."""
+        data: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "network":
+                data.update({name: getattr(self.network, name) for name in NETWORK_FIELDS})
+            else:
+                data[f.name] = list(self.tags) if f.name == "tags" else getattr(self, f.name)
+        return data
 
     def save(self, path: Path) -> None:
         """Write the config as YAML, atomically (a crash leaves the old file or the new one)."""
@@ -324,13 +280,65 @@ class TrainConfig:
             raise ConfigError(f"{path}: {error}") from None
 
 
+def _param_docs(cls: type) -> dict[str, str]:
+    """``:param name: text`` of a class's docstring, as one line each."""
+    docs = re.findall(r":param (\w+): (.*?)(?=\n\s*:param |\Z)", cls.__doc__ or "", re.S)
+    return {name: " ".join(text.replace("``", "").split()) for name, text in docs}
+
+
+def settings() -> dict[str, tuple[str, str]]:
+    """Every flat setting of a run, in ``config.yaml``'s order: name -> (type, documentation). The
+    run's own are documented in ``TrainConfig``'s docstring, the network's in ``NeuronSpec``'s and
+    ``NetworkSpec``'s; the CLI's flags and their help come from here."""
+    docs = {**_param_docs(NeuronSpec), **_param_docs(NetworkSpec), **_param_docs(TrainConfig)}
+    flat = {}
+    for f in fields(TrainConfig):
+        if f.name == "network":
+            flat.update({name: (annotation, docs[name]) for name, annotation in NETWORK_FIELDS.items()})
+        else:
+            flat[f.name] = (str(f.type), docs[f.name])
+    return flat
+
+
+def _checked(name: str, value: Any, annotation: str) -> Any:
+    """``value`` if it is of the annotation's type (an int where a float goes becomes a float)."""
+    allowed = _FIELD_TYPES.get(annotation, (object,))
+    if isinstance(value, bool) and bool not in allowed:
+        allowed = ()  # True is an int to Python, not to a config
+    if not isinstance(value, allowed):
+        kind = type(value).__name__
+        raise ConfigError(f"{name}={value!r} is a {kind}; allowed: a value of type {annotation}")
+    return float(value) if annotation in ("float", "float | None") and isinstance(value, int) else value
+
+
+def _network(settings: dict[str, Any]) -> NetworkSpec:
+    """``PAPER_NETWORK`` with ``settings`` (flat config values), checked as config values are."""
+    checked = {name: _checked(name, value, NETWORK_FIELDS[name]) for name, value in settings.items()}
+    for name in ("tau", "threshold", "surrogate_slope"):
+        value = checked.get(name)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{name}={value!r} must be a finite number")
+    slope = checked.get("surrogate_slope")
+    if slope is not None and not slope > 0:
+        raise ConfigError(f"surrogate_slope={slope!r} must be > 0 (or None: the default)")
+    steps = checked.get("num_steps", 1)
+    if isinstance(steps, int) and steps > MAX_NUM_STEPS:
+        raise ConfigError(f"num_steps={steps!r} is too large; allowed: 1 to {MAX_NUM_STEPS}")
+    try:
+        return replace(PAPER_NETWORK, **checked)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def from_dict(data: dict[str, Any]) -> TrainConfig:
-    """Build a config from plain data, naming unknown keys."""
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
+    """Build a config from flat plain data (a config file, a sweep's parameters), naming unknown keys."""
+    run_fields = {f.name for f in fields(TrainConfig)} - {"network"}
+    unknown = sorted(set(data) - run_fields - set(NETWORK_FIELDS))
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
-    return TrainConfig(**data)
+        known = sorted(run_fields | set(NETWORK_FIELDS))
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; allowed: {', '.join(known)}")
+    network = _network({k: v for k, v in data.items() if k in NETWORK_FIELDS})
+    return TrainConfig(**{k: v for k, v in data.items() if k in run_fields}, network=network)
 
 
 # The network initialisation of every preset but ``paper`` (which keeps the reference code's, PyTorch's):
@@ -425,5 +433,5 @@ def resolve(preset: str = "paper", model: str = "dsqn", **overrides: Any) -> Tra
 
 
 def override(config: TrainConfig, **changes: Any) -> TrainConfig:
-    """A copy of ``config`` with ``changes`` applied and validated."""
-    return replace(config, **changes).validate()
+    """A copy of ``config`` with ``changes`` (flat, as in ``to_dict``) applied and validated."""
+    return from_dict({**config.to_dict(), **changes}).validate()

@@ -1,7 +1,7 @@
 """One entry point for the two game families: Atari (ALE, the paper's) and MinAtar (the CPU testbed).
 
-``--game Pong`` or ``--game PongNoFrameskip-v4`` is an ALE game (:mod:`spikeq.atari`);
-``--game MinAtar/Breakout`` is a MinAtar game (:mod:`spikeq.minatar`). The training pipeline, the
+``--game Pong`` or ``--game PongNoFrameskip-v4`` is an ALE game (:mod:`spikeq.envs.atari`);
+``--game MinAtar/Breakout`` is a MinAtar game (:mod:`spikeq.envs.minatar`). The training pipeline, the
 evaluator and the CLI call these functions and never ask which family they hold.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from stable_baselines3.common.vec_env import VecEnv
 
-from spikeq import atari, minatar
+from spikeq.envs import ale_games, atari, minatar
 
 
 def resolve_game(name: str) -> str:
@@ -20,14 +20,14 @@ def resolve_game(name: str) -> str:
     """
     if minatar.is_minatar(name):
         return minatar.resolve_game(name)
-    return atari.resolve_game(name)
+    return ale_games.resolve_game(name)
 
 
 def game_short_name(name: str) -> str:
     """The name results are filed under: ``"Pong"``, ``"MinAtar/Breakout"``."""
     if minatar.is_minatar(name):
         return minatar.game_short_name(name)
-    return atari.game_short_name(atari.resolve_game(name))
+    return ale_games.game_short_name(ale_games.resolve_game(name))
 
 
 def file_safe_name(name: str) -> str:
@@ -51,8 +51,8 @@ def make_env(
     noop_max: int = 30,
     render_mode: str | None = None,
 ) -> VecEnv:
-    """The game's environment as an SB3 ``VecEnv``: :func:`spikeq.atari.make_env` (the paper's
-    protocol; ``train`` selects life loss and reward clipping) or :func:`spikeq.minatar.make_env`
+    """The game's environment as an SB3 ``VecEnv``: :func:`spikeq.envs.atari.make_env` (the paper's
+    protocol; ``train`` selects life loss and reward clipping) or :func:`spikeq.envs.minatar.make_env`
     (one environment for training and evaluation; ``train`` and ``noop_max`` do not apply).
 
     :param game: a game name, see :func:`resolve_game`

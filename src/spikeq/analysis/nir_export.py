@@ -18,7 +18,7 @@ One explicit Euler step of length dt is
     v[t] = v[t-1] + dt / tau * (v_leak - v[t-1] + R I[t])
          = (1 - dt / tau) v[t-1] + (dt R / tau) I[t]              (v_leak = 0)
 
-and spikeq's LIF (the paper's, ``spikeq.neurons``: H[t] = V[t-1] + (I[t] - V[t-1]) / tau_paper, i.e.
+and spikeq's LIF (the paper's, ``spikeq.snn.neurons``: H[t] = V[t-1] + (I[t] - V[t-1]) / tau_paper, i.e.
 U[t] = beta U[t-1] + I[t] / tau_paper with beta = 1 - 1/tau_paper) is exactly that step when
 
     tau = dt / (1 - beta) = dt * tau_paper,    R = input_scale / (1 - beta) = 1,    v_leak = 0,
@@ -79,10 +79,10 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
-from spikeq import games
-from spikeq.network import SpikingQNetwork
-from spikeq.neurons import SpikingLayer
-from spikeq.policy import SpikingPolicy
+from spikeq.envs import games
+from spikeq.snn.network import SpikingQNetwork
+from spikeq.snn.neurons import SpikingLayer
+from spikeq.snn.policy import SpikingPolicy
 
 NIR_FORMAT = "spikeq-nir-v1"
 # snnTorch's export_to_nir / import_from_nir assume this time step (seconds).
@@ -117,7 +117,7 @@ def load_spiking_policy(path: str | Path) -> SpikingPolicy:
         ``.safetensors`` / ``.json`` pair written by ``spikeq export``
     :raises ValueError: with one line, for a missing, unreadable or non-spiking checkpoint
     """
-    from spikeq.checkpoints import _space_from_json, read_weights_meta
+    from spikeq.analysis.weights import read_weights_meta, space_from_json
 
     path = Path(path)
     if not path.exists():
@@ -139,8 +139,8 @@ def load_spiking_policy(path: str | Path) -> SpikingPolicy:
             raise ValueError(_not_spiking(path, str(meta.get("policy"))))
         try:
             policy = SpikingPolicy(
-                _space_from_json(meta["observation_space"]),
-                _space_from_json(meta["action_space"]),
+                space_from_json(meta["observation_space"]),
+                space_from_json(meta["action_space"]),
                 lambda _: 0.0,
                 **meta["policy_kwargs"],
             )
@@ -637,7 +637,7 @@ class SnnTorchTorso:
         with redirect_stdout(io.StringIO()):  # the importer prints its weight rescaling
             self.module = import_from_nir(nir.NIRGraph(nodes=nodes, edges=edges))
         self.neurons = [m for m in self.module.modules() if isinstance(m, snn.SpikingNeuron)]
-        for neuron in self.neurons:  # keep them out of snnTorch's global list, as spikeq.neurons does
+        for neuron in self.neurons:  # keep them out of snnTorch's global list, as spikeq.snn.neurons does
             snn.SpikingNeuron.instances.remove(neuron)
         for flatten in (m for m in self.module.modules() if isinstance(m, nn.Flatten)):
             flatten.start_dim += 1
@@ -711,7 +711,7 @@ def verify_nir(
         "observations": len(observations),
         "simulator": (
             f"nir.read (nir {nir.version}), nirtorch {nirtorch.__version__} graph executor, "
-            f"spikeq.nir_export node map (Euler, dt={simulator.dt:g})"
+            f"spikeq.analysis.nir_export node map (Euler, dt={simulator.dt:g})"
         ),
         "snntorch_torso": snntorch_result,
     }
@@ -719,7 +719,7 @@ def verify_nir(
 
 def make_observation_env(game: str, seed: int = 0) -> VecEnv:
     """One environment to record observations in: the evaluation env of an ALE or MinAtar game
-    (``spikeq.games.make_env``), else the gymnasium id as is (e.g. ``CartPole-v1``).
+    (``spikeq.envs.games.make_env``), else the gymnasium id as is (e.g. ``CartPole-v1``).
 
     :param game: ALE game (``Pong``, ``PongNoFrameskip-v4``), MinAtar game (``MinAtar/Breakout``) or a
         gymnasium id

@@ -38,7 +38,7 @@ import torch
 from snntorch import surrogate as snn_surrogate
 from torch import nn
 
-from spikeq import engine
+from spikeq.snn import engine
 
 NEURONS = ("lif", "if")
 RESETS = ("zero", "subtract")

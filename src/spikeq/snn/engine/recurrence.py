@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from spikeq.engine import torch_backend, triton_backend
-from spikeq.engine.torch_backend import RESET_NONE
-from spikeq.engine.workspace import Workspace
+from spikeq.snn.engine import torch_backend, triton_backend
+from spikeq.snn.engine.torch_backend import RESET_NONE
+from spikeq.snn.engine.workspace import Workspace
 
 BACKENDS = ("auto", "torch", "triton")
 

@@ -39,7 +39,7 @@ import yaml
 from gymnasium import spaces
 from torch import nn
 
-from spikeq.network import LayerActivity, SpikingQNetwork
+from spikeq.snn.network import LayerActivity, SpikingQNetwork
 
 # The costs of an EnergyModel, in pJ; pj_per_sop is the only one every profile must price.
 COST_FIELDS = ("pj_per_mac", "pj_per_sop", "pj_per_neuron_update")

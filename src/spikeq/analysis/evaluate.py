@@ -8,7 +8,7 @@ change it. Only a greedy decision runs the Q-network (a random action costs noth
 statistics average over greedy decisions only, as the reference code does:
 
     a[t] = random action            with probability epsilon (per env and step)
-         = argmax_a Q(o[t], a)      otherwise, counted by ``spikeq.energy.EnergyMeter``
+         = argmax_a Q(o[t], a)      otherwise, counted by ``spikeq.analysis.energy.EnergyMeter``
 
 Video: ALE renders RGB frames only when its env was made with ``render_mode="rgb_array"`` (headless,
 no display needed); the frames of env 0 are read with ``env.env_method("render")`` and written to MP4
@@ -30,8 +30,8 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
-from spikeq.energy import EnergyMeter, EnergyModel, load_energy_model
-from spikeq.perturb import Perturbation
+from spikeq.analysis.energy import EnergyMeter, EnergyModel, load_energy_model
+from spikeq.analysis.perturb import Perturbation
 
 # One frame per agent step: 60 Hz emulator frames / frame skip 4 plays the video in real time.
 VIDEO_FPS = 15
@@ -142,12 +142,12 @@ def evaluate_model(
     :param energy: count spikes, SOPs and MACs of the greedy decisions (False: scores only, faster,
         and the energy keys are absent)
     :param perturbation: what the agent's observations go through before each greedy decision
-        (``spikeq.perturb``: ``"none"``, ``"gaussian:SIGMA"``, ``"fgsm:EPS"``); the noise is drawn
+        (``spikeq.analysis.perturb``: ``"none"``, ``"gaussian:SIGMA"``, ``"fgsm:EPS"``); the noise is drawn
         from its own generator (seeded with ``seed``), so the exploration draws do not change
     :return: ``scores`` (list), ``episode_lengths`` (agent steps), ``episodes``, ``score_mean``,
         ``score_std`` (population std), ``score_min``, ``score_max``, ``game``, ``human_normalized``
         (of the mean score), ``epsilon``, ``seed``, ``perturbation``, ``video_path`` and every key of
-        ``spikeq.energy.energy_report``: ``firing_rate``, ``spikes_per_action``, ``sops_per_action``,
+        ``spikeq.analysis.energy.energy_report``: ``firing_rate``, ``spikes_per_action``, ``sops_per_action``,
         ``macs_per_action``, ``energy_pj_per_action``, ``ann_energy_pj_per_action``, ``energy_ratio``,
         ``energy_model``, ``num_steps`` (``None`` for an ANN), ``decisions`` (greedy decisions
         counted), ``assumptions`` ...
@@ -217,8 +217,8 @@ def evaluate_model(
     score_mean = float(np.mean(scores))
     human = None
     if game is not None:
-        # Imported here: spikeq.atari loads ale_py, which only this score needs.
-        from spikeq.atari import human_normalized
+        # Imported here: spikeq.envs.atari loads ale_py, which only this score needs.
+        from spikeq.envs.ale_games import human_normalized
 
         human = human_normalized(game, score_mean)
     evaluation_assumptions = [
@@ -230,8 +230,9 @@ def evaluate_model(
     ]
     if perturbation.kind != "none":
         evaluation_assumptions.append(
-            f"Observations perturbed ({perturbation}) before every greedy decision (spikeq.perturb); "
-            "the game itself is not; an FGSM attacker's gradient pass is not counted as energy."
+            f"Observations perturbed ({perturbation}) before every greedy decision "
+            "(spikeq.analysis.perturb); the game itself is not; an FGSM attacker's gradient pass is not "
+            "counted as energy."
         )
     return {
         "episodes": len(scores),

@@ -1,4 +1,4 @@
-"""The Triton backend: the recurrence in spikeq.kernels, one launch per layer and direction (CUDA).
+"""The Triton backend: the recurrence in spikeq.snn.engine.kernels, one launch per layer and direction (CUDA).
 
 At T = 64 a training step of the paper's DSQN issues over a thousand small kernel launches with the
 PyTorch loop; on a GPU their fixed cost, not arithmetic, bounds it. The kernels run all T steps with the
@@ -6,9 +6,9 @@ membrane in registers. They take what the paper's DSQN needs and nothing else: a
 threshold, float32 or float64, and snnTorch's ATan surrogate (the adjoint is written for it); anything
 else is refused with the reason, never handed to another backend.
 
-CUDA tensors only, except under Triton's interpreter (``TRITON_INTERPRET=1`` set before spikeq.kernels
-is first imported), which runs the same kernels on CPU tensors through numpy: the tests check the kernels
-that way on machines without a GPU.
+CUDA tensors only, except under Triton's interpreter (``TRITON_INTERPRET=1`` set before
+``spikeq.snn.engine.kernels`` is first imported), which runs the same kernels on CPU tensors through
+numpy: the tests check the kernels that way on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -19,18 +19,18 @@ from typing import Any
 
 import torch
 
-from spikeq.engine import torch_backend
+from spikeq.snn.engine import torch_backend
 
 DTYPES = (torch.float32, torch.float64)
 
 
 def kernels() -> Any:
-    """spikeq.kernels (imported on first use, so TRITON_INTERPRET set before then applies).
+    """spikeq.snn.engine.kernels (imported on first use, so TRITON_INTERPRET set before then applies).
 
     :raises RuntimeError: where Triton cannot be imported
     """
     try:
-        return importlib.import_module("spikeq.kernels")
+        return importlib.import_module("spikeq.snn.engine.kernels")
     except ImportError as error:
         raise RuntimeError(
             f"backend 'triton' needs the triton package (pip install triton): {error}"

@@ -37,7 +37,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 from tqdm.auto import tqdm
 
-from spikeq.network import SpikingQNetwork
+from spikeq.snn.network import SpikingQNetwork
 
 # Tan et al. 2021's settings.
 PAPER_PERCENTILE = 99.9

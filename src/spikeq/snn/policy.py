@@ -21,7 +21,7 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import Schedule
 from stable_baselines3.dqn.policies import DQNPolicy
 
-from spikeq.network import NetworkSpec, SpikingQNetwork, check_spaces
+from spikeq.snn.network import NetworkSpec, SpikingQNetwork, check_spaces
 
 
 class SpikingPolicy(DQNPolicy):

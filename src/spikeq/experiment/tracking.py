@@ -22,7 +22,7 @@ from stable_baselines3.common.logger import KVWriter, Logger
 from torch.utils.hooks import RemovableHandle
 
 from spikeq.files import atomic_path
-from spikeq.network import SpikingQNetwork
+from spikeq.snn.network import SpikingQNetwork
 
 # A spiking layer silent (no spike at all) or saturated (more than SATURATED_RATE of its neuron-steps
 # firing) on the training batches of this many consecutive updates is named on the console.

@@ -13,7 +13,7 @@ name (``BACKENDS``), as SpikingJelly chooses its neurons' backends:
 
 - ``torch`` (``torch_backend``): the reference, PyTorch kernels step by step, any device, dtype and
   surrogate;
-- ``triton`` (``triton_backend``, ``spikeq.kernels``): all T steps in one launch per layer and
+- ``triton`` (``triton_backend``, ``spikeq.snn.engine.kernels``): all T steps in one launch per layer and
   direction, on CUDA, for the paper's neurons (scalar parameters, ATan surrogate); anything else is
   refused with the reason;
 - ``auto``: ``triton`` for CUDA tensors where it is installed and can run the layer, ``torch`` otherwise.
@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spikeq.engine.recurrence import BACKENDS, choose_backend, leaky_sequence, spike_sequence
-from spikeq.engine.workspace import Workspace
+from spikeq.snn.engine.recurrence import BACKENDS, choose_backend, leaky_sequence, spike_sequence
+from spikeq.snn.engine.workspace import Workspace
 
 __all__ = ["BACKENDS", "Workspace", "choose_backend", "leaky_sequence", "over_time", "spike_sequence"]
 

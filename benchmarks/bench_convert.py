@@ -34,7 +34,7 @@ def spikes_and_sops(model: DQN, frames: np.ndarray) -> tuple[float, float]:
     for frame in frames:
         meter.q_values(model.policy.obs_to_tensor(frame[None])[0])
     report = meter.report()
-    return report["spikes_per_action"], report["sops_per_action"]
+    return report.spikes_per_action, report.sops_per_action
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ synapse it really reaches (border-aware for convolutions), a layer with analog i
 MACs once per presentation, and with the 45 nm model E = 4.6 pJ * MACs + 0.9 pJ * SOPs.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from spikeq.analysis.energy import (
     EnergyCounts,
     EnergyMeter,
     EnergyModel,
+    EnergyReport,
     ann_layer_macs,
     ann_macs,
     count_activity,
@@ -176,7 +178,7 @@ def frames(batch: int) -> torch.Tensor:
     return torch.randint(0, 256, (batch, *FRAMES.shape), dtype=torch.uint8)
 
 
-def measure(net: SpikingQNetwork, obs: torch.Tensor, model: str = "45nm") -> dict:
+def measure(net: SpikingQNetwork, obs: torch.Tensor, model: str = "45nm") -> EnergyReport:
     meter = EnergyMeter(net)
     meter.q_values(obs)
     return meter.report(model)
@@ -184,31 +186,31 @@ def measure(net: SpikingQNetwork, obs: torch.Tensor, model: str = "45nm") -> dic
 
 def test_a_silent_dsqn_costs_only_the_first_layer_macs():
     report = measure(silent(nature_dsqn()), frames(3))
-    assert report["decisions"] == 3
-    assert report["firing_rate"] == {"conv1": 0.0, "conv2": 0.0, "conv3": 0.0, "fc1": 0.0}
-    assert report["spikes_per_action"] == 0
-    assert report["sops_per_action"] == 0
+    assert report.decisions == 3
+    assert report.firing_rate == {"conv1": 0.0, "conv2": 0.0, "conv3": 0.0, "fc1": 0.0}
+    assert report.spikes_per_action == 0
+    assert report.sops_per_action == 0
     # conv1 sees the analog frames once (direct coding), not once per time step
-    assert report["macs_per_layer"] == {"conv1": CONV1_MACS}
-    assert report["energy_pj_per_action"] == pytest.approx(4.6 * CONV1_MACS, rel=1e-12)
-    assert report["ann_macs_per_action"] == NATURE_MACS
-    assert report["ann_energy_pj_per_action"] == pytest.approx(4.6 * NATURE_MACS, rel=1e-12)
-    assert report["energy_ratio"] == pytest.approx(CONV1_MACS / NATURE_MACS, rel=1e-12)
-    assert all(isinstance(line, str) and line for line in report["assumptions"])
+    assert report.macs_per_layer == {"conv1": CONV1_MACS}
+    assert report.energy_pj_per_action == pytest.approx(4.6 * CONV1_MACS, rel=1e-12)
+    assert report.ann_macs_per_action == NATURE_MACS
+    assert report.ann_energy_pj_per_action == pytest.approx(4.6 * NATURE_MACS, rel=1e-12)
+    assert report.energy_ratio == pytest.approx(CONV1_MACS / NATURE_MACS, rel=1e-12)
+    assert all(isinstance(line, str) and line for line in report.assumptions)
 
 
 def test_energy_grows_by_0_9_pj_per_readout_synapse_of_every_fc1_spike():
     net = silent(nature_dsqn())
     obs = frames(2)
-    energy_silent = measure(net, obs)["energy_pj_per_action"]
+    energy_silent = measure(net, obs).energy_pj_per_action
     for k in (1, 7, 512):
         # The first k fc1 neurons fire at every step: k * T spikes, each reaching the 6 Q-outputs.
         constant_current(net, "fc1", torch.where(torch.arange(512) < k, 10.0, -10.0))
         report = measure(net, obs)
-        assert report["spikes_per_layer"]["fc1"] == k * NUM_STEPS
-        assert report["firing_rate"]["fc1"] == pytest.approx(k / 512)  # spikes / (neurons * T)
-        assert report["sops_per_layer"] == {"conv2": 0, "conv3": 0, "fc1": 0, "fc2": k * NUM_STEPS * 6}
-        assert report["energy_pj_per_action"] == pytest.approx(
+        assert report.spikes_per_layer["fc1"] == k * NUM_STEPS
+        assert report.firing_rate["fc1"] == pytest.approx(k / 512)  # spikes / (neurons * T)
+        assert report.sops_per_layer == {"conv2": 0, "conv3": 0, "fc1": 0, "fc2": k * NUM_STEPS * 6}
+        assert report.energy_pj_per_action == pytest.approx(
             energy_silent + 0.9 * k * NUM_STEPS * 6, rel=1e-12
         )
 
@@ -217,14 +219,14 @@ def test_when_every_conv1_neuron_fires_conv2_sops_equal_its_dense_macs_per_step(
     net = silent(nature_dsqn())
     constant_current(net, "conv1", 10.0)
     report = measure(net, frames(1))
-    assert report["spikes_per_layer"]["conv1"] == 32 * 20 * 20 * NUM_STEPS
-    assert report["firing_rate"]["conv1"] == 1.0
+    assert report.spikes_per_layer["conv1"] == 32 * 20 * 20 * NUM_STEPS
+    assert report.firing_rate["conv1"] == 1.0
     # conv2 (k4 s2, no padding) windows lie inside the 20x20 map: all-ones input fills every synapse.
-    assert report["sops_per_layer"]["conv2"] == NUM_STEPS * CONV2_MACS
-    assert report["energy_pj_per_action"] == pytest.approx(
+    assert report.sops_per_layer["conv2"] == NUM_STEPS * CONV2_MACS
+    assert report.energy_pj_per_action == pytest.approx(
         4.6 * CONV1_MACS + 0.9 * NUM_STEPS * CONV2_MACS, rel=1e-12
     )
-    assert report["neuron_updates_per_action"] == NUM_STEPS * TORSO_NEURONS
+    assert report.neuron_updates_per_action == NUM_STEPS * TORSO_NEURONS
 
 
 def test_poisson_input_makes_the_first_layer_sops_instead_of_macs():
@@ -232,29 +234,29 @@ def test_poisson_input_makes_the_first_layer_sops_instead_of_macs():
     # Pixels at 255 spike with probability 1 at every step: conv1 gets T dense layers' worth of SOPs.
     white = torch.full((1, *FRAMES.shape), 255, dtype=torch.uint8)
     report = measure(net, white)
-    assert report["macs_per_action"] == 0
-    assert report["sops_per_layer"]["conv1"] == NUM_STEPS * CONV1_MACS
-    assert report["energy_pj_per_action"] == pytest.approx(0.9 * NUM_STEPS * CONV1_MACS, rel=1e-12)
+    assert report.macs_per_action == 0
+    assert report.sops_per_layer["conv1"] == NUM_STEPS * CONV1_MACS
+    assert report.energy_pj_per_action == pytest.approx(0.9 * NUM_STEPS * CONV1_MACS, rel=1e-12)
     black = torch.zeros((1, *FRAMES.shape), dtype=torch.uint8)
-    assert measure(net, black)["sops_per_action"] == 0
+    assert measure(net, black).sops_per_action == 0
     # Loihi prices SOPs and neuron updates; without MACs the total needs no MAC price.
     loihi = measure(net, white, "loihi")
-    assert loihi["energy_pj_per_action"] == pytest.approx(
+    assert loihi.energy_pj_per_action == pytest.approx(
         23.6 * NUM_STEPS * CONV1_MACS + 81.0 * NUM_STEPS * TORSO_NEURONS, rel=1e-12
     )
     # ...but it has no MAC price, so the dense ANN twin cannot be priced and neither the ratio.
-    assert loihi["ann_energy_pj_per_action"] is None
-    assert loihi["energy_ratio"] is None
+    assert loihi.ann_energy_pj_per_action is None
+    assert loihi.energy_ratio is None
 
 
 def test_a_direct_coded_dsqn_has_no_loihi_energy_total():
     report = measure(silent(nature_dsqn()), frames(1), "loihi")
-    assert report["energy_breakdown_pj"] == {
+    assert report.energy_breakdown_pj == {
         "macs": None,
         "sops": 0.0,
         "neuron_updates": 81.0 * NUM_STEPS * TORSO_NEURONS,
     }
-    assert report["energy_pj_per_action"] is None
+    assert report.energy_pj_per_action is None
 
 
 def mlp_dsqn(readout: str = "rate") -> SpikingQNetwork:
@@ -339,12 +341,12 @@ def test_an_ann_meter_charges_all_macs_and_has_ratio_one():
     meter = EnergyMeter(q_net)
     meter.q_values(frames(2).float())
     report = meter.report()
-    assert report["num_steps"] is None
-    assert report["firing_rate"] == {}
-    assert report["spikes_per_action"] == report["sops_per_action"] == 0
-    assert report["macs_per_action"] == NATURE_MACS
-    assert report["energy_pj_per_action"] == report["ann_energy_pj_per_action"]
-    assert report["energy_ratio"] == 1.0
+    assert report.num_steps is None
+    assert report.firing_rate == {}
+    assert report.spikes_per_action == report.sops_per_action == 0
+    assert report.macs_per_action == NATURE_MACS
+    assert report.energy_pj_per_action == report.ann_energy_pj_per_action
+    assert report.energy_ratio == 1.0
 
 
 def test_energy_model_presets():
@@ -376,8 +378,8 @@ def test_a_yaml_profile(tmp_path):
         num_steps=2, decisions=1, macs={"fc1": 10}, sops={"fc2": 4}, neuron_updates={"fc1": 6}
     )
     report = energy_report(counts, path, ann_macs_per_action=20)
-    assert report["energy_pj_per_action"] == 2.0 * 10 + 0.5 * 4 + 1.5 * 6
-    assert report["energy_ratio"] == (2.0 * 10 + 0.5 * 4 + 1.5 * 6) / (2.0 * 20)
+    assert report.energy_pj_per_action == 2.0 * 10 + 0.5 * 4 + 1.5 * 6
+    assert report.energy_ratio == (2.0 * 10 + 0.5 * 4 + 1.5 * 6) / (2.0 * 20)
 
 
 @pytest.mark.parametrize(
@@ -402,3 +404,37 @@ def test_bad_yaml_profiles_are_rejected_by_name(tmp_path, text, error):
 def test_unknown_energy_model_lists_the_allowed_ones():
     with pytest.raises(ValueError, match="unknown energy model '65nm'; allowed: 45nm, loihi"):
         load_energy_model("65nm")
+
+
+# The flat form of an energy report (the energy keys of evaluation.json), key by key and in this order.
+REPORT_KEYS = [
+    "energy_model", "num_steps", "decisions", "firing_rate", "mean_firing_rate", "spikes_per_layer",
+    "spikes_per_action", "sops_per_layer", "sops_per_action", "macs_per_layer", "macs_per_action",
+    "neuron_updates_per_action", "energy_breakdown_pj", "energy_pj_per_action", "ann_macs_per_action",
+    "ann_energy_pj_per_action", "energy_ratio", "assumptions",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("model", ["45nm", "loihi"])
+def test_a_report_reads_back_from_its_flat_form(model):
+    net = silent(nature_dsqn())
+    constant_current(net, "fc1", 10.0)
+    report = measure(net, frames(2), model)
+    flat = report.to_dict()
+    assert list(flat) == REPORT_KEYS
+    assert flat["energy_model"] == {
+        "name": model,
+        "source": ENERGY_MODELS[model].source,
+        "pj_per_mac": ENERGY_MODELS[model].pj_per_mac,
+        "pj_per_sop": ENERGY_MODELS[model].pj_per_sop,
+        "pj_per_neuron_update": ENERGY_MODELS[model].pj_per_neuron_update,
+        "description": ENERGY_MODELS[model].description,
+    }
+    assert EnergyReport.from_dict(json.loads(json.dumps(flat))) == report
+
+
+def test_a_flat_report_without_a_key_names_it():
+    flat = measure(silent(nature_dsqn()), frames(1)).to_dict()
+    del flat["macs_per_layer"]
+    with pytest.raises(ValueError, match="energy report: missing key.*macs_per_layer"):
+        EnergyReport.from_dict(flat)

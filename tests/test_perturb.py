@@ -83,16 +83,16 @@ def test_evaluation_under_perturbation(pong):
     dsqn = models(env)["dsqn"]
     plain = evaluate_model(dsqn, env, n_episodes=1, seed=3, progress=False)
     zero = evaluate_model(dsqn, env, n_episodes=1, seed=3, progress=False, perturbation="gaussian:0")
-    assert zero["scores"] == plain["scores"] and zero["spikes_per_action"] == plain["spikes_per_action"]
+    assert zero.scores == plain.scores and zero.energy.spikes_per_action == plain.energy.spikes_per_action
     attacked = evaluate_model(dsqn, env, n_episodes=1, seed=3, progress=False, perturbation="fgsm:0.05")
-    assert attacked["perturbation"] == "fgsm:0.05" and plain["perturbation"] == "none"
+    assert attacked.perturbation == "fgsm:0.05" and plain.perturbation == "none"
     # The same exploration draws, so the same number of greedy decisions, each counted once.
     assert (
-        attacked["decisions"] == plain["decisions"]
-        and attacked["episode_lengths"] == plain["episode_lengths"]
+        attacked.energy.decisions == plain.energy.decisions
+        and attacked.episode_lengths == plain.episode_lengths
     )
-    assert attacked["spikes_per_action"] != plain["spikes_per_action"]
-    assert any("fgsm:0.05" in line for line in attacked["assumptions"])
+    assert attacked.energy.spikes_per_action != plain.energy.spikes_per_action
+    assert any("fgsm:0.05" in line for line in attacked.assumptions)
 
 
 def test_evaluate_command_refuses_a_bad_perturbation(tmp_path, capsys):

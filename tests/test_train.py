@@ -20,6 +20,16 @@ from spikeq.envs import atari
 from spikeq.experiment.config import PRESETS, resolve
 from spikeq.experiment.train import build_model, is_new_best, sb3_update_schedule
 
+# A finished run's evaluation.json, key by key and in this order.
+EVALUATION_JSON_KEYS = [
+    "game", "model", "best_step", "episodes", "scores", "episode_lengths", "score_mean", "score_std",
+    "score_min", "score_max", "human_normalized", "epsilon", "seed", "perturbation", "video_path",
+    "energy_model", "num_steps", "decisions", "firing_rate", "mean_firing_rate", "spikes_per_layer",
+    "spikes_per_action", "sops_per_layer", "sops_per_action", "macs_per_layer", "macs_per_action",
+    "neuron_updates_per_action", "energy_breakdown_pj", "energy_pj_per_action", "ann_macs_per_action",
+    "ann_energy_pj_per_action", "energy_ratio", "assumptions",
+]  # fmt: skip
+
 
 def eval_rows(run_dir: Path) -> list[dict]:
     with (run_dir / "eval.csv").open() as f:
@@ -72,6 +82,7 @@ def test_smoke_run_writes_a_complete_run_directory(smoke_run, model):
         assert not any(key.startswith("train/firing_rate") for key in train_rows[0])
 
     result = json.loads((run_dir / "evaluation.json").read_text())
+    assert list(result) == EVALUATION_JSON_KEYS
     assert result["episodes"] == 2 and result["model"] == model and result["game"] == "Pong"
     if model == "dsqn":
         assert list(result["firing_rate"]) == ["conv1", "conv2", "conv3", "fc1"]

@@ -168,9 +168,9 @@ def test_sb3_dqn_trains_and_evaluates_on_the_ale_env_as_on_the_sb3_env():
             model, eval_env, n_episodes=2, epsilon=0.5, seed=2, progress=False, energy=False
         )
         eval_env.close()
-    assert results["ale"]["scores"] == results["dummy"]["scores"] and sum(results["ale"]["scores"]) > 0
-    assert results["ale"]["episode_lengths"] == results["dummy"]["episode_lengths"]
-    assert min(results["ale"]["episode_lengths"]) > 50  # five lives, not one
+    assert results["ale"].scores == results["dummy"].scores and sum(results["ale"].scores) > 0
+    assert results["ale"].episode_lengths == results["dummy"].episode_lengths
+    assert min(results["ale"].episode_lengths) > 50  # five lives, not one
 
 
 @pytest.mark.parametrize(

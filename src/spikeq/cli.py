@@ -27,6 +27,9 @@ from typing import Any, NoReturn
 
 from spikeq.experiment.config import MODELS, PRESETS, ConfigError, TrainConfig, from_dict, resolve, settings
 
+if typing.TYPE_CHECKING:
+    from spikeq.analysis.evaluate import Evaluation
+
 # What a resumed run may change: where and how it runs, how far it goes, how it checkpoints, and the two
 # settings that get a run past a loss that became NaN (resumed from the last finite checkpoint).
 RESUME_OVERRIDES = (
@@ -351,18 +354,18 @@ def _evaluate(args: argparse.Namespace) -> int:
         perturbation=perturbation,
     )
     env.close()
-    result = {
+    record = {
         "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
         "model": trained.get("model"),
         "train_seed": trained.get("seed"),
         "train_steps": trained.get("steps"),
         "init": trained.get("init") if trained.get("model", "dqn") not in ("dqn", "random") else None,
-        **result,
+        **result.to_dict(),
     }
     print(format_evaluation(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        args.out.write_text(json.dumps(record, indent=1))
         print(f"written: {args.out}")
     return 0
 
@@ -371,26 +374,25 @@ def _fmt(value: Any, spec: str = ",.1f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def format_evaluation(result: dict[str, Any]) -> str:
+def format_evaluation(result: Evaluation) -> str:
     """A short human-readable summary of ``evaluate_model``'s result."""
     lines = [
-        f"{result.get('game')}: score {result['score_mean']:.2f} ± {result['score_std']:.2f} "
-        f"(min {result['score_min']:.1f}, max {result['score_max']:.1f}, {result['episodes']} episodes, "
-        f"human-normalised {_fmt(result['human_normalized'], '.3f')})",
+        f"{result.game}: score {result.score_mean:.2f} ± {result.score_std:.2f} "
+        f"(min {result.score_min:.1f}, max {result.score_max:.1f}, {result.episodes} episodes, "
+        f"human-normalised {_fmt(result.human_normalized, '.3f')})",
     ]
-    if result.get("firing_rate"):
-        rates = ", ".join(f"{k} {v:.4f}" for k, v in result["firing_rate"].items())
-        lines.append(f"firing rate: {rates}")
-        spikes, sops = _fmt(result["spikes_per_action"]), _fmt(result["sops_per_action"])
-        lines.append(f"per action: {spikes} spikes, {sops} SOPs, {_fmt(result['macs_per_action'])} MACs")
-    if "energy_model" not in result:  # the random policy runs no network
+    energy = result.energy
+    if energy is None:  # the random policy runs no network
         return "\n".join(lines)
-    model = result["energy_model"]
-    model_name = model["name"] if isinstance(model, dict) else model
+    if energy.firing_rate:
+        rates = ", ".join(f"{k} {v:.4f}" for k, v in energy.firing_rate.items())
+        lines.append(f"firing rate: {rates}")
+        spikes, sops = _fmt(energy.spikes_per_action), _fmt(energy.sops_per_action)
+        lines.append(f"per action: {spikes} spikes, {sops} SOPs, {_fmt(energy.macs_per_action)} MACs")
     lines.append(
-        f"energy per action ({model_name}): {_fmt(result['energy_pj_per_action'])} pJ; "
-        f"ANN with the same layers {_fmt(result['ann_energy_pj_per_action'])} pJ; "
-        f"ratio {_fmt(result['energy_ratio'], '.4f')}"
+        f"energy per action ({energy.energy_model.name}): {_fmt(energy.energy_pj_per_action)} pJ; "
+        f"ANN with the same layers {_fmt(energy.ann_energy_pj_per_action)} pJ; "
+        f"ratio {_fmt(energy.energy_ratio, '.4f')}"
     )
     return "\n".join(lines)
 

@@ -29,9 +29,12 @@ Energy per action, for costs e_mac, e_sop, e_neuron in pJ (``EnergyModel``):
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +48,8 @@ from spikeq.snn.network import LayerActivity, SpikingQNetwork
 COST_FIELDS = ("pj_per_mac", "pj_per_sop", "pj_per_neuron_update")
 PROFILE_FIELDS = ("name", "source", "description", *COST_FIELDS)
 REQUIRED_PROFILE_FIELDS = ("name", "source", "pj_per_mac", "pj_per_sop")
+# How the first of an energy report's assumptions begins: where they start in an evaluation's list.
+ENERGY_ASSUMPTIONS_START = "Energy model "
 
 
 @dataclass(frozen=True)
@@ -146,28 +151,30 @@ def load_energy_model(model: str | Path | EnergyModel) -> EnergyModel:
             f"unknown energy model {str(model)!r}; allowed: {', '.join(ENERGY_MODELS)}, or the path "
             "of an existing .yaml/.yml profile"
         )
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict):
+    return _energy_model_from(yaml.safe_load(path.read_text()), f"energy profile {path}")
+
+
+def _energy_model_from(data: Any, origin: str) -> EnergyModel:
+    """An energy model from a mapping of its fields; an error message begins with ``origin``."""
+    if not isinstance(data, Mapping):
         raise ValueError(
-            f"energy profile {path}: expected a mapping with the fields {', '.join(PROFILE_FIELDS)}, "
+            f"{origin}: expected a mapping with the fields {', '.join(PROFILE_FIELDS)}, "
             f"got {type(data).__name__}"
         )
-    unknown = sorted(set(data) - set(PROFILE_FIELDS))
+    unknown = sorted(map(str, set(data) - set(PROFILE_FIELDS)))
     if unknown:
         raise ValueError(
-            f"energy profile {path}: unknown field(s) {', '.join(map(str, unknown))}; allowed: "
-            f"{', '.join(PROFILE_FIELDS)}"
+            f"{origin}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(PROFILE_FIELDS)}"
         )
     missing = [key for key in REQUIRED_PROFILE_FIELDS if key not in data]
     if missing:
         raise ValueError(
-            f"energy profile {path}: missing field(s) {', '.join(missing)}; required: "
-            f"{', '.join(REQUIRED_PROFILE_FIELDS)}"
+            f"{origin}: missing field(s) {', '.join(missing)}; required: {', '.join(REQUIRED_PROFILE_FIELDS)}"
         )
     try:
         return EnergyModel(**data)
     except ValueError as error:
-        raise ValueError(f"energy profile {path}: {error}") from error
+        raise ValueError(f"{origin}: {error}") from error
 
 
 def _receptive_field_sums(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -431,20 +438,85 @@ def _price(pj_per_op: float | None, ops: float) -> float | None:
     return None if pj_per_op is None else pj_per_op * ops
 
 
-def energy_report(counts: EnergyCounts, model: str | Path | EnergyModel, ann_macs_per_action: int) -> dict:
+@dataclass(frozen=True)
+class EnergyReport:
+    """Per-action statistics and energy of the counted greedy decisions, with the ANN comparison.
+
+    Per-layer and per-action values are averages per decision (NaN when no decision was counted); an
+    energy is ``None`` where the model has no price for an operation that occurred, and with it the
+    ratio. ``to_dict`` gives the flat JSON form, ``from_dict`` reads it back.
+
+    :param energy_model: the energy model that priced the operations
+    :param num_steps: T of the spiking network (``None`` for a non-spiking ANN)
+    :param decisions: greedy decisions counted
+    :param firing_rate: spiking layer -> spikes / (neurons * T)
+    :param mean_firing_rate: all spiking neurons together; ``None`` without spiking layers
+    :param spikes_per_layer: spiking layer -> spikes per action
+    :param spikes_per_action: spikes of all spiking layers per action
+    :param sops_per_layer: layer with spiking input -> synaptic operations per action
+    :param sops_per_action: synaptic operations per action
+    :param macs_per_layer: layer with analog input -> multiply-accumulates per action
+    :param macs_per_action: multiply-accumulates per action
+    :param neuron_updates_per_action: neuron state updates per action
+    :param energy_breakdown_pj: ``macs``, ``sops`` and ``neuron_updates`` -> pJ per action (``None``:
+        not priced)
+    :param energy_pj_per_action: E_SNN in pJ (``None``: an operation that occurred has no price)
+    :param ann_macs_per_action: MACs per observation of the equivalent dense ANN
+    :param ann_energy_pj_per_action: E_ANN in pJ (``None`` for a model without a MAC price)
+    :param energy_ratio: E_SNN / E_ANN (``None`` where either is unknown)
+    :param assumptions: what the numbers assume, one sentence each
+    """
+
+    energy_model: EnergyModel
+    num_steps: int | None
+    decisions: int
+    firing_rate: dict[str, float]
+    mean_firing_rate: float | None
+    spikes_per_layer: dict[str, float]
+    spikes_per_action: float
+    sops_per_layer: dict[str, float]
+    sops_per_action: float
+    macs_per_layer: dict[str, float]
+    macs_per_action: float
+    neuron_updates_per_action: float
+    energy_breakdown_pj: dict[str, float | None]
+    energy_pj_per_action: float | None
+    ann_macs_per_action: int
+    ann_energy_pj_per_action: float | None
+    energy_ratio: float | None
+    assumptions: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat JSON form: one key per field, ``energy_model`` as a mapping of its fields."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EnergyReport:
+        """Read back the flat form of ``to_dict`` (also the energy keys of an evaluation result).
+
+        :param data: a mapping with every key of ``to_dict``; other keys are ignored
+        :raises ValueError: naming a missing key, or for an energy model that is not valid
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"an energy report must be a mapping, got {type(data).__name__}")
+        missing = [f.name for f in fields(cls) if f.name not in data]
+        if missing:
+            raise ValueError(f"energy report: missing key(s) {', '.join(missing)}")
+        # Copies: the report shares no mapping or list with ``data``.
+        values = {f.name: copy.deepcopy(data[f.name]) for f in fields(cls)}
+        values["energy_model"] = _energy_model_from(values["energy_model"], "energy report: energy_model")
+        return cls(**values)
+
+
+def energy_report(
+    counts: EnergyCounts, model: str | Path | EnergyModel, ann_macs_per_action: int
+) -> EnergyReport:
     """Per-action statistics and energy of the counted decisions, with the ANN comparison.
 
     :param counts: the counts (``count_activity``, ``EnergyMeter.counts``)
     :param model: the energy model, or its preset name or YAML path (``load_energy_model``)
     :param ann_macs_per_action: MACs per observation of the equivalent dense ANN (``ann_macs``)
-    :return: a dict with ``energy_model`` (its fields), ``num_steps``, ``decisions``,
-        ``firing_rate`` (layer -> rate), ``mean_firing_rate``, ``spikes_per_layer``,
-        ``spikes_per_action``, ``sops_per_layer``, ``sops_per_action``, ``macs_per_layer``,
-        ``macs_per_action``, ``neuron_updates_per_action``, ``energy_breakdown_pj`` (``macs``, ``sops``,
-        ``neuron_updates``), ``energy_pj_per_action``, ``ann_macs_per_action``,
-        ``ann_energy_pj_per_action``, ``energy_ratio`` and ``assumptions`` (list of sentences). Per-layer
-        and per-action values are averages per decision; an energy is ``None`` where the model has no
-        price for an operation that occurred, and with it the ratio.
+    :return: the report; ``energy_breakdown_pj`` holds ``macs``, ``sops`` and ``neuron_updates``
     """
     model = load_energy_model(model)
     breakdown = {
@@ -462,32 +534,32 @@ def energy_report(counts: EnergyCounts, model: str | Path | EnergyModel, ann_mac
     energy = None if None in priced else sum(priced)
     ann_energy = _price(model.pj_per_mac, ann_macs_per_action)
     ratio = energy / ann_energy if energy is not None and ann_energy else None
-    return {
-        "energy_model": asdict(model),
-        "num_steps": counts.num_steps,
-        "decisions": counts.decisions,
-        "firing_rate": counts.firing_rate,
-        "mean_firing_rate": counts.mean_firing_rate,
-        "spikes_per_layer": {layer: counts.per_action(n) for layer, n in counts.spikes.items()},
-        "spikes_per_action": counts.spikes_per_action,
-        "sops_per_layer": {layer: counts.per_action(n) for layer, n in counts.sops.items()},
-        "sops_per_action": counts.sops_per_action,
-        "macs_per_layer": {layer: counts.per_action(n) for layer, n in counts.macs.items()},
-        "macs_per_action": counts.macs_per_action,
-        "neuron_updates_per_action": counts.neuron_updates_per_action,
-        "energy_breakdown_pj": breakdown,
-        "energy_pj_per_action": energy,
-        "ann_macs_per_action": ann_macs_per_action,
-        "ann_energy_pj_per_action": ann_energy,
-        "energy_ratio": ratio,
-        "assumptions": _assumptions(counts, model),
-    }
+    return EnergyReport(
+        energy_model=model,
+        num_steps=counts.num_steps,
+        decisions=counts.decisions,
+        firing_rate=counts.firing_rate,
+        mean_firing_rate=counts.mean_firing_rate,
+        spikes_per_layer={layer: counts.per_action(n) for layer, n in counts.spikes.items()},
+        spikes_per_action=counts.spikes_per_action,
+        sops_per_layer={layer: counts.per_action(n) for layer, n in counts.sops.items()},
+        sops_per_action=counts.sops_per_action,
+        macs_per_layer={layer: counts.per_action(n) for layer, n in counts.macs.items()},
+        macs_per_action=counts.macs_per_action,
+        neuron_updates_per_action=counts.neuron_updates_per_action,
+        energy_breakdown_pj=breakdown,
+        energy_pj_per_action=energy,
+        ann_macs_per_action=ann_macs_per_action,
+        ann_energy_pj_per_action=ann_energy,
+        energy_ratio=ratio,
+        assumptions=_assumptions(counts, model),
+    )
 
 
 def _assumptions(counts: EnergyCounts, model: EnergyModel) -> list[str]:
     costs = ", ".join(f"{key}={getattr(model, key)}" for key in COST_FIELDS)
     lines = [
-        f"Energy model {model.name!r} ({costs}): {model.source}. {model.description}".strip(),
+        f"{ENERGY_ASSUMPTIONS_START}{model.name!r} ({costs}): {model.source}. {model.description}".strip(),
         f"Per action = per greedy decision: one forward pass for one observation, averaged over "
         f"{counts.decisions} decisions; exact counts of the recorded activity, not rate estimates.",
         "Only arithmetic is priced: memory access, data movement, spike routing and static power are "
@@ -566,7 +638,7 @@ class EnergyMeter:
         self.counts += count_activity(activity, self.q_net.num_steps, self.membrane_readout)
         return q
 
-    def report(self, model: str | Path | EnergyModel = "45nm") -> dict:
+    def report(self, model: str | Path | EnergyModel = "45nm") -> EnergyReport:
         """``energy_report`` of everything counted so far.
 
         :param model: energy model, preset name or YAML path

@@ -17,9 +17,13 @@ with imageio's ffmpeg plugin (libx264), one frame per agent step.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from contextlib import ExitStack
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import imageio.v2 as imageio
 import numpy as np
@@ -30,11 +34,98 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.vec_env import VecEnv
 from tqdm.auto import tqdm
 
-from spikeq.analysis.energy import EnergyMeter, EnergyModel, load_energy_model
+from spikeq.analysis.energy import (
+    ENERGY_ASSUMPTIONS_START,
+    EnergyMeter,
+    EnergyModel,
+    EnergyReport,
+    load_energy_model,
+)
 from spikeq.analysis.perturb import Perturbation
 
 # One frame per agent step: 60 Hz emulator frames / frame skip 4 plays the video in real time.
 VIDEO_FPS = 15
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The scores of an evaluation and the energy of its greedy decisions.
+
+    ``to_dict`` gives the flat JSON form (``evaluation.json``, ``spikeq evaluate --out``): these
+    fields with the energy report's keys merged in, and one ``assumptions`` list, the evaluation's
+    sentences first; without an energy report it holds ``decisions: None``. ``from_dict`` reads it back.
+
+    :param episodes: number of episodes scored
+    :param scores: the raw game score of each episode
+    :param episode_lengths: agent steps of each episode
+    :param score_mean: mean score
+    :param score_std: population standard deviation of the scores (ddof=0)
+    :param score_min: lowest score
+    :param score_max: highest score
+    :param game: the game, for the human-normalised score (``None``: not given)
+    :param human_normalized: the human-normalised mean score (``None`` without a human reference)
+    :param epsilon: probability of a random action per env and step
+    :param seed: the seed of the exploration draws and the envs (``None``: not seeded)
+    :param perturbation: what the observations went through before each greedy decision (``"none"``)
+    :param video_path: the video of the first episode (``None``: none recorded)
+    :param energy: the energy of the greedy decisions (``None``: not counted, or a random policy)
+    :param assumptions: what the scores assume, one sentence each (the energy report has its own)
+    """
+
+    episodes: int
+    scores: list[float]
+    episode_lengths: list[int]
+    score_mean: float
+    score_std: float
+    score_min: float
+    score_max: float
+    game: str | None
+    human_normalized: float | None
+    epsilon: float
+    seed: int | None
+    perturbation: str
+    video_path: str | None
+    energy: EnergyReport | None
+    assumptions: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat JSON form: every field, the energy report's keys in place of ``energy``."""
+        values = asdict(self)
+        energy = values.pop("energy")
+        assumptions = values.pop("assumptions")
+        if energy is None:
+            return {**values, "assumptions": assumptions, "decisions": None}
+        return {**values, **energy, "assumptions": assumptions + energy["assumptions"]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Evaluation:
+        """Read back the flat form of ``to_dict``, also as earlier versions wrote it.
+
+        An energy report is read when ``energy_model`` is present; it gets the assumptions from its
+        first sentence (``Energy model ...``) on. Other keys (``model``, ``best_step`` ...) are ignored.
+
+        :param data: a flat evaluation result, e.g. the contents of ``evaluation.json``
+        :raises ValueError: naming a missing key, or for an energy report that is not valid
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"an evaluation result must be a mapping, got {type(data).__name__}")
+        # Results written before observations could be perturbed have no "perturbation".
+        data = {"perturbation": "none", **data}
+        names = [f.name for f in fields(cls) if f.name != "energy"]
+        missing = [name for name in names if name not in data]
+        if missing:
+            raise ValueError(f"evaluation result: missing key(s) {', '.join(missing)}")
+        # Copies: the evaluation shares no list with ``data``.
+        values = {name: copy.deepcopy(data[name]) for name in names}
+        energy = None
+        if "energy_model" in data:
+            lines = values["assumptions"]
+            start = next(
+                (i for i, line in enumerate(lines) if line.startswith(ENERGY_ASSUMPTIONS_START)), len(lines)
+            )
+            energy = EnergyReport.from_dict({**data, "assumptions": lines[start:]})
+            values["assumptions"] = lines[:start]
+        return cls(**values, energy=energy)
 
 
 class _EpisodeVideo:
@@ -121,7 +212,7 @@ def evaluate_model(
     game: str | None = None,
     energy: bool = True,
     perturbation: str | Perturbation = "none",
-) -> dict:
+) -> Evaluation:
     """Play ``n_episodes`` epsilon-greedy episodes and measure scores and energy per action.
 
     With several envs each plays a fixed share of the episodes (as SB3's ``evaluate_policy``), so
@@ -140,17 +231,12 @@ def evaluate_model(
     :param progress: show a progress bar over episodes
     :param game: game name for the human-normalised score (``None``: not computed)
     :param energy: count spikes, SOPs and MACs of the greedy decisions (False: scores only, faster,
-        and the energy keys are absent)
+        and no energy report)
     :param perturbation: what the agent's observations go through before each greedy decision
         (``spikeq.analysis.perturb``: ``"none"``, ``"gaussian:SIGMA"``, ``"fgsm:EPS"``); the noise is drawn
         from its own generator (seeded with ``seed``), so the exploration draws do not change
-    :return: ``scores`` (list), ``episode_lengths`` (agent steps), ``episodes``, ``score_mean``,
-        ``score_std`` (population std), ``score_min``, ``score_max``, ``game``, ``human_normalized``
-        (of the mean score), ``epsilon``, ``seed``, ``perturbation``, ``video_path`` and every key of
-        ``spikeq.analysis.energy.energy_report``: ``firing_rate``, ``spikes_per_action``, ``sops_per_action``,
-        ``macs_per_action``, ``energy_pj_per_action``, ``ann_energy_pj_per_action``, ``energy_ratio``,
-        ``energy_model``, ``num_steps`` (``None`` for an ANN), ``decisions`` (greedy decisions
-        counted), ``assumptions`` ...
+    :return: the scores, and the energy report of the greedy decisions (``None`` without ``energy``
+        or a model)
     :raises ValueError: for an invalid argument, an unknown energy model, or a video request on an env
         that does not render RGB frames
     """
@@ -213,7 +299,8 @@ def evaluate_model(
             if video is not None:
                 video.capture()
 
-    report = meter.report(energy_model) if meter is not None else {"assumptions": [], "decisions": None}
+    report = meter.report(energy_model) if meter is not None else None
+    decisions = None if report is None else report.decisions
     score_mean = float(np.mean(scores))
     human = None
     if game is not None:
@@ -226,7 +313,7 @@ def evaluate_model(
         "info['episode']['r'], else the sum of the env's rewards); score_std is the population "
         "standard deviation (ddof=0); episode_lengths are agent steps.",
         f"Actions: epsilon-greedy with epsilon={epsilon} per env and step; the energy statistics "
-        f"average over the {report['decisions']} greedy decisions only (a random action runs no network).",
+        f"average over the {decisions} greedy decisions only (a random action runs no network).",
     ]
     if perturbation.kind != "none":
         evaluation_assumptions.append(
@@ -234,20 +321,20 @@ def evaluate_model(
             "(spikeq.analysis.perturb); the game itself is not; an FGSM attacker's gradient pass is not "
             "counted as energy."
         )
-    return {
-        "episodes": len(scores),
-        "scores": scores,
-        "episode_lengths": episode_lengths,
-        "score_mean": score_mean,
-        "score_std": float(np.std(scores)),
-        "score_min": float(np.min(scores)),
-        "score_max": float(np.max(scores)),
-        "game": game,
-        "human_normalized": human,
-        "epsilon": epsilon,
-        "seed": seed,
-        "perturbation": str(perturbation),
-        "video_path": None if video_path is None else str(video_path),
-        **report,
-        "assumptions": evaluation_assumptions + report["assumptions"],
-    }
+    return Evaluation(
+        episodes=len(scores),
+        scores=scores,
+        episode_lengths=episode_lengths,
+        score_mean=score_mean,
+        score_std=float(np.std(scores)),
+        score_min=float(np.min(scores)),
+        score_max=float(np.max(scores)),
+        game=game,
+        human_normalized=human,
+        epsilon=epsilon,
+        seed=seed,
+        perturbation=str(perturbation),
+        video_path=None if video_path is None else str(video_path),
+        energy=report,
+        assumptions=evaluation_assumptions,
+    )

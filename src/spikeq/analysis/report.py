@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 import numpy as np
 import yaml
+
+from spikeq.analysis.evaluate import Evaluation
 
 
 def _save(figure: plt.Figure, out: Path) -> Path:
@@ -106,7 +109,25 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
     return _save(figure, out)
 
 
-def read_result(path: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EvaluationRecord:
+    """An evaluation read back from a file, with what was evaluated.
+
+    :param evaluation: the scores and the energy per action
+    :param model: the model evaluated (``dsqn``, ``dqn``, ``dqn-converted``, ``random`` ...)
+    :param init: a spiking model's initialisation (``None`` for an ANN or where not recorded)
+    :param train_seed: the seed of its training run (``None`` where not recorded)
+    :param train_steps: the step budget of its training run (``None`` where not recorded)
+    """
+
+    evaluation: Evaluation
+    model: str
+    init: str | None = None
+    train_seed: int | None = None
+    train_steps: int | None = None
+
+
+def read_result(path: Path) -> EvaluationRecord:
     """One evaluation: a finished run directory (its ``evaluation.json``, with the training seed from
     its ``config.yaml``) or a JSON file written by ``spikeq evaluate --out``.
 
@@ -117,26 +138,32 @@ def read_result(path: Path) -> dict[str, Any]:
         file = path / "evaluation.json"
         if not file.exists():
             raise ValueError(f"{path} has no evaluation.json: has the run finished?")
-        result = json.loads(file.read_text())
+        data = json.loads(file.read_text())
         if config := run_config(path):
-            model = result.get("model", config.get("model"))
-            result = {
-                **result,
+            model = data.get("model", config.get("model"))
+            data = {
+                **data,
                 "model": model,
                 "train_seed": config.get("seed"),
                 "train_steps": config.get("steps"),
                 "init": config.get("init") if model != "dqn" else None,
             }
     elif path.suffix == ".json" and path.exists():
-        result = json.loads(path.read_text())
-        if not isinstance(result, dict) or "score_mean" not in result:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or "score_mean" not in data:
             raise ValueError(f"{path} is not an evaluation result (spikeq evaluate --out)")
     else:
         raise ValueError(f"{path} is neither a run directory nor an evaluation JSON file")
     for key in ("game", "model"):
-        if not result.get(key):
+        if not data.get(key):
             raise ValueError(f"{path} does not record its {key}")
-    return result
+    try:
+        evaluation = Evaluation.from_dict(data)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return EvaluationRecord(
+        evaluation, data["model"], data.get("init"), data.get("train_seed"), data.get("train_steps")
+    )
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -159,36 +186,33 @@ def results_table(paths: list[Path]) -> list[dict[str, Any]]:
     """
     if not paths:
         raise ValueError("no run directories or evaluation files given")
-    groups: dict[tuple[str, str, str, int | None], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str | None, str, int | None], list[EvaluationRecord]] = {}
     for path in paths:
-        result = read_result(path)
-        key = (
-            result["game"],
-            result["model"],
-            result.get("init"),
-            result.get("perturbation", "none"),
-            result.get("train_steps"),
-        )
-        groups.setdefault(key, []).append(result)
+        record = read_result(path)
+        evaluation = record.evaluation
+        key = (evaluation.game, record.model, record.init, evaluation.perturbation, record.train_steps)
+        groups.setdefault(key, []).append(record)
     rows = []
-    for (game, model, init, perturbation, train_steps), results in groups.items():
-        scores = [r["score_mean"] for r in results]
+    for (game, model, init, perturbation, train_steps), records in groups.items():
+        evaluations = [record.evaluation for record in records]
+        energies = [evaluation.energy for evaluation in evaluations if evaluation.energy is not None]
+        scores = [evaluation.score_mean for evaluation in evaluations]
         rows.append(
             {
                 "game": game,
                 "model": model,
                 "init": init,
                 "perturbation": perturbation,
-                "num_steps": results[0].get("num_steps"),
-                "runs": len(results),
-                "seeds": [r.get("train_seed") for r in results],
+                "num_steps": energies[0].num_steps if energies else None,
+                "runs": len(records),
+                "seeds": [record.train_seed for record in records],
                 "train_steps": train_steps,
                 "score": float(np.mean(scores)),
                 "score_sd": float(np.std(scores, ddof=1)) if len(scores) > 1 else None,
-                "human_normalized": _mean([r.get("human_normalized") for r in results]),
-                "energy_ratio": _mean([r.get("energy_ratio") for r in results]),
-                "spikes_per_action": _mean([r.get("spikes_per_action") for r in results]),
-                "firing_rate": _mean([r.get("mean_firing_rate") for r in results]),
+                "human_normalized": _mean([evaluation.human_normalized for evaluation in evaluations]),
+                "energy_ratio": _mean([energy.energy_ratio for energy in energies]),
+                "spikes_per_action": _mean([energy.spikes_per_action for energy in energies]),
+                "firing_rate": _mean([energy.mean_firing_rate for energy in energies]),
             }
         )
     return rows

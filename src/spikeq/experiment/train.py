@@ -45,7 +45,7 @@ from stable_baselines3.common.vec_env import VecTransposeImage
 from tqdm.auto import tqdm
 
 from spikeq.analysis import weights
-from spikeq.analysis.evaluate import evaluate_model
+from spikeq.analysis.evaluate import Evaluation, evaluate_model
 from spikeq.analysis.report import plot_runs
 from spikeq.envs import games
 from spikeq.envs.replay import FrameReplayBuffer
@@ -98,7 +98,7 @@ class RunResult:
     status: str
     num_timesteps: int
     message: str
-    result: dict[str, Any] | None = None
+    result: Evaluation | None = None
     signal_number: int | None = None
 
     @property
@@ -530,7 +530,7 @@ class Trainer:
         # SB3 collects train_freq steps at a time; a resumed run must still end exactly at `steps`.
         return self.model.num_timesteps < self.config.steps
 
-    def _evaluate(self, model: DQN, **kwargs: Any) -> dict[str, Any]:
+    def _evaluate(self, model: DQN, **kwargs: Any) -> Evaluation:
         """``evaluate_model`` on the evaluation env; a signal meanwhile raises EvaluationInterrupted."""
         self.in_evaluation = True
         try:
@@ -541,7 +541,7 @@ class Trainer:
         finally:
             self.in_evaluation = False
 
-    def evaluate_now(self) -> dict[str, Any]:
+    def evaluate_now(self) -> Evaluation:
         """Evaluate the current weights, append a row to ``eval.csv``, keep them if they are the best."""
         result = self._evaluate(
             self.model,
@@ -551,21 +551,28 @@ class Trainer:
             progress=False,
         )
         step = self.model.num_timesteps
-        row = {"step": step, **{k: result[k] for k in EVAL_COLUMNS if k != "step"}}
+        values = result.to_dict()
+        row = {"step": step, **{k: values[k] for k in EVAL_COLUMNS if k != "step"}}
         write_eval_rows(self.eval_csv, [*read_eval_rows(self.eval_csv), row])
         plot_runs([self.run_dir], self.run_dir / "eval.png")
         self.state["last_eval_step"] = step
         best = self.state.get("best_score")
-        if is_new_best(result["score_mean"], best):
+        if is_new_best(result.score_mean, best):
             self._save_best()
-            self.state.update(best_score=result["score_mean"], best_step=step)
-        for key in ("score_mean", "score_std", "score_max", "human_normalized"):
-            if result[key] is not None:
-                self.model.logger.record(f"eval/{key}", result[key])
+            self.state.update(best_score=result.score_mean, best_step=step)
+        scalars = {
+            "score_mean": result.score_mean,
+            "score_std": result.score_std,
+            "score_max": result.score_max,
+            "human_normalized": result.human_normalized,
+        }
+        for key, value in scalars.items():
+            if value is not None:
+                self.model.logger.record(f"eval/{key}", value)
         self.model.logger.record("eval/best_score", self.state["best_score"])
         self.model.logger.dump(step)
         tqdm.write(
-            f"[eval] step {step:,}: score {result['score_mean']:.2f} ± {result['score_std']:.2f} "
+            f"[eval] step {step:,}: score {result.score_mean:.2f} ± {result.score_std:.2f} "
             f"(best {self.state['best_score']:.2f} at {self.state['best_step']:,})"
         )
         return result
@@ -715,14 +722,14 @@ class Trainer:
             pass
 
     def _already_finished(self) -> RunResult:
-        result = json.loads((self.run_dir / "evaluation.json").read_text())
+        result = Evaluation.from_dict(json.loads((self.run_dir / "evaluation.json").read_text()))
         self._finish_tracker()
         return RunResult(
             self.run_dir,
             "finished",
             self.model.num_timesteps,
-            f"already finished at {self.model.num_timesteps:,} steps: score {result['score_mean']:.2f} ± "
-            f"{result['score_std']:.2f} (evaluation.json); pass --steps N to train further",
+            f"already finished at {self.model.num_timesteps:,} steps: score {result.score_mean:.2f} ± "
+            f"{result.score_std:.2f} (evaluation.json); pass --steps N to train further",
             result=result,
         )
 
@@ -737,24 +744,23 @@ class Trainer:
         result = self._evaluate(
             best, n_episodes=self.config.final_eval_episodes, seed=(self.config.seed + 1) % SEED_MODULUS
         )
-        result = {
+        record = {
             "game": self.game,
             "model": self.config.model,
             "best_step": self.state["best_step"],
-            **result,
+            **result.to_dict(),
         }
         with atomic_path(self.run_dir / "evaluation.json") as tmp:
-            tmp.write_text(json.dumps(result, indent=1))
+            tmp.write_text(json.dumps(record, indent=1))
         self._ending = True
-        self.tracker.summary({f"final/{k}": v for k, v in result.items() if isinstance(v, int | float)})
+        self.tracker.summary({f"final/{k}": v for k, v in record.items() if isinstance(v, int | float)})
         self._finish_tracker()
         return RunResult(
             self.run_dir,
             "finished",
             self.model.num_timesteps,
             f"finished {self.model.num_timesteps:,} steps; best weights (step {self.state['best_step']:,}) "
-            f"score {result['score_mean']:.2f} ± {result['score_std']:.2f} "
-            f"over {result['episodes']} episodes",
+            f"score {result.score_mean:.2f} ± {result.score_std:.2f} over {result.episodes} episodes",
             result=result,
         )
 

@@ -793,7 +793,9 @@ def test_train_help_describes_every_flag():
         cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help().split()
     )
     assert "--learning_rate LEARNING_RATE optimiser learning rate (paper: Adam 1e-4)" in help_text
-    assert "--num_steps NUM_STEPS T, simulation steps of the spiking network (paper: 64)" in help_text
+    # The network's flags are documented where the network declares them (NetworkSpec, NeuronSpec).
+    assert "--num_steps NUM_STEPS T, simulation steps per forward pass (paper: 64)" in help_text
+    assert "--tau TAU membrane time constant of the LIF neuron (paper: 2.0)" in help_text
     assert "default: the preset's value" not in help_text
 
 

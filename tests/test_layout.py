@@ -2,6 +2,7 @@
 ``import spikeq``."""
 
 import ast
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,18 @@ def test_import_spikeq_loads_the_network_only_and_registers_the_policy():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[:2] == ["['snn']", "spikeq.snn.policy"]
+
+
+def test_classes_pickled_under_the_former_module_paths_still_load():
+    """SB3 zips saved before the layer packages pickle classes as ``spikeq.policy.SpikingPolicy``."""
+    from spikeq.envs.replay import FrameReplayBuffer
+    from spikeq.snn.network import MinAtarCNN
+
+    for old, cls in (
+        ("spikeq.policy", spikeq.SpikingPolicy),
+        ("spikeq.network", MinAtarCNN),
+        ("spikeq.replay", FrameReplayBuffer),
+    ):
+        assert pickle.loads(f"c{old}\n{cls.__name__}\n.".encode()) is cls  # a protocol-0 class reference
+    assert set(spikeq.MOVED_MODULES.values()) <= set(MODULES)
+    assert not set(spikeq.MOVED_MODULES) & set(MODULES)  # a former path never shadows a module

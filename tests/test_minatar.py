@@ -161,6 +161,11 @@ def test_a_trained_minatar_dqn_round_trips_through_the_weights_only_format(tmp_p
     loaded = load_model(weights, env, "cpu")
     obs = torch.as_tensor(np.stack([env.observation_space.sample() for _ in range(16)]))
     torch.testing.assert_close(loaded.q_net(obs), model.q_net(obs), rtol=0, atol=0)
+    # Earlier files named the policy's class, not SB3's alias: "DQNPolicy" is "MlpPolicy".
+    data = json.loads(meta.read_text())
+    assert data["policy"] == "MlpPolicy"
+    meta.write_text(json.dumps({**data, "policy": "DQNPolicy"}))
+    torch.testing.assert_close(load_model(weights, env, "cpu").q_net(obs), model.q_net(obs), rtol=0, atol=0)
     env.close()
 
 

@@ -141,6 +141,10 @@ def read_weights_meta(path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != WEIGHTS_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ValueError(f"{meta_file} is not a spikeq weights file (format {found!r})")
+    # Files written before the alias was stored name the policy's class: SB3's "MlpPolicy" is DQNPolicy.
+    class_names = {cls.__name__: alias for alias, cls in DQN.policy_aliases.items()}
+    if isinstance(meta.get("policy"), str) and meta["policy"] not in DQN.policy_aliases:
+        meta["policy"] = class_names.get(meta["policy"], meta["policy"])
     return meta
 
 

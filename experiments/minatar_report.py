@@ -3,8 +3,10 @@
     python experiments/minatar_report.py            # or: make minatar-report
 
 Reads ``experiments/results/minatar/<run>/`` (config.yaml, eval.csv, evaluation.json of each finished
-run) and ``experiments/results/minatar/random/<Game>.json`` (the random policy, ``spikeq evaluate
---random``; measured once per game when missing), and writes ``table.md`` (one row per game and model:
+run), ``experiments/results/minatar/random/<Game>.json`` (the random policy, ``spikeq evaluate
+--random``; measured once per game when missing) and ``experiments/results/minatar/converted/*.json``
+(``spikeq evaluate --out`` of a trained DQN converted with ``spikeq convert``, model ``dqn-converted``;
+table only), and writes ``table.md`` (one row per game and model:
 the final score of the best weights, 30 episodes, averaged over seeds, with the energy ratio, spikes per
 action and firing rate) and ``learning_curves.png`` (one panel per game) beside them.
 """
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     study_games = sorted({json.loads((run / "evaluation.json").read_text())["game"] for run in runs})
     chance = [chance_level(args.results, game) for game in study_games]
-    rows = sorted(results_table([*runs, *chance]), key=lambda row: (row["game"], row["model"]))
+    converted = sorted((args.results / "converted").glob("*.json"))
+    rows = sorted(results_table([*runs, *chance, *converted]), key=lambda row: (row["game"], row["model"]))
     table = args.results / "table.md"
     table.write_text(format_table(rows) + "\n")
     scores = {

@@ -389,7 +389,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_episode_steps=10_000,
         # MinAtar's games have no time limit; this cap is spikeq's, so training bootstraps through it.
         bootstrap_time_limit=True,
-        # Runs last hours: a checkpoint every 50k steps, with the replay (100k grids, 80 MB), so that a
+        # Runs last hours: a checkpoint every 50k steps, with the replay (100k grids: 80 MB for Breakout
+        # to 200 MB for Seaquest, one byte a cell, observation and next observation), so that a
         # cut run resumes exactly where it was.
         checkpoint_freq=50_000,
         save_replay=True,

@@ -11,12 +11,15 @@ runs cut short (from their latest checkpoint) and starts the rest, so it can be 
     python experiments/minatar_study.py --games Breakout --models dsqn --variant default-init \\
         --set init=default     # a named variant: runs <model>+<variant>, with these overrides
 
+    python experiments/minatar_study.py --status   # where each run of the plan stands; starts nothing
+
 Then ``python experiments/minatar_report.py`` writes the table and the learning curves.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import signal
 import subprocess
@@ -24,6 +27,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from spikeq.analysis.report import read_curve
+from spikeq.files import is_locked
 
 RESULT_FILES = ("config.yaml", "eval.csv", "evaluation.json", "eval.png")
 STUDY_STEPS = 1_000_000
@@ -86,6 +92,36 @@ def collect(run: Run, run_dir: Path, results: Path) -> bool:
     return True
 
 
+def progress(run: Run, run_dir: Path, results: Path) -> tuple[str, str]:
+    """Where ``run`` stands: its state (finished, running, cut, not started) and a line saying more."""
+    result = results / run.name / "evaluation.json"
+    if result.exists():
+        record = json.loads(result.read_text())
+        return "finished", f"score {record['score_mean']:.2f} ± {record['score_std']:.2f}"
+    if not run_dir.exists():
+        return "not started", ""
+    state = "running" if is_locked(run_dir / ".lock") else "cut"
+    latest = run_dir / "checkpoints" / "latest"
+    step = int(latest.read_text().strip().removeprefix("step-")) if latest.exists() else 0
+    detail = f"last checkpoint at step {step:,} of {run.steps:,}"
+    steps, means, _ = read_curve(run_dir) if (run_dir / "eval.csv").exists() else ([], [], [])
+    if means:
+        best = max(range(len(means)), key=means.__getitem__)
+        detail += f"; best evaluation {means[best]:.2f} (step {steps[best]:,})"
+    return state, detail
+
+
+def print_status(plan: list[Run], runs_dir: Path, results: Path) -> None:
+    """One line per run of the plan, after a count of the runs in each state."""
+    rows = [(run.name, *progress(run, runs_dir / run.name, results)) for run in plan]
+    counts = {state: sum(row[1] == state for row in rows) for state in ("finished", "running", "cut")}
+    counts["not started"] = len(rows) - sum(counts.values())
+    print(f"{len(rows)} run(s): " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+    width = max(len(name) for name, _, _ in rows)
+    for name, state, detail in rows:
+        print(f"  {name:<{width}}  {state:<11}  {detail}".rstrip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--games", nargs="+", default=["Breakout", "SpaceInvaders", "Freeway"])
@@ -97,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/minatar"))
     parser.add_argument("--results", type=Path, default=Path("experiments/results/minatar"))
+    parser.add_argument("--status", action="store_true", help="print where each run stands and exit")
     args = parser.parse_args(argv)
     if args.lanes < 1:
         parser.error(f"--lanes {args.lanes} must be >= 1")
@@ -112,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         for game in args.games
         for model in args.models
     ]
+    if args.status:
+        print_status(queue, args.runs_dir, args.results)
+        return 0
     queue = [run for run in queue if not collect(run, args.runs_dir / run.name, args.results)]
     print(f"{len(queue)} run(s) to do: {', '.join(run.name for run in queue) or 'none'}", flush=True)
     running: dict[str, tuple[Run, subprocess.Popen]] = {}

@@ -3,6 +3,7 @@ training runs through the ``spikeq`` command."""
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from spikeq.analysis.weights import export_weights, load_model
 from spikeq.envs import games, minatar
 from spikeq.experiment.config import OPTIMIZERS, PRESETS, resolve
 from spikeq.experiment.train import build_model
+from spikeq.files import FileLock
 from spikeq.snn.network import MinAtarCNN, NetworkSpec, SpikingQNetwork, torso_of
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -216,6 +218,39 @@ def test_the_study_report_regenerates_table_and_curves(minatar_smoke, tmp_path):
     assert f"{dsqn_firing['mean_firing_rate']:.3f} |" in rows["dsqn"]  # the firing-rate column
     assert json.loads((results / "random" / "MinAtar-Breakout.json").read_text())["model"] == "random"
     assert (results / "learning_curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_study_status_says_where_each_run_stands(minatar_smoke, tmp_path, capsys):
+    """``--status`` on real runs: one finished (its results collected), one held by a process, two not
+    started."""
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    for model in ("dsqn", "dqn"):
+        shutil.copytree(
+            minatar_smoke(model)[0],
+            runs / f"MinAtar-Breakout-{model}-s0",
+            ignore=shutil.ignore_patterns("wandb"),
+        )
+    study.collect(study.Run("Breakout", "dsqn", 0), runs / "MinAtar-Breakout-dsqn-s0", results)
+    plan = ["--games", "Breakout", "--seeds", "0", "1", "--runs-dir", str(runs), "--results", str(results)]
+    with FileLock(runs / "MinAtar-Breakout-dqn-s0" / ".lock"):
+        assert study.main(["--status", *plan]) == 0
+    heading, *lines = capsys.readouterr().out.splitlines()
+    assert heading == "4 run(s): 1 finished, 1 running, 0 cut, 2 not started"
+    states = {line.split()[0]: line.split(maxsplit=1)[1] for line in lines}
+    finished = json.loads((results / "MinAtar-Breakout-dsqn-s0" / "evaluation.json").read_text())
+    assert states["MinAtar-Breakout-dsqn-s0"].split() == [
+        "finished",
+        "score",
+        f"{finished['score_mean']:.2f}",
+        "±",
+        f"{finished['score_std']:.2f}",
+    ]
+    steps = PRESETS["smoke"]["steps"]
+    assert states["MinAtar-Breakout-dqn-s0"].startswith(
+        f"running      last checkpoint at step {steps:,} of 1,000,000; best"
+    )
+    assert states["MinAtar-Breakout-dsqn-s1"] == "not started"
+    assert not (runs / "MinAtar-Breakout-dsqn-s1").exists()  # --status starts nothing
 
 
 def test_the_study_starts_new_runs_and_resumes_cut_ones_to_their_budget(tmp_path):

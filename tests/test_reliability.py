@@ -767,6 +767,41 @@ def test_evaluate_a_broken_zip_is_one_line(tmp_path, capsys):
     assert "does not load" in err and err.count("\n") == 1
 
 
+def test_result_files_are_never_replaced_without_force(exported, tmp_path, capsys):
+    """evaluate --out / --video, export, convert and export-nir refuse an output that exists before any
+    work starts, and leave it as it was; --force replaces it (atomically: no temporary file stays)."""
+    import nir
+
+    dqn, dsqn = str(exported / "dqn.safetensors"), str(exported / "dsqn.safetensors")
+    earlier = b"an earlier result"
+    outputs = {
+        name: tmp_path / name
+        for name in ("result.json", "ep.mp4", "shared.json", "snn.safetensors", "dsqn.nir")
+    }
+    for path in outputs.values():
+        path.write_bytes(earlier)
+    commands = {
+        "result.json": ["evaluate", "--random", "--game", "MinAtar/Breakout", "--episodes", "1", "--out"],
+        "ep.mp4": ["evaluate", dqn, "--game", "Pong", "--episodes", "1", "--video"],
+        "shared.json": ["export", dqn],  # the stem names OUT.safetensors and OUT.json
+        "snn.safetensors": ["convert", dqn, "--game", "Pong"],
+        "dsqn.nir": ["export-nir", dsqn],
+    }
+    for name, command in commands.items():
+        target = outputs[name].with_suffix("") if command[0] in ("export", "convert") else outputs[name]
+        assert cli.main([*command, str(target)]) == 2, name
+        err = capsys.readouterr().err
+        assert f"{outputs[name]} exists; pass --force to replace it" in err and err.count("\n") == 1, err
+        assert outputs[name].read_bytes() == earlier, name
+
+    assert cli.main([*commands["result.json"], str(outputs["result.json"]), "--force"]) == 0
+    assert json.loads(outputs["result.json"].read_text())["episodes"] == 1
+    assert cli.main([*commands["dsqn.nir"], str(outputs["dsqn.nir"]), "--force"]) == 0
+    assert "fc1" in nir.read(outputs["dsqn.nir"]).nodes
+    capsys.readouterr()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 # --- 9. usability ----------------------------------------------------------------------------------------
 
 

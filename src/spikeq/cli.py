@@ -54,6 +54,20 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; allowed: true, false")
 
 
+def _add_force(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="replace output files that exist (default: refuse)")
+
+
+def _check_new(paths: list[Path | None], force: bool) -> None:
+    """Refuse, before any work, to replace a result file that exists (unless --force)."""
+    from spikeq.files import check_new
+
+    try:
+        check_new([path for path in paths if path is not None], force)
+    except FileExistsError as error:
+        raise ConfigError(str(error)) from None
+
+
 def _optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "null", "") else float(text)
 
@@ -188,6 +202,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write an SB3 zip as weights-only .safetensors + .json")
     p.add_argument("checkpoint", type=Path, help="SB3 model zip (e.g. runs/.../checkpoints/best.zip)")
     p.add_argument("out", type=Path, help="output stem: OUT.safetensors and OUT.json are written")
+    _add_force(p)
     p.set_defaults(handler=_export)
 
 
@@ -198,6 +213,7 @@ def _export(args: argparse.Namespace) -> int:
 
     if not args.checkpoint.exists():
         raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
+    _check_new(list(weights.weights_paths(args.out)), args.force)
     try:
         model = DQN.load(args.checkpoint, device="cpu", custom_objects={"buffer_size": 1})
     except (ValueError, RuntimeError, KeyError, OSError, EOFError, TypeError) as error:
@@ -244,6 +260,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, help="JSON file for the results (default: print only)")
     p.add_argument("--video", type=Path, help="record the first episode to this MP4 file")
+    _add_force(p)
     p.add_argument(
         "--perturb",
         default="none",
@@ -308,7 +325,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from spikeq.analysis.weights import load_model
     from spikeq.envs import games
     from spikeq.experiment.train import resolve_device
+    from spikeq.files import write_atomic
 
+    _check_new([args.out, args.video], args.force)
     try:
         if args.random:
             if args.checkpoint is not None:
@@ -365,7 +384,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(format_evaluation(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=1))
+        write_atomic(args.out, json.dumps(record, indent=1))
         print(f"written: {args.out}")
     return 0
 
@@ -432,15 +451,17 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the env and the exploration")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    _add_force(p)
     p.set_defaults(handler=_convert)
 
 
 def _convert(args: argparse.Namespace) -> int:
     from spikeq.analysis.convert import action_agreement, ann_layers, convert_dqn, record_frames
-    from spikeq.analysis.weights import export_weights, load_model
+    from spikeq.analysis.weights import export_weights, load_model, weights_paths
     from spikeq.envs import games
     from spikeq.experiment.train import resolve_device
 
+    _check_new(list(weights_paths(args.out)), args.force)
     try:
         game = _game_of(args)
         if args.frames < 1:
@@ -504,6 +525,7 @@ def _add_export_nir(sub: argparse._SubParsersAction) -> None:
         default=MIN_AGREEMENT,
         help=f"--verify: exit 1 below this share of equal greedy actions (default {MIN_AGREEMENT})",
     )
+    _add_force(p)
     p.set_defaults(handler=_export_nir)
 
 
@@ -517,6 +539,7 @@ def _export_nir(args: argparse.Namespace) -> int:
         verify_nir,
     )
 
+    _check_new([args.out], args.force)
     try:
         policy = load_spiking_policy(args.checkpoint)
         game = args.game or _checkpoint_config(args.checkpoint).get("game")
@@ -573,7 +596,9 @@ def _export_nir(args: argparse.Namespace) -> int:
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="plot the evaluation curves of run directories")
     p.add_argument("runs", type=Path, nargs="+", help="run directories")
-    p.add_argument("--out", type=Path, default=Path("curves.png"), help="image file (default curves.png)")
+    p.add_argument(
+        "--out", type=Path, default=Path("curves.png"), help="image file, regenerated (default curves.png)"
+    )
     p.add_argument("--title", help="figure title (default: the games)")
     p.set_defaults(handler=_report)
 
@@ -593,7 +618,7 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "paths", type=Path, nargs="+", help="run directories or 'spikeq evaluate --out' JSON files"
     )
-    p.add_argument("--out", type=Path, help="also write the table: .md (Markdown) or .csv")
+    p.add_argument("--out", type=Path, help="also write the table, regenerated: .md (Markdown) or .csv")
     p.set_defaults(handler=_table)
 
 

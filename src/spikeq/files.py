@@ -15,7 +15,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -69,6 +69,23 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     """
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def check_new(paths: Iterable[Path], force: bool = False) -> None:
+    """Refuse to replace a result by accident: raise for the first of ``paths`` that exists.
+
+    A command checks its output files with this before its work starts (an evaluation or a conversion
+    takes minutes), not when it writes them.
+
+    :param paths: the files a command is about to write
+    :param force: allow replacing them (the command's ``--force``)
+    :raises FileExistsError: naming the existing file
+    """
+    if force:
+        return
+    for path in paths:
+        if Path(path).exists():
+            raise FileExistsError(f"{path} exists; pass --force to replace it, or choose another name")
 
 
 class LockedError(RuntimeError):

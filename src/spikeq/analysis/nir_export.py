@@ -80,6 +80,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
 from spikeq.envs import games
+from spikeq.files import atomic_path
 from spikeq.snn.network import SpikingQNetwork
 from spikeq.snn.neurons import SpikingLayer
 from spikeq.snn.policy import SpikingPolicy
@@ -419,7 +420,8 @@ def export_nir(
     graph, notes = to_nir(q_net, dt, action_names)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    nir.write(path, graph)
+    with atomic_path(path) as tmp:  # a failed write leaves no partial file
+        nir.write(tmp, graph)
     return NirExport(path, graph, notes)
 
 

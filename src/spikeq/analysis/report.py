@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 
 from spikeq.analysis.evaluate import Evaluation
+from spikeq.files import atomic_path, write_atomic
 
 
 def _save(figure: plt.Figure, out: Path) -> Path:
@@ -36,7 +37,9 @@ def _save(figure: plt.Figure, out: Path) -> Path:
     figure.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=120)
+    file_format = out.suffix.lstrip(".") or plt.rcParams["savefig.format"]  # not the temporary name's
+    with atomic_path(out) as tmp:
+        figure.savefig(tmp, dpi=120, format=file_format)
     plt.close(figure)
     return out
 
@@ -260,9 +263,9 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> Path:
         raise ValueError(f"table file {out.name!r}: allowed suffixes .md, .csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".md":
-        out.write_text(format_table(rows) + "\n")
+        write_atomic(out, format_table(rows) + "\n")
         return out
-    with out.open("w", newline="") as f:
+    with atomic_path(out) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         for row in rows:

@@ -79,13 +79,19 @@ def export_weights(
     :return: the two files written
     :raises ValueError: for weights that are not finite, or a policy whose kwargs are not plain data
     """
-    stem = Path(path).with_suffix("")
     tensors, meta = weights_and_meta(model, config, extra)
-    weights, meta_file = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    weights, meta_file = weights_paths(path)
     with atomic_path(weights) as weights_tmp, atomic_path(meta_file) as meta_tmp:
         save_file(tensors, str(weights_tmp))
         meta_tmp.write_text(json.dumps(meta, indent=1))
     return weights, meta_file
+
+
+def weights_paths(path: Path) -> tuple[Path, Path]:
+    """The ``.safetensors`` and ``.json`` files of a weights-only model named by ``path`` (a stem, or
+    either file, or its ``.zip``)."""
+    stem = Path(path).with_suffix("")
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
 def weights_and_meta(

@@ -8,7 +8,14 @@ import yaml
 from conftest import run_spikeq as spikeq
 
 from spikeq import cli
-from spikeq.analysis.report import results_table, write_table
+from spikeq.analysis.report import (
+    format_table,
+    plot_learning_curves,
+    results_table,
+    run_config,
+    setting_labels,
+    write_table,
+)
 
 KEYS = (
     "score_mean", "score_std", "score_min", "score_max", "human_normalized", "firing_rate",
@@ -133,7 +140,7 @@ def test_table_summarises_runs_per_game_and_model(smoke_run, tmp_path, capsys):
         (tmp_path / "results.csv")
         .read_text()
         .splitlines()[0]
-        .startswith("game,model,init,perturbation,num_steps")
+        .startswith("game,model,init,setting,perturbation,num_steps")
     )
     (tmp_path / "unfinished").mkdir()
     assert cli.main(["table", str(dsqn), str(tmp_path / "unfinished")]) == 0
@@ -144,3 +151,36 @@ def test_table_summarises_runs_per_game_and_model(smoke_run, tmp_path, capsys):
     assert "neither a run directory nor an evaluation JSON" in capsys.readouterr().err
     assert cli.main(["table", str(dsqn), "--out", str(tmp_path / "t.txt")]) == 2
     assert "allowed suffixes .md, .csv" in capsys.readouterr().err
+
+
+def test_runs_of_another_setting_are_never_averaged_with_the_others(smoke_run, tmp_path):
+    """An ablation (here the reset's gradient, or T) gets a row and a curve of its own, labelled with the
+    settings that set it apart; where and how a run ran (threads, seed) does not count, nor a field an
+    older config lacks."""
+    dsqn, _ = smoke_run("dsqn")
+    changes = {
+        1: {"torch_threads": 2},
+        2: {"detach_reset": False},
+        3: {"num_steps": 2},
+        4: {"tau": None},  # a config written before the field existed
+    }
+    runs = [dsqn]
+    for seed, change in changes.items():
+        run = tmp_path / f"dsqn-s{seed}"
+        shutil.copytree(dsqn, run, ignore=shutil.ignore_patterns("checkpoints", "wandb"))
+        config = {**yaml.safe_load((run / "config.yaml").read_text()), "seed": seed, **change}
+        (run / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in config.items() if v is not None}))
+        runs.append(run)
+
+    rows = {row["setting"]: row for row in results_table(runs)}
+    assert set(rows) == {"detach_reset=True, num_steps=4", "detach_reset=False, num_steps=4",
+                         "detach_reset=True, num_steps=2"}  # fmt: skip
+    assert rows["detach_reset=True, num_steps=4"]["seeds"] == [0, 1, 4]
+    assert rows["detach_reset=False, num_steps=4"]["seeds"] == [2]
+    assert "| Pong | dsqn (detach_reset=False, num_steps=4) | firing |" in format_table(list(rows.values()))
+    (merged,) = results_table(runs, ignore=("detach_reset", "num_steps"))
+    assert merged["setting"] is None and merged["seeds"] == [0, 1, 2, 3, 4]
+
+    labels = setting_labels([run_config(run) for run in runs])
+    assert labels[1] == labels[0] and labels[2] == "detach_reset=False, num_steps=4"
+    assert plot_learning_curves(runs, tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")

@@ -11,13 +11,19 @@ their ``config.yaml``. Training writes ``eval.png`` of its own run after every e
 Tables: one row per game, model and perturbation, from each run's final ``evaluation.json`` (or the JSON of
 ``spikeq evaluate --out``): the score averaged over runs (seeds) with its spread across runs, the
 human-normalised score, the energy ratio to the ANN and the spikes per action.
+
+Runs of one game and model that were trained with different settings (an ablation: T, the reset's
+gradient, a learning rate) are never averaged together: tables and the study's curves give each
+setting a row or a line of its own, labelled with the config fields in which the runs differ
+(``setting_labels``).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +82,32 @@ def run_config(run_dir: Path) -> dict[str, Any]:
     return data
 
 
+# Config fields that say where and how a run ran, not what it trained; ``steps`` (the budget) has a
+# column of its own, and game, model and init are compared anyway.
+UNCOMPARED_FIELDS = frozenset(
+    {"seed", "steps", "device", "torch_threads", "vec_env", "wandb", "wandb_project", "tags", "out_dir",
+     "checkpoint_freq", "save_replay", "game", "model", "init"}
+)  # fmt: skip
+
+
+def setting_labels(configs: list[dict[str, Any]], ignore: Iterable[str] = ()) -> list[str]:
+    """Name, for each of a group of runs (one game, model and init), the settings in which the group's
+    runs differ: ``"detach_reset=False, num_steps=16"``, or ``""`` where they all agree.
+
+    Fields in ``UNCOMPARED_FIELDS`` or ``ignore`` are not compared, nor fields missing from a config
+    (written by an earlier version of spikeq); a run without a config (``spikeq evaluate --out``) gets
+    ``""``.
+
+    :param configs: the runs' ``config.yaml`` contents (``{}`` where there is none)
+    :param ignore: further fields to leave out, where a study shows they changed nothing
+    """
+    known = [config for config in configs if config]
+    skipped = UNCOMPARED_FIELDS | set(ignore)
+    shared = set.intersection(*(set(config) for config in known)) - skipped if known else set()
+    differing = sorted(key for key in shared if len({repr(config[key]) for config in known}) > 1)
+    return [", ".join(f"{key}={config[key]}" for key in differing) if config else "" for config in configs]
+
+
 def _label(run_dir: Path) -> str:
     config = run_config(run_dir)
     if not config:
@@ -121,6 +153,7 @@ class EvaluationRecord:
     :param init: a spiking model's initialisation (``None`` for an ANN or where not recorded)
     :param train_seed: the seed of its training run (``None`` where not recorded)
     :param train_steps: the step budget of its training run (``None`` where not recorded)
+    :param config: its training run's ``config.yaml`` (empty for a ``spikeq evaluate --out`` file)
     """
 
     evaluation: Evaluation
@@ -128,6 +161,7 @@ class EvaluationRecord:
     init: str | None = None
     train_seed: int | None = None
     train_steps: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 def read_result(path: Path) -> EvaluationRecord:
@@ -137,6 +171,7 @@ def read_result(path: Path) -> EvaluationRecord:
     :raises ValueError: for anything else, or a result that does not say its game and model
     """
     path = Path(path)
+    config: dict[str, Any] = {}
     if path.is_dir():
         file = path / "evaluation.json"
         if not file.exists():
@@ -165,7 +200,7 @@ def read_result(path: Path) -> EvaluationRecord:
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     return EvaluationRecord(
-        evaluation, data["model"], data.get("init"), data.get("train_seed"), data.get("train_steps")
+        evaluation, data["model"], data.get("init"), data.get("train_seed"), data.get("train_steps"), config
     )
 
 
@@ -174,10 +209,13 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(known)) if known else None
 
 
-def results_table(paths: list[Path]) -> list[dict[str, Any]]:
-    """One row per (game, model, perturbation, step budget): the evaluations of its runs (seeds) summarised.
+def results_table(paths: list[Path], ignore: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """One row per (game, model, init, setting, perturbation, step budget): the evaluations of its runs
+    (seeds) summarised.
 
     Columns: ``game``, ``model``, ``init`` (a spiking model's initialisation, from its config),
+    ``setting`` (the config fields in which runs of this game, model and init differ, ``None`` where
+    they agree: ``setting_labels``, which ``ignore`` is passed to),
     ``perturbation`` (``spikeq evaluate --perturb``), ``num_steps`` (T;
     None for an ANN), ``runs``, ``seeds``, ``train_steps`` (the runs' step budget, from their
     config.yaml; runs of different budgets get rows of their own), ``score`` (mean over runs of each
@@ -195,8 +233,13 @@ def results_table(paths: list[Path]) -> list[dict[str, Any]]:
         evaluation = record.evaluation
         key = (evaluation.game, record.model, record.init, evaluation.perturbation, record.train_steps)
         groups.setdefault(key, []).append(record)
+    settings: dict[tuple, list[EvaluationRecord]] = {}
+    for key, records in groups.items():
+        labels = setting_labels([record.config for record in records], ignore)
+        for record, label in zip(records, labels, strict=True):
+            settings.setdefault((*key, label), []).append(record)
     rows = []
-    for (game, model, init, perturbation, train_steps), records in groups.items():
+    for (game, model, init, perturbation, train_steps, setting), records in settings.items():
         evaluations = [record.evaluation for record in records]
         energies = [evaluation.energy for evaluation in evaluations if evaluation.energy is not None]
         scores = [evaluation.score_mean for evaluation in evaluations]
@@ -205,6 +248,7 @@ def results_table(paths: list[Path]) -> list[dict[str, Any]]:
                 "game": game,
                 "model": model,
                 "init": init,
+                "setting": setting or None,
                 "perturbation": perturbation,
                 "num_steps": energies[0].num_steps if energies else None,
                 "runs": len(records),
@@ -252,6 +296,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(title for title, _, _ in _TABLE) + " |"]
     lines.append("|" + "|".join("---" if spec == "s" else "---:" for _, _, spec in _TABLE) + "|")
     for row in rows:
+        if row.get("setting"):  # an ablation's row: the model with the settings that set it apart
+            row = {**row, "model": f"{row['model']} ({row['setting']})"}
         lines.append("| " + " | ".join(_cell(row[key], spec) for _, key, spec in _TABLE) + " |")
     return "\n".join(lines)
 
@@ -274,30 +320,41 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> Path:
 
 
 def plot_learning_curves(
-    run_dirs: list[Path], out: Path, chance: dict[str, float] | None = None, title: str | None = None
+    run_dirs: list[Path],
+    out: Path,
+    chance: dict[str, float] | None = None,
+    title: str | None = None,
+    ignore: Iterable[str] = (),
 ) -> Path:
     """One panel per game: each model's evaluation score against agent steps, the mean over its runs
     (seeds) as a line and the range of the runs (min to max) as a band.
 
     A step enters a model's mean only when every one of its runs has reached it, so a run still in
-    progress does not bend the curve.
+    progress does not bend the curve. Runs of one model with different settings get lines of their own
+    (``setting_labels``, which ``ignore`` is passed to).
 
     :param run_dirs: run directories (``config.yaml`` + ``eval.csv`` each)
     :param out: the image file to write
     :param chance: game -> the random policy's score, drawn as a dashed line
     :param title: figure title
+    :param ignore: config fields not to tell settings apart by
     :return: ``out``
     """
-    curves: dict[str, dict[str, list[dict[int, float]]]] = {}
+    groups: dict[tuple[str, str], list[Path]] = {}  # (game, model label) -> its runs
     for run_dir in run_dirs:
         config = run_config(run_dir)
         if not {"game", "model"} <= config.keys():
             raise ValueError(f"{run_dir} has no config.yaml naming its game and model")
-        steps, means, _ = read_curve(run_dir)
         model = config["model"]
         label = model if model == "dqn" else f"{model} ({config.get('init')} init)"
-        runs = curves.setdefault(config["game"], {}).setdefault(label, [])
-        runs.append(dict(zip(steps, means, strict=True)))
+        groups.setdefault((config["game"], label), []).append(run_dir)
+    curves: dict[str, dict[str, list[dict[int, float]]]] = {}
+    for (game, label), runs in groups.items():
+        settings = setting_labels([run_config(run_dir) for run_dir in runs], ignore)
+        for run_dir, setting in zip(runs, settings, strict=True):
+            steps, means, _ = read_curve(run_dir)
+            line = f"{label}, {setting}" if setting else label
+            curves.setdefault(game, {}).setdefault(line, []).append(dict(zip(steps, means, strict=True)))
     if not curves:
         raise ValueError("no run directories given")
     figure, panels = plt.subplots(1, len(curves), figsize=(max(6.0, 4.2 * len(curves)), 3.8), squeeze=False)

@@ -10,7 +10,8 @@
     spikeq table RUN_DIR|EVALUATION.json ... [--out results.md]   (a row per game, model, perturbation)
     spikeq sweep experiments/sweeps/FILE.yaml [--count N] [--set name=value]   (no W&B server needed)
 
-Bad input ends with a one-line error and exit code 2. W&B sweep agents call
+Bad input ends with a one-line error and exit code 2. evaluate, export, convert and export-nir refuse to
+replace an output file that exists (``--force`` replaces it). W&B sweep agents call
 ``python -m spikeq.cli train --key=value ...``: every config field is accepted with underscores or
 dashes, booleans as ``True``/``False``.
 """

@@ -358,12 +358,17 @@ def plot_learning_curves(
     if not curves:
         raise ValueError("no run directories given")
     figure, panels = plt.subplots(1, len(curves), figsize=(max(6.0, 4.2 * len(curves)), 3.8), squeeze=False)
+    # One colour per model in every panel.
+    colours = {
+        model: f"C{i}" for i, model in enumerate(sorted({m for models in curves.values() for m in models}))
+    }
     for axes, (game, models) in zip(panels[0], sorted(curves.items()), strict=True):
         for model, runs in sorted(models.items()):
             steps = sorted(set.intersection(*(set(run) for run in runs)))
             scores = np.array([[run[step] for step in steps] for run in runs])  # [runs, steps]
-            line = axes.plot(steps, scores.mean(0), marker="o", markersize=3, label=f"{model} ({len(runs)})")
-            axes.fill_between(steps, scores.min(0), scores.max(0), color=line[0].get_color(), alpha=0.2)
+            label, colour = f"{model} ({len(runs)})", colours[model]
+            axes.plot(steps, scores.mean(0), marker="o", markersize=3, color=colour, label=label)
+            axes.fill_between(steps, scores.min(0), scores.max(0), color=colour, alpha=0.2)
         if chance and game in chance:
             axes.axhline(chance[game], color="grey", linestyle="--", linewidth=1, label="random")
         axes.set_title(game)

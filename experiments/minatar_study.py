@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spikeq.analysis.report import read_curve
+from spikeq.experiment.checkpoints import latest_checkpoint
 from spikeq.files import is_locked
 
 RESULT_FILES = ("config.yaml", "eval.csv", "evaluation.json", "eval.png")
@@ -101,8 +102,8 @@ def progress(run: Run, run_dir: Path, results: Path) -> tuple[str, str]:
     if not run_dir.exists():
         return "not started", ""
     state = "running" if is_locked(run_dir / ".lock") else "cut"
-    latest = run_dir / "checkpoints" / "latest"
-    step = int(latest.read_text().strip().removeprefix("step-")) if latest.exists() else 0
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")  # what a resume would start from
+    step = int(checkpoint.name.removeprefix("step-")) if checkpoint else 0
     detail = f"last checkpoint at step {step:,} of {run.steps:,}"
     steps, means, _ = read_curve(run_dir) if (run_dir / "eval.csv").exists() else ([], [], [])
     if means:

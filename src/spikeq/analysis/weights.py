@@ -199,7 +199,7 @@ def load_model(path: Path, env: VecEnv, device: str = "auto") -> DQN:
             raise ValueError(f"{path} does not load: {str(error).splitlines()[0]}") from None
     if path.suffix not in (".safetensors", ".json"):
         raise ValueError(f"unknown checkpoint type {path.name!r}; allowed: .zip, .safetensors, .json")
-    meta_file, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
+    weights, meta_file = weights_paths(path)
     meta = read_weights_meta(path)
     check_weights_meta(meta, meta_file)
     try:

@@ -8,7 +8,9 @@ run), ``experiments/results/minatar/random/<Game>.json`` (the random policy, ``s
 (``spikeq evaluate --out`` of a trained DQN converted with ``spikeq convert``, model ``dqn-converted``;
 table only), and writes ``table.md`` (one row per game and model:
 the final score of the best weights, 30 episodes, averaged over seeds, with the energy ratio, spikes per
-action and firing rate) and ``learning_curves.png`` (one panel per game) beside them.
+action and firing rate), ``learning_curves.png`` (the evaluation score, one panel per game) and
+``training_curves.png`` (the training return, SB3's mean over the last 100 episodes, from each run's
+training_curve.csv) beside them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from spikeq.analysis.report import format_table, plot_learning_curves, results_table, write_table
+from spikeq.analysis.report import (
+    TRAINING_CURVE,
+    format_table,
+    plot_learning_curves,
+    results_table,
+    write_table,
+)
 from spikeq.envs import games
 
 RESULTS = Path("experiments/results/minatar")
@@ -62,8 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     figure = plot_learning_curves(
         runs, args.results / "learning_curves.png", chance=scores, title="MinAtar", ignore=SAME_IN_EFFECT
     )
+    written = [table, figure]
+    if trained := [run for run in runs if (run / TRAINING_CURVE).exists()]:
+        out = args.results / "training_curves.png"
+        curves = plot_learning_curves(trained, out, title="MinAtar", ignore=SAME_IN_EFFECT, training=True)
+        written.append(curves)
     print(format_table(rows))
-    print(f"written: {table}, {figure}")
+    print(f"written: {', '.join(map(str, written))}")
     return 0
 
 

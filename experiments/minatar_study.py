@@ -2,9 +2,11 @@
 
 Each run is ``spikeq train --game MinAtar/<Game> --model <model> --preset minatar --seed <s> --steps N``
 in ``<runs-dir>/<name>`` with one torch thread. When a run finishes, its small result files
-(config.yaml, eval.csv, evaluation.json, eval.png) are copied to ``<results>/<name>/``; checkpoints and
-W&B files stay in the run directory. Started again, the study skips runs whose results exist, resumes
-runs cut short (from their latest checkpoint) and starts the rest, so it can be stopped at any moment.
+(config.yaml, eval.csv, evaluation.json, eval.png) are copied to ``<results>/<name>/`` with
+training_curve.csv (its train.csv sampled at 100 steps: the training return and firing rates);
+checkpoints, train.csv and W&B files stay in the run directory. Started again, the study skips runs
+whose results exist, resumes runs cut short (from their latest checkpoint) and starts the rest, so it
+can be stopped at any moment.
 
     python experiments/minatar_study.py --games Breakout SpaceInvaders Freeway --models dqn dsqn \\
         --seeds 0 1 2 --steps 1000000 --lanes 2
@@ -28,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from spikeq.analysis.report import read_curve
+from spikeq.analysis.report import TRAINING_CURVE, read_curve, write_training_curve
 from spikeq.experiment.checkpoints import latest_checkpoint
 from spikeq.files import is_locked
 
@@ -82,7 +84,8 @@ class Run:
 
 
 def collect(run: Run, run_dir: Path, results: Path) -> bool:
-    """Copy a finished run's result files to ``results/<name>``; False while it has no result."""
+    """Copy a finished run's result files to ``results/<name>``, with its training curve; False while it
+    has no result."""
     if not (run_dir / "evaluation.json").exists():
         return False
     target = results / run.name
@@ -90,6 +93,8 @@ def collect(run: Run, run_dir: Path, results: Path) -> bool:
     for name in RESULT_FILES:
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, target / name)
+    if (run_dir / "train.csv").exists():
+        write_training_curve(run_dir, target / TRAINING_CURVE)
     return True
 
 

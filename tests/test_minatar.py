@@ -1,6 +1,7 @@
 """MinAtar games: names, the environment, the MinAtar torso of every model, the preset, and short real
 training runs through the ``spikeq`` command."""
 
+import csv
 import importlib.util
 import json
 import shutil
@@ -15,6 +16,7 @@ from gymnasium import spaces
 from minatar import Environment
 from torch import nn
 
+from spikeq.analysis.report import TRAINING_CURVE, read_training_curve, write_training_curve
 from spikeq.analysis.weights import export_weights, load_model
 from spikeq.envs import games, minatar
 from spikeq.experiment.config import OPTIMIZERS, PRESETS, resolve
@@ -208,7 +210,7 @@ def test_the_study_report_regenerates_table_and_curves(minatar_smoke, tmp_path):
         run_dir, _ = minatar_smoke(model)
         study.collect(study.Run("Breakout", model, 0), run_dir, results)
     assert sorted(p.name for p in (results / "MinAtar-Breakout-dsqn-s0").iterdir()) == sorted(
-        study.RESULT_FILES
+        [*study.RESULT_FILES, study.TRAINING_CURVE]
     )
     assert report.main(["--results", str(results)]) == 0
     table = (results / "table.md").read_text()
@@ -218,6 +220,32 @@ def test_the_study_report_regenerates_table_and_curves(minatar_smoke, tmp_path):
     assert f"{dsqn_firing['mean_firing_rate']:.3f} |" in rows["dsqn"]  # the firing-rate column
     assert json.loads((results / "random" / "MinAtar-Breakout.json").read_text())["model"] == "random"
     assert (results / "learning_curves.png").read_bytes().startswith(b"\x89PNG")
+    assert (results / "training_curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_training_curve_keeps_the_latest_logged_values_at_evenly_spaced_steps(minatar_smoke, tmp_path):
+    """``training_curve.csv`` of a real run, checked against its full ``train.csv``."""
+    run_dir, _ = minatar_smoke("dsqn")
+    out = write_training_curve(run_dir, tmp_path / TRAINING_CURVE, points=10)
+    with (run_dir / "train.csv").open(newline="") as f:
+        logged = list(csv.DictReader(f))
+    with out.open(newline="") as f:
+        curve = list(csv.DictReader(f))
+    budget = PRESETS["smoke"]["steps"]
+    assert [int(row["step"]) for row in curve] == list(range(budget // 10, budget + 1, budget // 10))
+    assert set(curve[0]) == {"step", "return", "episode_length", "firing_rate/conv1", "firing_rate/fc1"}
+    for row in curve:
+        before = [r for r in logged if int(r["step"]) <= int(row["step"])]
+        returns = [r["rollout/ep_rew_mean"] for r in before if r["rollout/ep_rew_mean"]]
+        rates = [r["train/firing_rate/fc1"] for r in before if r["train/firing_rate/fc1"]]
+        assert row["return"] == (returns[-1] if returns else "")
+        assert row["firing_rate/fc1"] == (rates[-1] if rates else "")
+    assert any(row["return"] for row in curve), "the smoke run logs training returns"
+    kept = [row for row in curve if row["return"]]
+    assert read_training_curve(tmp_path) == (
+        [int(row["step"]) for row in kept],
+        [float(row["return"]) for row in kept],
+    )
 
 
 def test_the_study_status_says_where_each_run_stands(minatar_smoke, tmp_path, capsys):
@@ -290,13 +318,19 @@ def test_a_minatar_run_resumes_from_its_checkpoint(tmp_path, model):
     """Resume rebuilds the policy (the MinAtar torso, centred RMSprop) from the config, not from pickles."""
     run_dir = tmp_path / "run"
     game = ("--game", "MinAtar/Freeway", "--model", model, "--preset", "smoke")
-    first = spikeq("train", *game, "--steps", "600", "--run-dir", str(run_dir))
+    first = spikeq("train", *game, "--steps", "600", "--max-episode-steps", "250", "--run-dir", str(run_dir))
     assert first.returncode == 0, first.stderr[-3000:]
+    episodes = [json.loads((run_dir / "checkpoints" / "step-600" / "episodes.json").read_text())]
     resumed = spikeq("train", "--resume", str(run_dir), "--steps", "1200")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "finished 1,200 steps" in resumed.stdout
     steps = [row.split(",")[0] for row in (run_dir / "eval.csv").read_text().splitlines()[1:]]
     assert steps == ["600", "1200"]
+    # SB3's window of training episodes (the logged training return) goes on across the resume: the
+    # 250-step episodes (Freeway's are cut, not ended), two by step 600; the resumed run starts a new
+    # one at step 600, its episodes end at 850 and 1,100: four by step 1,200.
+    episodes.append(json.loads((run_dir / "checkpoints" / "step-1200" / "episodes.json").read_text()))
+    assert [[episode["l"] for episode in saved] for saved in episodes] == [[250] * 2, [250] * 4]
 
 
 def test_a_trained_minatar_dsqn_exports_to_nir_and_verifies(minatar_smoke, tmp_path):

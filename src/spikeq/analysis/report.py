@@ -64,6 +64,65 @@ def read_curve(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
     )
 
 
+TRAINING_CURVE = "training_curve.csv"
+# train.csv's columns that a training curve keeps: SB3's mean return and length of the last 100 training
+# episodes (played epsilon-greedily), and each spiking layer's firing rate.
+_TRAINING_COLUMNS = {"rollout/ep_rew_mean": "return", "rollout/ep_len_mean": "episode_length"}
+_FIRING = "train/firing_rate/"
+
+
+def write_training_curve(run_dir: Path, out: Path, points: int = 100) -> Path:
+    """A run's ``train.csv`` sampled at ``points`` evenly spaced agent steps, as a small CSV to keep.
+
+    SB3 logs the training return every few episodes, so ``train.csv`` has a row every few hundred
+    steps (hundreds of kB for a 1M-step run) at steps that differ between seeds. This keeps, at every
+    ``steps / points`` agent steps of the run's budget (its config's ``steps``), the latest value logged
+    at or before that step of: ``return`` and ``episode_length`` (SB3's means over the last 100
+    training episodes) and ``firing_rate/<layer>`` (spiking models). Seeds of one budget share the
+    steps, so their curves can be averaged. Steps before the first logged episode have no return.
+
+    :param run_dir: a run directory (``config.yaml``, ``train.csv``)
+    :param out: the CSV file to write (atomically)
+    :param points: how many steps to keep
+    :return: ``out``
+    """
+    run_dir = Path(run_dir)
+    budget = run_config(run_dir).get("steps")
+    if not isinstance(budget, int) or budget < points:
+        raise ValueError(f"{run_dir}/config.yaml: steps {budget!r} must be an integer of at least {points}")
+    with (run_dir / "train.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        firing = sorted(name for name in reader.fieldnames or () if name.startswith(_FIRING))
+        names = _TRAINING_COLUMNS | {name: f"firing_rate/{name.removeprefix(_FIRING)}" for name in firing}
+        every = budget // points
+        latest: dict[str, str] = {}
+        grid: list[dict[str, Any]] = []
+        step = 0
+        for row in reader:
+            step = int(row["step"])
+            while step > (len(grid) + 1) * every:  # the grid steps this row comes after
+                grid.append({"step": (len(grid) + 1) * every, **latest})
+            latest.update({names[name]: row[name] for name in names if row.get(name)})
+    while (len(grid) + 1) * every <= step:  # and those up to the last row, which they include
+        grid.append({"step": (len(grid) + 1) * every, **latest})
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(out)) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", *names.values()])
+        writer.writeheader()
+        writer.writerows(grid)
+    return Path(out)
+
+
+def read_training_curve(run_dir: Path) -> tuple[list[int], list[float]]:
+    """Steps and training returns of a run's ``training_curve.csv`` (``write_training_curve``)."""
+    path = Path(run_dir) / TRAINING_CURVE
+    if not path.exists():
+        raise ValueError(f"{run_dir} has no {TRAINING_CURVE}: write it with write_training_curve")
+    with path.open(newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row["return"]]
+    return [int(row["step"]) for row in rows], [float(row["return"]) for row in rows]
+
+
 def run_config(run_dir: Path) -> dict[str, Any]:
     """A run's ``config.yaml`` as plain data (``{}`` when it has none): reports only label and group
     runs by it; ``spikeq.experiment.config.TrainConfig.load`` is what validates it for training.
@@ -325,19 +384,22 @@ def plot_learning_curves(
     chance: dict[str, float] | None = None,
     title: str | None = None,
     ignore: Iterable[str] = (),
+    training: bool = False,
 ) -> Path:
     """One panel per game: each model's evaluation score against agent steps, the mean over its runs
-    (seeds) as a line and the range of the runs (min to max) as a band.
+    (seeds) as a line and the range of the runs (min to max) as a band; with ``training``, its training
+    return instead (``training_curve.csv``: SB3's mean over the last 100 epsilon-greedy episodes).
 
     A step enters a model's mean only when every one of its runs has reached it, so a run still in
     progress does not bend the curve. Runs of one model with different settings get lines of their own
     (``setting_labels``, which ``ignore`` is passed to).
 
-    :param run_dirs: run directories (``config.yaml`` + ``eval.csv`` each)
+    :param run_dirs: run directories (``config.yaml`` + ``eval.csv``, or ``training_curve.csv``, each)
     :param out: the image file to write
     :param chance: game -> the random policy's score, drawn as a dashed line
     :param title: figure title
     :param ignore: config fields not to tell settings apart by
+    :param training: plot the training return rather than the evaluation score
     :return: ``out``
     """
     groups: dict[tuple[str, str], list[Path]] = {}  # (game, model label) -> its runs
@@ -352,7 +414,7 @@ def plot_learning_curves(
     for (game, label), runs in groups.items():
         settings = setting_labels([run_config(run_dir) for run_dir in runs], ignore)
         for run_dir, setting in zip(runs, settings, strict=True):
-            steps, means, _ = read_curve(run_dir)
+            steps, means = read_training_curve(run_dir) if training else read_curve(run_dir)[:2]
             line = f"{label}, {setting}" if setting else label
             curves.setdefault(game, {}).setdefault(line, []).append(dict(zip(steps, means, strict=True)))
     if not curves:
@@ -367,7 +429,8 @@ def plot_learning_curves(
             steps = sorted(set.intersection(*(set(run) for run in runs)))
             scores = np.array([[run[step] for step in steps] for run in runs])  # [runs, steps]
             label, colour = f"{model} ({len(runs)})", colours[model]
-            axes.plot(steps, scores.mean(0), marker="o", markersize=3, color=colour, label=label)
+            marker = {} if training else {"marker": "o", "markersize": 3}
+            axes.plot(steps, scores.mean(0), color=colour, label=label, **marker)
             axes.fill_between(steps, scores.min(0), scores.max(0), color=colour, alpha=0.2)
         if chance and game in chance:
             axes.axhline(chance[game], color="grey", linestyle="--", linewidth=1, label="random")
@@ -376,6 +439,6 @@ def plot_learning_curves(
         axes.xaxis.set_major_formatter(lambda steps, _: f"{steps / 1e3:g}k")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7)
-    panels[0][0].set_ylabel("evaluation score")
+    panels[0][0].set_ylabel("training return (last 100 episodes)" if training else "evaluation score")
     figure.suptitle(f"{title + ': ' if title else ''}mean over seeds (n runs), band min-max", fontsize=9)
     return _save(figure, out)

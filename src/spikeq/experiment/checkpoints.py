@@ -3,7 +3,8 @@
 
 A training checkpoint is a folder ``checkpoints/step-<N>/`` holding SB3's ``model.zip`` (network,
 optimizer, step counter), ``trainer.json`` (the evaluation schedule and best score), ``rng.json``
-(Python, NumPy, torch and action-space RNG states), hard links to the best weights as they were at
+(Python, NumPy, torch and action-space RNG states), ``episodes.json`` (the last 100 training episodes'
+returns and lengths, which SB3 logs the means of and does not save), hard links to the best weights as they were at
 step N (``best.*``) and, optionally, the replay buffer (``replay.npz`` + ``replay.json``).
 
 What survives a crash: a checkpoint is written into a temporary folder, flushed to disk and renamed
@@ -145,6 +146,7 @@ def save_checkpoint(model: DQN, checkpoints: Path, state: dict[str, Any], save_r
         trainer = {**state, "num_timesteps": model.num_timesteps}
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
         (tmp / "rng.json").write_text(json.dumps(_rng_state(model)))
+        (tmp / "episodes.json").write_text(json.dumps(list(model.ep_info_buffer or ()), default=float))
         if save_replay:
             save_replay_buffer(model.replay_buffer, tmp)
         for name in BEST_FILES:
@@ -199,7 +201,8 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
 def load_checkpoint(
     path: Path, env: VecEnv, device: str, rebuilt: dict[str, Any]
 ) -> tuple[DQN, dict[str, Any]]:
-    """Restore a model, its RNG states and (when saved) its replay buffer, unpickling nothing.
+    """Restore a model, its RNG states, its last training episodes and (when saved) its replay buffer,
+    unpickling nothing.
 
     :param path: a checkpoint folder written by ``save_checkpoint``
     :param env: the training env (its spaces must match the checkpoint's)
@@ -226,6 +229,8 @@ def load_checkpoint(
     try:
         if (path / "rng.json").exists():
             _set_rng_state(model, json.loads((path / "rng.json").read_text()))
+        if (path / "episodes.json").exists():  # the logged training return goes on over the same window
+            model.ep_info_buffer.extend(json.loads((path / "episodes.json").read_text()))
         if (path / "replay.npz").exists():
             load_replay_buffer(model.replay_buffer, path)
     except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as error:

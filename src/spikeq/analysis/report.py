@@ -88,13 +88,13 @@ def write_training_curve(run_dir: Path, out: Path, points: int = 100) -> Path:
     """
     run_dir = Path(run_dir)
     budget = run_config(run_dir).get("steps")
-    if not isinstance(budget, int) or budget < points:
-        raise ValueError(f"{run_dir}/config.yaml: steps {budget!r} must be an integer of at least {points}")
+    if not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"{run_dir}/config.yaml: steps {budget!r} must be a positive integer")
     with (run_dir / "train.csv").open(newline="") as f:
         reader = csv.DictReader(f)
         firing = sorted(name for name in reader.fieldnames or () if name.startswith(_FIRING))
         names = _TRAINING_COLUMNS | {name: f"firing_rate/{name.removeprefix(_FIRING)}" for name in firing}
-        every = budget // points
+        every = max(1, budget // points)  # a budget under ``points`` steps keeps every step
         latest: dict[str, str] = {}
         grid: list[dict[str, Any]] = []
         step = 0

@@ -3,9 +3,10 @@
 
 A training checkpoint is a folder ``checkpoints/step-<N>/`` holding SB3's ``model.zip`` (network,
 optimizer, step counter), ``trainer.json`` (the evaluation schedule and best score), ``rng.json``
-(Python, NumPy, torch and action-space RNG states), ``episodes.json`` (the last 100 training episodes'
-returns and lengths, which SB3 logs the means of and does not save), hard links to the best weights as they were at
-step N (``best.*``) and, optionally, the replay buffer (``replay.npz`` + ``replay.json``).
+(Python, NumPy, torch and action-space RNG states), ``episodes.json`` (the last 100 training
+episodes' returns and lengths, which SB3 logs the means of and does not save), hard links to the best
+weights as they were at step N (``best.*``) and, optionally, the replay buffer (``replay.npz`` +
+``replay.json``).
 
 What survives a crash: a checkpoint is written into a temporary folder, flushed to disk and renamed
 into place; ``checkpoints/latest`` (replaced atomically) then names it. Resume takes the checkpoint

@@ -3,7 +3,7 @@
 Each run is ``spikeq train --game MinAtar/<Game> --model <model> --preset minatar --seed <s> --steps N``
 in ``<runs-dir>/<name>`` with one torch thread. When a run finishes, its small result files
 (config.yaml, eval.csv, evaluation.json, eval.png) are copied to ``<results>/<name>/`` with
-training_curve.csv (its train.csv sampled at 100 steps: the training return and firing rates);
+training_curve.csv (its train.csv at 100 evenly spaced steps: training return, firing rates);
 checkpoints, train.csv and W&B files stay in the run directory. Started again, the study skips runs
 whose results exist, resumes runs cut short (from their latest checkpoint) and starts the rest, so it
 can be stopped at any moment.

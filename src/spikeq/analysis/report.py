@@ -86,7 +86,7 @@ def write_training_curve(run_dir: Path, out: Path, points: int = 100) -> Path:
     :param points: how many steps to keep
     :return: ``out``
     """
-    run_dir = Path(run_dir)
+    run_dir, out = Path(run_dir), Path(out)
     budget = run_config(run_dir).get("steps")
     if not isinstance(budget, int) or budget < 1:
         raise ValueError(f"{run_dir}/config.yaml: steps {budget!r} must be a positive integer")
@@ -105,12 +105,12 @@ def write_training_curve(run_dir: Path, out: Path, points: int = 100) -> Path:
             latest.update({names[name]: row[name] for name in names if row.get(name)})
     while (len(grid) + 1) * every <= step:  # and those up to the last row, which they include
         grid.append({"step": (len(grid) + 1) * every, **latest})
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(Path(out)) as tmp, tmp.open("w", newline="") as f:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["step", *names.values()])
         writer.writeheader()
         writer.writerows(grid)
-    return Path(out)
+    return out
 
 
 def read_training_curve(run_dir: Path) -> tuple[list[int], list[float]]:

@@ -179,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         while queue and not stopping and len(running) < args.lanes:
             run = queue.pop(0)
             run_dir = args.runs_dir / run.name
+            if is_locked(run_dir / ".lock"):
+                # Another study (a second lane started with other --models, say) is training it.
+                print(f"skip {run.name}: another process is training it", flush=True)
+                continue
             command = run.command(run_dir)
             print(f"start {run.name}: {' '.join(command[2:])}", flush=True)
             with (args.runs_dir / f"{run.name}.log").open("a") as log:

@@ -296,6 +296,19 @@ def test_the_study_starts_new_runs_and_resumes_cut_ones_to_their_budget(tmp_path
     assert resume[resume.index("--steps") + 1] == "300000"  # a run trained further gets the study's budget
 
 
+def test_the_study_leaves_a_run_that_another_process_trains_to_it(tmp_path, capsys):
+    """Two studies over overlapping plans: a run whose directory is locked is skipped, not started."""
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    run_dir = runs / "MinAtar-Breakout-dqn-s0"
+    run_dir.mkdir(parents=True)
+    plan = ["--games", "Breakout", "--models", "dqn", "--seeds", "0", "--runs-dir", str(runs)]
+    with FileLock(run_dir / ".lock"):
+        assert study.main([*plan, "--results", str(results)]) == 0
+    assert "skip MinAtar-Breakout-dqn-s0: another process is training it" in capsys.readouterr().out
+    assert sorted(p.name for p in runs.iterdir()) == ["MinAtar-Breakout-dqn-s0"]  # no log: nothing ran
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+
+
 def test_a_bad_minatar_game_fails_in_one_line():
     done = spikeq("train", "--game", "MinAtar/Breakot", "--preset", "smoke")
     assert done.returncode == 2 and "Traceback" not in done.stderr

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from spikeq.analysis.report import TRAINING_CURVE, read_curve, write_training_curve
 from spikeq.experiment.checkpoints import latest_checkpoint
+from spikeq.experiment.train import RUN_LOCK
 from spikeq.files import is_locked
 
 RESULT_FILES = ("config.yaml", "eval.csv", "evaluation.json", "eval.png")
@@ -106,7 +107,7 @@ def progress(run: Run, run_dir: Path, results: Path) -> tuple[str, str]:
         return "finished", f"score {record['score_mean']:.2f} ± {record['score_std']:.2f}"
     if not run_dir.exists():
         return "not started", ""
-    state = "running" if is_locked(run_dir / ".lock") else "cut"
+    state = "running" if is_locked(run_dir / RUN_LOCK) else "cut"
     checkpoint = latest_checkpoint(run_dir / "checkpoints")  # what a resume would start from
     step = int(checkpoint.name.removeprefix("step-")) if checkpoint else 0
     detail = f"last checkpoint at step {step:,} of {run.steps:,}"
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         while queue and not stopping and len(running) < args.lanes:
             run = queue.pop(0)
             run_dir = args.runs_dir / run.name
-            if is_locked(run_dir / ".lock"):
+            if is_locked(run_dir / RUN_LOCK):
                 # Another study (a second lane started with other --models, say) is training it.
                 print(f"skip {run.name}: another process is training it", flush=True)
                 continue

@@ -6,11 +6,13 @@ Reads ``experiments/results/minatar/<run>/`` (config.yaml, eval.csv, evaluation.
 run), ``experiments/results/minatar/random/<Game>.json`` (the random policy, ``spikeq evaluate
 --random``; measured once per game when missing) and ``experiments/results/minatar/converted/*.json``
 (``spikeq evaluate --out`` of a trained DQN converted with ``spikeq convert``, model ``dqn-converted``;
-table only), and writes ``table.md`` (one row per game and model:
-the final score of the best weights, 30 episodes, averaged over seeds, with the energy ratio, spikes per
-action and firing rate), ``learning_curves.png`` (the evaluation score, one panel per game) and
-``training_curves.png`` (the training return, SB3's mean over the last 100 episodes, from each run's
-training_curve.csv) beside them.
+table only), and writes beside them ``table.md`` (one row per game and model: the final score of the
+best weights, 30 episodes, averaged over seeds, with the energy ratio, spikes per action and firing
+rate), ``comparison.md`` (the DSQN against the DQN, game by game and over games: difference of mean
+scores, DQN-normalised score and probability of improvement, with bootstrap intervals;
+``spikeq.analysis.report.compare_scores``), ``learning_curves.png`` (the evaluation score, one panel
+per game) and ``training_curves.png`` (the training return, SB3's mean over the last 100 episodes,
+from each run's training_curve.csv).
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ from pathlib import Path
 
 from spikeq.analysis.report import (
     TRAINING_CURVE,
+    compare_models,
+    format_comparison,
     format_table,
     plot_learning_curves,
     results_table,
     write_table,
 )
 from spikeq.envs import games
+from spikeq.files import write_atomic
 
 RESULTS = Path("experiments/results/minatar")
 # Settings that differ between the study's runs but changed nothing in them. bootstrap_time_limit acts
@@ -71,11 +76,22 @@ def main(argv: list[str] | None = None) -> int:
         runs, args.results / "learning_curves.png", chance=scores, title="MinAtar", ignore=SAME_IN_EFFECT
     )
     written = [table, figure]
+    try:
+        comparison = compare_models(runs, scores, ignore=SAME_IN_EFFECT)
+    except ValueError as error:  # no game has finished runs of both models yet
+        print(f"no comparison: {error}", file=sys.stderr)
+        comparison = None
+    if comparison is not None:
+        out = args.results / "comparison.md"
+        write_atomic(out, format_comparison(comparison) + "\n")
+        written.append(out)
     if trained := [run for run in runs if (run / TRAINING_CURVE).exists()]:
         out = args.results / "training_curves.png"
         curves = plot_learning_curves(trained, out, title="MinAtar", ignore=SAME_IN_EFFECT, training=True)
         written.append(curves)
     print(format_table(rows))
+    if comparison is not None:
+        print(f"\n{format_comparison(comparison)}")
     print(f"written: {', '.join(map(str, written))}")
     return 0
 

@@ -221,6 +221,10 @@ def test_the_study_report_regenerates_table_and_curves(minatar_smoke, tmp_path):
     assert json.loads((results / "random" / "MinAtar-Breakout.json").read_text())["model"] == "random"
     assert (results / "learning_curves.png").read_bytes().startswith(b"\x89PNG")
     assert (results / "training_curves.png").read_bytes().startswith(b"\x89PNG")
+    # One run a side: the DSQN against the DQN without intervals.
+    comparison = (results / "comparison.md").read_text().splitlines()
+    assert comparison[0].startswith("| game | dsqn runs | dqn runs |")
+    assert comparison[2].startswith("| MinAtar/Breakout | 1 | 1 |") and "[" not in comparison[2]
 
 
 def test_the_training_curve_keeps_the_latest_logged_values_at_evenly_spaced_steps(minatar_smoke, tmp_path):

@@ -268,6 +268,29 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(known)) if known else None
 
 
+def grouped_results(
+    paths: list[Path], ignore: Iterable[str] = ()
+) -> dict[tuple[str, str, str | None, str, int | None, str], list[EvaluationRecord]]:
+    """The evaluations read from ``paths``, grouped by (game, model, init, perturbation, step budget,
+    setting): the runs (seeds) of one group differ in nothing but their seed and what ``ignore`` and
+    ``UNCOMPARED_FIELDS`` name. ``setting`` is ``setting_labels``'s label, ``""`` where they agree.
+    """
+    if not paths:
+        raise ValueError("no run directories or evaluation files given")
+    groups: dict[tuple[str, str, str | None, str, int | None], list[EvaluationRecord]] = {}
+    for path in paths:
+        record = read_result(path)
+        evaluation = record.evaluation
+        key = (evaluation.game, record.model, record.init, evaluation.perturbation, record.train_steps)
+        groups.setdefault(key, []).append(record)
+    settings: dict[tuple[str, str, str | None, str, int | None, str], list[EvaluationRecord]] = {}
+    for key, records in groups.items():
+        labels = setting_labels([record.config for record in records], ignore)
+        for record, label in zip(records, labels, strict=True):
+            settings.setdefault((*key, label), []).append(record)
+    return settings
+
+
 def results_table(paths: list[Path], ignore: Iterable[str] = ()) -> list[dict[str, Any]]:
     """One row per (game, model, init, setting, perturbation, step budget): the evaluations of its runs
     (seeds) summarised.
@@ -284,21 +307,9 @@ def results_table(paths: list[Path], ignore: Iterable[str] = ()) -> list[dict[st
     ``firing_rate`` (all spiking neurons together: spikes / (neurons x T) per decision), each the mean
     over runs.
     """
-    if not paths:
-        raise ValueError("no run directories or evaluation files given")
-    groups: dict[tuple[str, str, str | None, str, int | None], list[EvaluationRecord]] = {}
-    for path in paths:
-        record = read_result(path)
-        evaluation = record.evaluation
-        key = (evaluation.game, record.model, record.init, evaluation.perturbation, record.train_steps)
-        groups.setdefault(key, []).append(record)
-    settings: dict[tuple, list[EvaluationRecord]] = {}
-    for key, records in groups.items():
-        labels = setting_labels([record.config for record in records], ignore)
-        for record, label in zip(records, labels, strict=True):
-            settings.setdefault((*key, label), []).append(record)
     rows = []
-    for (game, model, init, perturbation, train_steps, setting), records in settings.items():
+    groups = grouped_results(paths, ignore)
+    for (game, model, init, perturbation, train_steps, setting), records in groups.items():
         evaluations = [record.evaluation for record in records]
         energies = [evaluation.energy for evaluation in evaluations if evaluation.energy is not None]
         scores = [evaluation.score_mean for evaluation in evaluations]
@@ -442,3 +453,203 @@ def plot_learning_curves(
     panels[0][0].set_ylabel("training return (last 100 episodes)" if training else "evaluation score")
     figure.suptitle(f"{title + ': ' if title else ''}mean over seeds (n runs), band min-max", fontsize=9)
     return _save(figure, out)
+
+
+@dataclass(frozen=True)
+class GameComparison:
+    """One game's runs of a model against those of a baseline (each run: its final score).
+
+    :param normalised: (mean model score - chance) / (mean baseline score - chance): 0 is the random
+        policy, 1 the baseline; None where the baseline does not score above chance
+    :param p_improvement: the probability that a run of the model scores above a run of the baseline,
+        over all pairs of their runs (ties count half; Agarwal et al., NeurIPS 2021)
+    :param difference_ci, normalised_ci: percentile bootstrap intervals (runs resampled with
+        replacement, each model's within the game); None with fewer than two runs on either side
+    """
+
+    game: str
+    model_scores: list[float]
+    baseline_scores: list[float]
+    chance: float
+    difference: float
+    difference_ci: tuple[float, float] | None
+    normalised: float | None
+    normalised_ci: tuple[float, float] | None
+    p_improvement: float
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A model against a baseline over games (``compare_scores``).
+
+    :param normalised: the mean over games of each game's normalised score (every game weighs alike)
+    :param normalised_ci, p_improvement_ci: stratified percentile bootstrap intervals (each game's runs
+        resampled within the game); None where a game has fewer than two runs on either side
+    :param p_improvement: the mean over games of each game's probability of improvement
+    """
+
+    model: str
+    baseline: str
+    confidence: float
+    games: list[GameComparison]
+    normalised: float | None
+    normalised_ci: tuple[float, float] | None
+    p_improvement: float
+    p_improvement_ci: tuple[float, float] | None
+
+
+def _p_improvement(model: np.ndarray, baseline: np.ndarray) -> np.ndarray:
+    """P(X > Y) + P(X = Y) / 2 over the last axis' pairs: ``model`` [..., n], ``baseline`` [..., m]."""
+    x, y = model[..., :, None], baseline[..., None, :]
+    return ((x > y) + 0.5 * (x == y)).mean(axis=(-2, -1))
+
+
+def _normalised(model_mean: np.ndarray, baseline_mean: np.ndarray, chance: float) -> np.ndarray:
+    return (model_mean - chance) / (baseline_mean - chance)
+
+
+def compare_scores(
+    scores: dict[str, tuple[list[float], list[float], float]],
+    model: str = "model",
+    baseline: str = "baseline",
+    confidence: float = 0.95,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> Comparison:
+    """Compare a model's runs with a baseline's, game by game and over all games.
+
+    Few seeds make single means noisy; the comparison says how far the data pin the difference down.
+    Per game: the difference of the mean scores, the model's score normalised between chance (0) and
+    the baseline's mean (1), and the probability of improvement; over games, the mean normalised score
+    and probability of improvement, with intervals from a stratified bootstrap (Agarwal et al., "Deep
+    Reinforcement Learning at the Edge of the Statistical Precipice", NeurIPS 2021): each resample
+    draws every game's model runs and baseline runs with replacement and recomputes every statistic,
+    the baseline's mean in the normalisation included. With two or three runs a side the percentile
+    intervals are too narrow rather than too wide (a resample cannot leave the range of the runs).
+
+    :param scores: game -> (the model's run scores, the baseline's run scores, the random policy's score)
+    :param confidence: the intervals' coverage, in (0, 1)
+    :param resamples: bootstrap resamples
+    :param seed: the bootstrap's random seed (the same inputs give the same intervals)
+    :raises ValueError: for no games, a game without runs on a side, or a confidence outside (0, 1)
+    """
+    if not scores:
+        raise ValueError("no games to compare")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence={confidence!r} must lie in (0, 1)")
+    for game, (model_scores, baseline_scores, _) in scores.items():
+        if not model_scores or not baseline_scores:
+            counts = f"{model} has {len(model_scores)} runs, {baseline} {len(baseline_scores)}"
+            raise ValueError(f"{game}: every side needs at least one run; {counts}")
+    rng = np.random.default_rng(seed)
+    tails = [50 * (1 - confidence), 100 - 50 * (1 - confidence)]
+
+    def interval(samples: np.ndarray) -> tuple[float, float]:
+        low, high = np.percentile(samples, tails)
+        return float(low), float(high)
+
+    games, normalised_samples, p_samples = [], [], []
+    for game, (model_scores, baseline_scores, chance) in sorted(scores.items()):
+        x, y = np.asarray(model_scores, float), np.asarray(baseline_scores, float)
+        # [resamples, runs]: every resample draws each side's runs with replacement.
+        x_star = x[rng.integers(len(x), size=(resamples, len(x)))]
+        y_star = y[rng.integers(len(y), size=(resamples, len(y)))]
+        spread = len(x) > 1 and len(y) > 1
+        above_chance = bool(np.all(y > chance))
+        normalised_star = _normalised(x_star.mean(1), y_star.mean(1), chance) if above_chance else None
+        games.append(
+            GameComparison(
+                game=game,
+                model_scores=[float(v) for v in x],
+                baseline_scores=[float(v) for v in y],
+                chance=float(chance),
+                difference=float(x.mean() - y.mean()),
+                difference_ci=interval(x_star.mean(1) - y_star.mean(1)) if spread else None,
+                normalised=float(_normalised(x.mean(), y.mean(), chance)) if above_chance else None,
+                normalised_ci=interval(normalised_star) if spread and above_chance else None,
+                p_improvement=float(_p_improvement(x, y)),
+            )
+        )
+        normalised_samples.append(normalised_star)
+        p_samples.append(_p_improvement(x_star, y_star))
+    spread = all(len(g.model_scores) > 1 and len(g.baseline_scores) > 1 for g in games)
+    known = all(g.normalised is not None for g in games)
+    return Comparison(
+        model=model,
+        baseline=baseline,
+        confidence=confidence,
+        games=games,
+        normalised=float(np.mean([g.normalised for g in games])) if known else None,
+        normalised_ci=interval(np.mean(normalised_samples, axis=0)) if known and spread else None,
+        p_improvement=float(np.mean([g.p_improvement for g in games])),
+        p_improvement_ci=interval(np.mean(p_samples, axis=0)) if spread else None,
+    )
+
+
+def compare_models(
+    paths: list[Path],
+    chance: dict[str, float],
+    model: tuple[str, str | None] = ("dsqn", "firing"),
+    baseline: tuple[str, str | None] = ("dqn", None),
+    ignore: Iterable[str] = (),
+    **options: Any,
+) -> Comparison:
+    """``compare_scores`` for the runs in ``paths``: each run's final score (``evaluation.json``).
+
+    A side is the runs of one model and init without a perturbation or a setting of their own
+    (``grouped_results``: an ablation's runs are not pooled with the main ones); only games with runs
+    of both sides and a random policy's score in ``chance`` are compared.
+
+    :param chance: game -> the random policy's score
+    :param model, baseline: (model, init) of each side; init None for an ANN
+    :param options: ``compare_scores``'s confidence, resamples and seed
+    :raises ValueError: where a side has runs of more than one step budget in a game, or no game has both
+    """
+    sides: dict[tuple[str, str | None], dict[str, dict[int | None, list[float]]]] = {model: {}, baseline: {}}
+    for (game, name, init, perturbation, steps, setting), records in grouped_results(paths, ignore).items():
+        if (name, init) in sides and perturbation == "none" and not setting:
+            scores = [record.evaluation.score_mean for record in records]
+            sides[name, init].setdefault(game, {})[steps] = scores
+    scores = {}
+    for game in sorted(set(sides[model]) & set(sides[baseline]) & set(chance)):
+        budgets = [sides[side][game] for side in (model, baseline)]
+        for side, runs in zip((model, baseline), budgets, strict=True):
+            if len(runs) > 1:
+                raise ValueError(f"{game}: {side[0]} has runs of several step budgets: {sorted(runs)}")
+        scores[game] = (*(next(iter(runs.values())) for runs in budgets), chance[game])
+    if not scores:
+        raise ValueError(f"no game has runs of both {model[0]} and {baseline[0]} and a random policy's score")
+    return compare_scores(scores, model=model[0], baseline=baseline[0], **options)
+
+
+def format_comparison(comparison: Comparison) -> str:
+    """A ``Comparison`` as a Markdown table, one row per game and one for all of them."""
+    m, b = comparison.model, comparison.baseline
+    level = f"{comparison.confidence:.0%}"
+
+    def estimate(value: float | None, ci: tuple[float, float] | None, spec: str) -> str:
+        if value is None:
+            return "n/a"
+        return format(value, spec) + (f" [{ci[0]:{spec}}, {ci[1]:{spec}}]" if ci else "")
+
+    lines = [
+        f"| game | {m} runs | {b} runs | {m} | {b} | {m} - {b} [{level}] | {m} normalised [{level}] "
+        f"| P({m} > {b}) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for g in comparison.games:
+        cells = [
+            g.game, str(len(g.model_scores)), str(len(g.baseline_scores)),
+            f"{np.mean(g.model_scores):.2f}", f"{np.mean(g.baseline_scores):.2f}",
+            estimate(g.difference, g.difference_ci, "+.2f"), estimate(g.normalised, g.normalised_ci, ".2f"),
+            f"{g.p_improvement:.2f}",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    model_runs = sum(len(g.model_scores) for g in comparison.games)
+    baseline_runs = sum(len(g.baseline_scores) for g in comparison.games)
+    lines.append(
+        f"| all {len(comparison.games)} games (each alike) | {model_runs} | {baseline_runs} | | | "
+        f"| {estimate(comparison.normalised, comparison.normalised_ci, '.2f')} "
+        f"| {estimate(comparison.p_improvement, comparison.p_improvement_ci, '.2f')} |"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""A model's runs against a baseline's: point estimates, bootstrap intervals, the study's own files."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spikeq.analysis.report import compare_models, compare_scores, format_comparison
+
+STUDY = Path(__file__).resolve().parents[1] / "experiments" / "results" / "minatar"
+
+
+def test_point_estimates_of_one_game():
+    """Two runs a side: the difference of means, the score between chance and the baseline, and the
+    share of pairs of runs the model wins (2 > 1, 4 > 1, 4 > 3; 2 < 3)."""
+    comparison = compare_scores({"G": ([2.0, 4.0], [1.0, 3.0], 0.0)}, model="dsqn", baseline="dqn")
+    (game,) = comparison.games
+    assert game.difference == 1.0
+    assert game.normalised == 1.5  # (3 - 0) / (2 - 0)
+    assert game.p_improvement == 0.75
+    assert comparison.normalised == 1.5 and comparison.p_improvement == 0.75
+    low, high = game.difference_ci
+    assert -1.0 <= low <= 1.0 <= high <= 3.0  # a resample's difference lies in [2 - 3, 4 - 1]
+
+
+def test_ties_count_half():
+    assert compare_scores({"G": ([1.0, 1.0], [1.0, 0.0], -1.0)}).games[0].p_improvement == 0.75
+
+
+def test_the_interval_is_the_percentiles_of_the_resampled_statistic():
+    """The model's runs 0 and 1 against a baseline of 2: a resample's difference of means is -2, -1.5
+    or -1 with probabilities 1/4, 1/2, 1/4, so its 95% interval is [-2, -1], and its 40% interval (the
+    30th to 70th percentiles) [-1.5, -1.5]."""
+    scores = {"G": ([0.0, 1.0], [2.0, 2.0], -1.0)}
+    assert compare_scores(scores).games[0].difference_ci == (-2.0, -1.0)
+    assert compare_scores(scores, confidence=0.4).games[0].difference_ci == (-1.5, -1.5)
+
+
+def test_games_weigh_alike_and_the_bootstrap_stays_within_each_game():
+    """Over games: the mean of the games' statistics; each resample draws a game's runs from that game
+    only, so a game whose runs agree adds no spread."""
+    scores = {"A": ([3.0, 3.0], [2.0, 2.0], 1.0), "B": ([1.0, 3.0], [2.0, 2.0], 0.0)}
+    comparison = compare_scores(scores, resamples=4000, seed=1)
+    assert comparison.normalised == pytest.approx((2.0 + 1.0) / 2)
+    assert comparison.p_improvement == pytest.approx((1.0 + 0.5) / 2)
+    assert comparison.games[0].normalised_ci == (2.0, 2.0)
+    low, high = comparison.normalised_ci
+    assert (low, high) == pytest.approx(((2.0 + 0.5) / 2, (2.0 + 1.5) / 2))
+    assert compare_scores(scores, resamples=4000, seed=1) == comparison  # seeded: reproducible
+
+
+def test_one_run_on_a_side_gives_no_interval():
+    comparison = compare_scores({"A": ([5.0], [2.0, 3.0], 0.0), "B": ([2.0, 3.0], [1.0, 2.0], 0.0)})
+    assert comparison.games[0].difference_ci is None and comparison.games[0].normalised_ci is None
+    assert comparison.games[1].difference_ci is not None
+    assert comparison.normalised_ci is None and comparison.p_improvement_ci is None
+    assert "| A | 1 | 2 | 5.00 | 2.50 | +2.50 | 2.00 | 1.00 |" in format_comparison(comparison)
+
+
+def test_a_baseline_at_chance_has_no_normalised_score():
+    comparison = compare_scores({"A": ([5.0, 6.0], [0.0, 3.0], 0.0)})
+    assert comparison.games[0].normalised is None and comparison.normalised is None
+    assert comparison.games[0].difference == 4.0
+
+
+@pytest.mark.parametrize(
+    "scores, message",
+    [
+        ({}, "no games"),
+        ({"A": ([], [1.0], 0.0)}, "A: every side needs at least one run; model has 0 runs, baseline 1"),
+    ],
+)
+def test_bad_input_is_refused(scores, message):
+    with pytest.raises(ValueError, match=message):
+        compare_scores(scores)
+    with pytest.raises(ValueError, match=r"confidence=1\.5 must lie in \(0, 1\)"):
+        compare_scores({"A": ([1.0], [1.0], 0.0)}, confidence=1.5)
+
+
+def test_the_study_comparison_takes_each_main_runs_final_score():
+    """On the committed MinAtar results: every 1M-step DSQN (firing init) and DQN run of a game, by its
+    evaluation.json, and not the 200k-step DSQN with PyTorch's initialisation."""
+    runs = sorted(path.parent for path in STUDY.glob("*/evaluation.json"))
+    chance = {
+        json.loads(path.read_text())["game"]: json.loads(path.read_text())["score_mean"]
+        for path in (STUDY / "random").glob("*.json")
+    }
+    comparison = compare_models(runs, chance, ignore=("bootstrap_time_limit",))
+    assert comparison.games, "the study has games with runs of both models"
+    for game in comparison.games:
+        name = game.game.replace("/", "-")
+        for model, scores in (("dsqn", game.model_scores), ("dqn", game.baseline_scores)):
+            files = sorted(STUDY.glob(f"{name}-{model}-s*/evaluation.json"))
+            assert sorted(scores) == sorted(json.loads(f.read_text())["score_mean"] for f in files)
+        assert game.chance == chance[game.game]
+        assert game.normalised == pytest.approx(
+            (np.mean(game.model_scores) - game.chance) / (np.mean(game.baseline_scores) - game.chance)
+        )
+    with pytest.raises(ValueError, match="no game has runs of both dsqn and dqn"):
+        compare_models(runs, {})

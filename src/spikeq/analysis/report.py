@@ -12,6 +12,9 @@ Tables: one row per game, model and perturbation, from each run's final ``evalua
 ``spikeq evaluate --out``): the score averaged over runs (seeds) with its spread across runs, the
 human-normalised score, the energy ratio to the ANN and the spikes per action.
 
+Comparisons: a model's runs against a baseline's (the DSQN against the DQN), game by game and over
+games, with bootstrap intervals over the runs (``compare_models``, ``compare_scores``).
+
 Runs of one game and model that were trained with different settings (an ablation: T, the reset's
 gradient, a learning rate) are never averaged together: tables and the study's curves give each
 setting a row or a line of its own, labelled with the config fields in which the runs differ

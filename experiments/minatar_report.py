@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     written = [table, figure]
     try:
-        comparison = compare_models(runs, scores, ignore=SAME_IN_EFFECT)
+        comparison = compare_models([*runs, *chance], ignore=SAME_IN_EFFECT)
     except ValueError as error:  # no game has finished runs of both models yet
         print(f"no comparison: {error}", file=sys.stderr)
         comparison = None

@@ -9,6 +9,8 @@ from conftest import run_spikeq as spikeq
 
 from spikeq import cli
 from spikeq.analysis.report import (
+    compare_scores,
+    format_comparison,
     format_table,
     plot_learning_curves,
     results_table,
@@ -142,6 +144,20 @@ def test_table_summarises_runs_per_game_and_model(smoke_run, tmp_path, capsys):
         .splitlines()[0]
         .startswith("game,model,init,setting,perturbation,num_steps")
     )
+    # --compare: the DSQN runs against the DQN runs, Pong's chance level from the random policy.
+    random_eval = tmp_path / "random.json"
+    args = ["--game", "Pong", "--episodes", "1", "--max-episode-steps", "150", "--out", str(random_eval)]
+    assert spikeq("evaluate", "--random", *args).returncode == 0
+    compared = tmp_path / "compared" / "comparison.md"
+    command = ["table", *map(str, paths), str(random_eval), "--compare", "dsqn:firing", "dqn"]
+    assert cli.main([*command, "--compare-out", str(compared)]) == 0
+    printed = capsys.readouterr().out
+    chance = json.loads(random_eval.read_text())["score_mean"]
+    expected = compare_scores({"Pong": (dsqn_scores, [first_score, first_score + 4], chance)}, "dsqn", "dqn")
+    assert compared.read_text().strip() == format_comparison(expected) and compared.read_text() in printed
+    assert cli.main(["table", *map(str, paths), "--compare", "dsqn", "dqn"]) == 2
+    assert "the results hold: dqn, dsqn:firing" in capsys.readouterr().err
+
     (tmp_path / "unfinished").mkdir()
     assert cli.main(["table", str(dsqn), str(tmp_path / "unfinished")]) == 0
     assert "skipped" in capsys.readouterr().err

@@ -8,6 +8,7 @@
     spikeq export-nir CHECKPOINT OUT.nir [--verify]   (NIR graph for neuromorphic hardware)
     spikeq report RUN_DIR [RUN_DIR ...] --out curves.png
     spikeq table RUN_DIR|EVALUATION.json ... [--out results.md]   (a row per game, model, perturbation)
+          [--compare dsqn:firing dqn [--compare-out comparison.md]]      (run by run, bootstrap intervals)
     spikeq sweep experiments/sweeps/FILE.yaml [--count N] [--set name=value]   (no W&B server needed)
 
 Bad input ends with a one-line error and exit code 2. evaluate, export, convert and export-nir refuse to
@@ -620,11 +621,30 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
         "paths", type=Path, nargs="+", help="run directories or 'spikeq evaluate --out' JSON files"
     )
     p.add_argument("--out", type=Path, help="also write the table, regenerated: .md (Markdown) or .csv")
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("MODEL", "BASELINE"),
+        help="also compare two models run by run, e.g. --compare dsqn:firing dqn (MODEL[:INIT]): per game "
+        "and over games, with bootstrap intervals; needs each game's random policy among the paths "
+        "(spikeq evaluate --random --out)",
+    )
+    p.add_argument("--compare-out", type=Path, help="also write the comparison, regenerated (Markdown)")
     p.set_defaults(handler=_table)
 
 
 def _table(args: argparse.Namespace) -> int:
-    from spikeq.analysis.report import format_table, results_table, write_table
+    from spikeq.analysis.report import (
+        compare_models,
+        format_comparison,
+        format_table,
+        results_table,
+        write_table,
+    )
+    from spikeq.files import write_atomic
+
+    if args.compare_out and not args.compare:
+        raise ConfigError("--compare-out needs --compare MODEL BASELINE")
 
     # Run directories that hold no result yet (unfinished runs, runs/sweeps/ under a glob) are skipped.
     paths = [p for p in args.paths if not p.is_dir() or (p / "evaluation.json").exists()]
@@ -637,6 +657,13 @@ def _table(args: argparse.Namespace) -> int:
         print(format_table(rows))
         if args.out:
             print(f"written: {write_table(rows, args.out)}")
+        if args.compare:
+            comparison = format_comparison(compare_models(paths, *args.compare))
+            print(f"\n{comparison}")
+            if args.compare_out:
+                args.compare_out.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(args.compare_out, comparison + "\n")
+                print(f"written: {args.compare_out}")
     except ValueError as error:
         raise ConfigError(str(error)) from None
     return 0

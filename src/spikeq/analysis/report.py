@@ -589,40 +589,55 @@ def compare_scores(
     )
 
 
+def _side_name(model: str, init: str | None) -> str:
+    return model if init is None else f"{model}:{init}"
+
+
 def compare_models(
     paths: list[Path],
-    chance: dict[str, float],
-    model: tuple[str, str | None] = ("dsqn", "firing"),
-    baseline: tuple[str, str | None] = ("dqn", None),
+    model: str = "dsqn:firing",
+    baseline: str = "dqn",
     ignore: Iterable[str] = (),
     **options: Any,
 ) -> Comparison:
-    """``compare_scores`` for the runs in ``paths``: each run's final score (``evaluation.json``).
+    """``compare_scores`` for the results in ``paths``: each run's final score (``evaluation.json``),
+    and the random policy's (``spikeq evaluate --random --out``) as each game's chance level.
 
     A side is the runs of one model and init without a perturbation or a setting of their own
     (``grouped_results``: an ablation's runs are not pooled with the main ones); only games with runs
-    of both sides and a random policy's score in ``chance`` are compared.
+    of both sides and a random policy's score are compared.
 
-    :param chance: game -> the random policy's score
-    :param model, baseline: (model, init) of each side; init None for an ANN
+    :param model, baseline: ``MODEL`` or ``MODEL:INIT`` (``dsqn:firing``, ``dsqn:default``, ``dqn``)
     :param options: ``compare_scores``'s confidence, resamples and seed
-    :raises ValueError: where a side has runs of more than one step budget in a game, or no game has both
+    :raises ValueError: naming the sides the results hold, where no game has runs of both sides and a
+        random policy's score; where a side has runs of several step budgets in a game
     """
-    sides: dict[tuple[str, str | None], dict[str, dict[int | None, list[float]]]] = {model: {}, baseline: {}}
+    sides: dict[str, dict[str, dict[int | None, list[float]]]] = {}
     for (game, name, init, perturbation, steps, setting), records in grouped_results(paths, ignore).items():
-        if (name, init) in sides and perturbation == "none" and not setting:
+        if perturbation == "none" and not setting:
             scores = [record.evaluation.score_mean for record in records]
-            sides[name, init].setdefault(game, {})[steps] = scores
+            sides.setdefault(_side_name(name, init), {}).setdefault(game, {})[steps] = scores
+    # Each game's chance level: the mean of its random-policy evaluations.
+    chance = {
+        game: float(np.mean([score for scores in evaluations.values() for score in scores]))
+        for game, evaluations in sides.get("random", {}).items()
+    }
+    model_runs, baseline_runs = sides.get(model, {}), sides.get(baseline, {})
     scores = {}
-    for game in sorted(set(sides[model]) & set(sides[baseline]) & set(chance)):
-        budgets = [sides[side][game] for side in (model, baseline)]
-        for side, runs in zip((model, baseline), budgets, strict=True):
+    for game in sorted(set(model_runs) & set(baseline_runs) & set(chance)):
+        for side, runs in ((model, model_runs[game]), (baseline, baseline_runs[game])):
             if len(runs) > 1:
-                raise ValueError(f"{game}: {side[0]} has runs of several step budgets: {sorted(runs)}")
-        scores[game] = (*(next(iter(runs.values())) for runs in budgets), chance[game])
+                raise ValueError(f"{game}: {side} has runs of several step budgets: {sorted(runs)}")
+        scores[game] = (*model_runs[game].values(), *baseline_runs[game].values(), chance[game])
     if not scores:
-        raise ValueError(f"no game has runs of both {model[0]} and {baseline[0]} and a random policy's score")
-    return compare_scores(scores, model=model[0], baseline=baseline[0], **options)
+        raise ValueError(
+            f"no game has runs of both {model} and {baseline} and a random policy's score "
+            f"(spikeq evaluate --random --out); the results hold: {', '.join(sorted(sides)) or 'nothing'}"
+        )
+    # Labelled by model name (dsqn, dqn), or by the whole MODEL:INIT where that alone tells them apart.
+    names = model.split(":")[0], baseline.split(":")[0]
+    names = (model, baseline) if names[0] == names[1] else names
+    return compare_scores(scores, model=names[0], baseline=names[1], **options)
 
 
 def format_comparison(comparison: Comparison) -> str:

@@ -76,22 +76,21 @@ def main(argv: list[str] | None = None) -> int:
         runs, args.results / "learning_curves.png", chance=scores, title="MinAtar", ignore=SAME_IN_EFFECT
     )
     written = [table, figure]
+    comparison = None
     try:
-        comparison = compare_models([*runs, *chance], ignore=SAME_IN_EFFECT)
+        comparison = format_comparison(compare_models([*runs, *chance], ignore=SAME_IN_EFFECT))
     except ValueError as error:  # no game has finished runs of both models yet
         print(f"no comparison: {error}", file=sys.stderr)
-        comparison = None
-    if comparison is not None:
-        out = args.results / "comparison.md"
-        write_atomic(out, format_comparison(comparison) + "\n")
-        written.append(out)
+    else:
+        write_atomic(args.results / "comparison.md", comparison + "\n")
+        written.append(args.results / "comparison.md")
     if trained := [run for run in runs if (run / TRAINING_CURVE).exists()]:
         out = args.results / "training_curves.png"
         curves = plot_learning_curves(trained, out, title="MinAtar", ignore=SAME_IN_EFFECT, training=True)
         written.append(curves)
     print(format_table(rows))
     if comparison is not None:
-        print(f"\n{format_comparison(comparison)}")
+        print(f"\n{comparison}")
     print(f"written: {', '.join(map(str, written))}")
     return 0
 

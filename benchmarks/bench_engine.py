@@ -27,9 +27,11 @@ the fc1 firing rates), or its non-spiking reference, with 6 actions (Pong):
 
 Measured in one process, contenders interleaved round by round so that a busy machine slows all alike:
 
-(a) greedy action: one ``argmax Q`` for a batch of 1 under ``torch.inference_mode``, median latency;
-(b) training step: SB3 DQN's update on a batch of 32: a no-grad target-network forward, the online
-    forward, Huber loss, backward and an Adam step, median time;
+(a) greedy action: one ``argmax Q`` for a batch of 1 under ``torch.inference_mode``, the network in
+    evaluation mode (as SB3's ``predict`` sets it), median latency;
+(b) training step: SB3 DQN's update on a batch of 32: a no-grad target-network forward (the target
+    network in evaluation mode, as SB3 keeps it), the online forward (training mode), Huber loss,
+    backward and an Adam step, median time;
 (c) whole loop: agent steps per second of SB3 ``DQN`` on Pong (``make_atari_env`` + 4-frame stack, one
     env, epsilon 0.05) over a window after learning starts; spikeq engines and ``CnnPolicy`` only;
 (d) peak memory of one training step: on CPU the growth of the peak resident set (Linux
@@ -360,6 +362,7 @@ class Trainer:
     def __init__(self, online: nn.Module, target: nn.Module, batch: Batch) -> None:
         self.online, self.target, self.batch = online, target, batch
         self.optimizer = torch.optim.Adam(online.parameters(), lr=LEARNING_RATE)
+        self.target.eval()  # as SB3's DQNPolicy keeps q_net_target
 
     def step(self) -> None:
         """(b): the whole update, the optimiser's step included."""
@@ -370,6 +373,7 @@ class Trainer:
         """(e): the networks' share of the update: the target forward without grad, the online forward
         and its backward; no optimiser step, so the weights stay as they are."""
         b = self.batch
+        self.online.train()  # as SB3's DQN.train sets it (a spiking network then records firing rates)
         with torch.no_grad():
             next_q = self.target(b.next_obs).max(dim=1).values
             target_q = b.rewards + (1 - b.dones) * GAMMA * next_q
@@ -387,6 +391,7 @@ def firing_rates(net: SpikingQNetwork, obs: torch.Tensor) -> list[tuple[str, flo
 
 
 def greedy_action(online: nn.Module, obs: torch.Tensor) -> int:
+    online.eval()  # as SB3's predict sets it
     with torch.inference_mode():
         return int(online(obs).argmax(dim=1)[0])
 

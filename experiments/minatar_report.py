@@ -69,9 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     rows.sort(key=lambda row: (row["game"], row["model"], row["setting"] or ""))
     table = args.results / "table.md"
     write_table(rows, table)
-    scores = {
-        json.loads(path.read_text())["game"]: json.loads(path.read_text())["score_mean"] for path in chance
-    }
+    evaluations = [json.loads(path.read_text()) for path in chance]
+    scores = {evaluation["game"]: evaluation["score_mean"] for evaluation in evaluations}
     figure = plot_learning_curves(
         runs, args.results / "learning_curves.png", chance=scores, title="MinAtar", ignore=SAME_IN_EFFECT
     )

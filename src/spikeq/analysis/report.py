@@ -557,7 +557,7 @@ def compare_scores(
         # [resamples, runs]: every resample draws each side's runs with replacement.
         x_star = x[rng.integers(len(x), size=(resamples, len(x)))]
         y_star = y[rng.integers(len(y), size=(resamples, len(y)))]
-        spread = len(x) > 1 and len(y) > 1
+        both_spread = len(x) > 1 and len(y) > 1  # intervals need two runs or more a side
         above_chance = bool(np.all(y > chance))
         normalised_star = _normalised(x_star.mean(1), y_star.mean(1), chance) if above_chance else None
         games.append(
@@ -567,15 +567,15 @@ def compare_scores(
                 baseline_scores=[float(v) for v in y],
                 chance=float(chance),
                 difference=float(x.mean() - y.mean()),
-                difference_ci=interval(x_star.mean(1) - y_star.mean(1)) if spread else None,
+                difference_ci=interval(x_star.mean(1) - y_star.mean(1)) if both_spread else None,
                 normalised=float(_normalised(x.mean(), y.mean(), chance)) if above_chance else None,
-                normalised_ci=interval(normalised_star) if spread and above_chance else None,
+                normalised_ci=interval(normalised_star) if both_spread and above_chance else None,
                 p_improvement=float(_p_improvement(x, y)),
             )
         )
         normalised_samples.append(normalised_star)
         p_samples.append(_p_improvement(x_star, y_star))
-    spread = all(len(g.model_scores) > 1 and len(g.baseline_scores) > 1 for g in games)
+    every_spread = all(len(g.model_scores) > 1 and len(g.baseline_scores) > 1 for g in games)
     known = all(g.normalised is not None for g in games)
     return Comparison(
         model=model,
@@ -583,9 +583,9 @@ def compare_scores(
         confidence=confidence,
         games=games,
         normalised=float(np.mean([g.normalised for g in games])) if known else None,
-        normalised_ci=interval(np.mean(normalised_samples, axis=0)) if known and spread else None,
+        normalised_ci=interval(np.mean(normalised_samples, axis=0)) if known and every_spread else None,
         p_improvement=float(np.mean([g.p_improvement for g in games])),
-        p_improvement_ci=interval(np.mean(p_samples, axis=0)) if spread else None,
+        p_improvement_ci=interval(np.mean(p_samples, axis=0)) if every_spread else None,
     )
 
 

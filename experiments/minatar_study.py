@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spikeq.analysis.report import TRAINING_CURVE, read_curve, write_training_curve
+from spikeq.envs.minatar import GAMES as MINATAR_GAMES
 from spikeq.experiment.checkpoints import latest_checkpoint
+from spikeq.experiment.config import MODELS
 from spikeq.experiment.train import RUN_LOCK
 from spikeq.files import is_locked
 
@@ -131,15 +133,36 @@ def print_status(plan: list[Run], runs_dir: Path, results: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--games", nargs="+", default=["Breakout", "SpaceInvaders", "Freeway"])
-    parser.add_argument("--models", nargs="+", default=["dqn", "dsqn"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--games",
+        nargs="+",
+        default=["Breakout", "SpaceInvaders", "Freeway"],
+        choices=MINATAR_GAMES,
+        metavar="GAME",
+        help=f"MinAtar games, in the order their runs start (allowed: {', '.join(MINATAR_GAMES)})",
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["dqn", "dsqn"],
+        choices=MODELS,
+        metavar="MODEL",
+        help=f"spikeq models (allowed: {', '.join(MODELS)})",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds")
     parser.add_argument("--steps", type=int, default=STUDY_STEPS, help="agent steps per run")
     parser.add_argument("--lanes", type=int, default=2, help="runs at a time (one CPU core each)")
     parser.add_argument("--variant", default="", help="name of the --set overrides, part of run names")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs/minatar"))
-    parser.add_argument("--results", type=Path, default=Path("experiments/results/minatar"))
+    parser.add_argument(
+        "--runs-dir", type=Path, default=Path("runs/minatar"), help="where the runs train (checkpoints)"
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=Path("experiments/results/minatar"),
+        help="where each finished run's small result files are copied",
+    )
     parser.add_argument("--status", action="store_true", help="print where each run stands and exit")
     args = parser.parse_args(argv)
     if args.lanes < 1:

@@ -300,6 +300,22 @@ def test_the_study_starts_new_runs_and_resumes_cut_ones_to_their_budget(tmp_path
     assert resume[resume.index("--steps") + 1] == "300000"  # a run trained further gets the study's budget
 
 
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--games", "Breakout", "Pong"], "invalid choice: 'Pong'"),
+        (["--models", "dsqn-lif"], "invalid choice: 'dsqn-lif'"),
+        (["--lanes", "0"], "--lanes 0 must be >= 1"),
+        (["--set", "init=default"], "--set needs --variant NAME"),
+    ],
+)
+def test_the_study_refuses_a_bad_plan_before_starting_anything(flags, named, tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:
+        study.main([*flags, "--runs-dir", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
+    assert refused.value.code == 2 and named in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_the_study_leaves_a_run_that_another_process_trains_to_it(tmp_path, capsys):
     """Two studies over overlapping plans: a run whose directory is locked is skipped, not started."""
     runs, results = tmp_path / "runs", tmp_path / "results"

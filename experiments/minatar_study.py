@@ -207,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
                 # Another study (a second lane started with other --models, say) is training it.
                 print(f"skip {run.name}: another process is training it", flush=True)
                 continue
+            if collect(run, run_dir, args.results):  # finished by another process since the plan was made
+                print(
+                    f"skip {run.name}: finished meanwhile, results in {args.results / run.name}", flush=True
+                )
+                continue
             command = run.command(run_dir)
             print(f"start {run.name}: {' '.join(command[2:])}", flush=True)
             with (args.runs_dir / f"{run.name}.log").open("a") as log:

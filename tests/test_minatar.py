@@ -329,6 +329,35 @@ def test_the_study_leaves_a_run_that_another_process_trains_to_it(tmp_path, caps
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
 
 
+def test_the_study_collects_a_run_that_finished_since_its_plan_was_made(tmp_path, capsys, monkeypatch):
+    """Two lanes whose plans overlap: a run the other lane finished while this one waited is collected,
+    not started again."""
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    run_dir = runs / "MinAtar-Breakout-dsqn-s2"
+    run_dir.mkdir(parents=True)
+    collect = study.collect
+    planned = []
+
+    def finished_after_the_plan(run, run_dir, results):
+        if not planned:  # the plan: not finished yet
+            planned.append(run.name)
+            return False
+        (run_dir / "evaluation.json").write_text(json.dumps({"score_mean": 10.0, "score_std": 8.0}))
+        return collect(run, run_dir, results)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError(f"started a finished run: {args}")
+
+    monkeypatch.setattr(study, "collect", finished_after_the_plan)
+    monkeypatch.setattr(study.subprocess, "Popen", no_training)
+    plan = ["--games", "Breakout", "--models", "dsqn", "--seeds", "2", "--runs-dir", str(runs)]
+    assert study.main([*plan, "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "1 run(s) to do: MinAtar-Breakout-dsqn-s2" in out
+    assert f"skip MinAtar-Breakout-dsqn-s2: finished meanwhile, results in {results}" in out
+    assert (results / "MinAtar-Breakout-dsqn-s2" / "evaluation.json").exists()
+
+
 def test_a_bad_minatar_game_fails_in_one_line():
     done = spikeq("train", "--game", "MinAtar/Breakot", "--preset", "smoke")
     assert done.returncode == 2 and "Traceback" not in done.stderr

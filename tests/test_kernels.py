@@ -88,6 +88,27 @@ def test_kernels_spikes_only_path_equals_snntorch(kernel_calls, neuron, reset, s
     assert_same(got, (spikes, None, grads))
 
 
+def test_kernels_run_under_inference_mode_as_greedy_actions_do(kernel_calls):
+    # SpikingQNetwork._predict (every action SB3 takes) runs under torch.inference_mode(), where the
+    # backend's look at the surrogate's autograd node must still work.
+    network = SpikingQNetwork(
+        spaces.Box(0.0, 1.0, (6,)),
+        spaces.Discrete(3),
+        NetworkSpec(num_steps=5, net_arch=(40,), backend="triton"),
+    ).to(DEVICE)
+    with torch.no_grad():
+        for p in network.synapses.parameters():
+            p.mul_(8)
+    obs = torch.rand(4, 6, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    with torch.no_grad():
+        q = network(obs)
+    with torch.inference_mode():
+        q_inference = network(obs)
+        actions = network._predict(obs)
+    assert kernel_calls["integrate"] == 3  # one firing layer, three forwards
+    assert torch.equal(q_inference, q) and torch.equal(actions, q.argmax(dim=1))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kernel_membranes_are_bit_identical_near_the_threshold(kernel_calls, dtype):
     # Currents a few ulps either side of values that put the membrane exactly on the threshold.

@@ -86,7 +86,12 @@ def test_save_and_load_with_perturbed_parameters(tmp_path, model_fn):
     env = model.get_env()
     del model
 
-    for loaded in (DQN.load(tmp_path / "model.zip", env=env), DQN.load(tmp_path / "model.zip")):
+    # Loaded on the device they were saved from (bit-identical Q); test_load_on_another_device moves them.
+    loads = [
+        DQN.load(tmp_path / "model.zip", env=env, device="cpu"),
+        DQN.load(tmp_path / "model.zip", device="cpu"),
+    ]
+    for loaded in loads:
         for key, value in loaded.policy.state_dict().items():
             assert torch.equal(value, state[key]), key
         assert np.array_equal(loaded.predict(obs, deterministic=True)[0], actions)
@@ -117,7 +122,7 @@ def test_the_policy_and_the_q_net_save_and_load_alone(tmp_path):
     model.set_parameters(perturbed({"policy": model.get_parameters()["policy"]}), exact_match=False)
     obs = observations(model)
     model.policy.save(tmp_path / "policy.pth")
-    policy = SpikingPolicy.load(tmp_path / "policy.pth")
+    policy = SpikingPolicy.load(tmp_path / "policy.pth", device="cpu")
     assert policy.spec == model.policy.spec
     assert np.array_equal(greedy(policy, obs), greedy(model, obs))
 

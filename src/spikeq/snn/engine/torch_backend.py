@@ -104,10 +104,13 @@ def integrate(
 
 
 def atan_alpha(spike_fn: Callable[[torch.Tensor], torch.Tensor]) -> float | None:
-    """alpha of snnTorch's ATan surrogate, recognised by its autograd node; None for other functions."""
-    probe = torch.zeros((), requires_grad=True)
-    with torch.enable_grad():
-        node = spike_fn(probe).grad_fn
+    """alpha of snnTorch's ATan surrogate, recognised by its autograd node; None for other functions.
+
+    The probe is built outside inference mode, so that a forward under ``torch.inference_mode()``
+    (SB3's and spikeq's greedy action) can still look at the function's autograd node.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        node = spike_fn(torch.zeros((), requires_grad=True)).grad_fn
     return float(node.alpha) if type(node) is snn_surrogate.ATan._backward_cls else None
 
 

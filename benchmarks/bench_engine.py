@@ -109,6 +109,7 @@ class Args:
     weight_gain: float
     flush_denormal: bool
     skip: list[str] = field(default_factory=list)
+    cudnn_benchmark: bool = False
 
 
 def parse_args() -> Args:
@@ -133,6 +134,11 @@ def parse_args() -> Args:
     )
     parser.add_argument(
         "--skip", nargs="*", default=[], help="contenders to leave out (names as in the table)"
+    )
+    parser.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="torch.backends.cudnn.benchmark = True: cuDNN times its convolution algorithms once per shape",
     )
     ns = parser.parse_args()
     args = Args(**vars(ns))
@@ -664,6 +670,7 @@ def main() -> None:
     if args.flush_denormal and not torch.set_flush_denormal(True):
         print("this CPU cannot flush subnormal floats: --flush-denormal has no effect")
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     contenders = [
         c for c in CONTENDERS if c.name not in args.skip and (device.type == "cuda" or not c.cuda_only)
     ]
@@ -673,7 +680,7 @@ def main() -> None:
             "(install it with: .venv/bin/pip install --no-deps spikingjelly loguru)"
         )
         contenders = [c for c in contenders if not c.name.startswith("spikingjelly")]
-    print(f"machine: {machine()}, device {device}")
+    print(f"machine: {machine()}, device {device}, cudnn.benchmark {torch.backends.cudnn.benchmark}")
     if device.type == "cuda":
         print(
             f"spikeq fused: recurrence in Triton {engine.triton_backend.kernels().triton.__version__} kernels"

@@ -59,7 +59,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["dsqn", "dqn"])
     parser.add_argument("--n-envs", type=int, default=1, help="training envs (updates per agent step kept)")
     parser.add_argument("--vec-env", default="dummy", choices=VEC_ENVS)
+    parser.add_argument(
+        "--cudnn-benchmark",
+        choices=["on", "off"],
+        help="set torch.backends.cudnn.benchmark (default: as training leaves it)",
+    )
     args = parser.parse_args()
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     if args.threads:
         torch.set_num_threads(args.threads)
     print(

@@ -13,11 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import snntorch as snn
 import torch
 from gymnasium import spaces
 from layer_runs import assert_grads_close, run_layer
+from stable_baselines3 import DQN
 
 from spikeq import NetworkSpec, NeuronSpec, SpikingLayer, SpikingQNetwork
 from spikeq.snn import engine
@@ -107,6 +109,22 @@ def test_kernels_run_under_inference_mode_as_greedy_actions_do(kernel_calls):
         actions = network._predict(obs)
     assert kernel_calls["integrate"] == 3  # one firing layer, three forwards
     assert torch.equal(q_inference, q) and torch.equal(actions, q.argmax(dim=1))
+
+
+def test_sb3_trains_and_acts_through_the_kernels(kernel_calls):
+    # The whole DQN loop (SB3's predict under inference mode, the update, the target network) with every
+    # spiking layer in the kernels, as it runs by default on a GPU.
+    model = DQN(
+        "SpikingPolicy", "CartPole-v1", policy_kwargs=dict(num_steps=4, net_arch=[32], backend="triton"),
+        learning_starts=40, train_freq=4, buffer_size=500, target_update_interval=20, seed=0, device=DEVICE,
+    )  # fmt: skip
+    model.learn(80)
+    # 40 greedy actions after learning_starts, and 10 or more updates of two forwards and one backward
+    assert kernel_calls["integrate"] >= 60 and kernel_calls["adjoint"] >= 10
+    obs = model.get_env().reset()
+    with torch.no_grad():
+        q = model.q_net(model.policy.obs_to_tensor(obs)[0])
+    assert np.array_equal(model.predict(obs, deterministic=True)[0], q.argmax(dim=1).cpu().numpy())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -36,7 +36,9 @@ Measured in one process, contenders interleaved round by round so that a busy ma
     env, epsilon 0.05) over a window after learning starts; spikeq engines and ``CnnPolicy`` only;
 (d) peak memory of one training step: on CPU the growth of the peak resident set (Linux
     ``/proc/self/clear_refs``) over the resident set before the step; on CUDA ``max_memory_allocated``
-    over the memory allocated before it.
+    over the memory allocated before it;
+(f) with ``--profile``: where one training step's time goes, each contender's operators with the most
+    self time under ``torch.profiler`` (CUDA kernel time on a GPU).
 
 Inputs for (a), (b) and (d) are real Pong frames (random play). With PyTorch's default initialisation
 the DSQN does not fire at all on them; for (a), (b) and (d) every network's weights are multiplied by
@@ -110,6 +112,7 @@ class Args:
     flush_denormal: bool
     skip: list[str] = field(default_factory=list)
     cudnn_benchmark: bool = False
+    profile: int = 0
 
 
 def parse_args() -> Args:
@@ -139,6 +142,13 @@ def parse_args() -> Args:
         "--cudnn-benchmark",
         action="store_true",
         help="torch.backends.cudnn.benchmark = True: cuDNN times its convolution algorithms once per shape",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="(f) print this many operators with the most self time in one training step (0: no profile)",
     )
     ns = parser.parse_args()
     args = Args(**vars(ns))
@@ -452,6 +462,19 @@ def peak_memory_mb(
     return _status_mb("VmHWM:") - base
 
 
+def profile_table(fn: Callable[[], object], device: torch.device, rows: int) -> str:
+    """(f): torch.profiler's table of one call of ``fn`` (after one call unprofiled), by self time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    fn()
+    with torch.profiler.profile(activities=activities) as profiler:
+        fn()
+        synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
+
+
 def agent_steps_per_second(
     policy: str, policy_kwargs: dict, device: torch.device, learning_starts: int, window: int
 ) -> float:
@@ -526,6 +549,10 @@ def run_steps(
     for name, trainer in trainers.items():
         workspaces = [net.workspace for net in (trainer.online, trainer.target) if hasattr(net, "workspace")]
         rows[name].peak_mb = peak_memory_mb(trainer.step, device, workspaces)
+    if args.profile:
+        for name, trainer in trainers.items():
+            print(f"\n{name}, T = {num_steps}: one training step, its {args.profile} costliest operators")
+            print(profile_table(trainer.step, device, args.profile))
     del trainers
     for c in contenders:
         if c.loop_policy is not None and args.loop_steps > 0:

@@ -6,6 +6,8 @@
 #   1. bench_engine.py --device cuda at T = 8, 16, 64: greedy action, training step (target: <= 4 ms
 #      and >= 5x faster than the naive snnTorch loop at T = 64, batch 32) and peak memory, every
 #      contender;
+#      then --profile at T = 64 for spikeq fused, spikingjelly and the dense floor: each one's CUDA
+#      kernels with the most time in one training step (profile.txt);
 #   2. bench_presets.py --device cuda, paper preset, Pong, 8 envs through ale-py's vector env: agent
 #      steps per second of the whole training loop (target: >= 1,000 for the DSQN), and the ANN DQN;
 #   3. `spikeq train --device cuda` on MinAtar/Breakout (minatar preset, DSQN and DQN, 20k steps, 5k of
@@ -27,9 +29,9 @@ if [ -x .venv/bin/python ]; then python=${PYTHON:-.venv/bin/python}; else python
 device=${DEVICE:-cuda}
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if [ "${QUICK:-0}" = 1 ]; then
-    engine_args=(--quick) loop_steps=256
+    engine_args=(--quick) loop_steps=256 profile_steps=8
 else
-    engine_args=(--steps 8 16 64) loop_steps=4000
+    engine_args=(--steps 8 16 64) loop_steps=4000 profile_steps=64
 fi
 {
     date -u
@@ -42,6 +44,10 @@ status=0
     tee "$out/kernels.txt" || status=1
 "$python" benchmarks/bench_engine.py --device "$device" --loop-steps 0 "${engine_args[@]}" 2>&1 |
     tee "$out/engine.txt" || status=1
+others=("spikeq fused, torch loop" "spikeq fused+recompute" "spikeq snntorch" "snntorch naive"
+    "spikeq fused, detach_reset=False" "spikingjelly, detach_reset=False" "ANN DQN")
+"$python" benchmarks/bench_engine.py --device "$device" --loop-steps 0 --steps "$profile_steps" \
+    --train-repeats 1 --action-calls 1 --profile 15 --skip "${others[@]}" 2>&1 | tee "$out/profile.txt" || status=1
 "$python" benchmarks/bench_presets.py --device "$device" --presets paper --models dsqn dqn \
     --n-envs 8 --vec-env ale --steps "$loop_steps" 2>&1 | tee "$out/loop.txt" || status=1
 if [ "${QUICK:-0}" = 1 ]; then train_steps=(--steps 2000 --learning-starts 500); else

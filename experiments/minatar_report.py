@@ -33,6 +33,7 @@ from spikeq.analysis.report import (
     write_table,
 )
 from spikeq.envs import games
+from spikeq.experiment.config import preset_values
 from spikeq.files import write_atomic
 
 RESULTS = Path("experiments/results/minatar")
@@ -65,19 +66,20 @@ def main(argv: list[str] | None = None) -> int:
     study_games = sorted({json.loads((run / "evaluation.json").read_text())["game"] for run in runs})
     chance = [chance_level(args.results, game) for game in study_games]
     converted = sorted((args.results / "converted").glob("*.json"))
-    rows = results_table([*runs, *chance, *converted], ignore=SAME_IN_EFFECT)
+    labels = dict(ignore=SAME_IN_EFFECT, reference=preset_values)  # an ablation's rows: what sets it apart
+    rows = results_table([*runs, *chance, *converted], **labels)
     rows.sort(key=lambda row: (row["game"], row["model"], row["setting"] or ""))
     table = args.results / "table.md"
     write_table(rows, table)
     evaluations = [json.loads(path.read_text()) for path in chance]
     scores = {evaluation["game"]: evaluation["score_mean"] for evaluation in evaluations}
     figure = plot_learning_curves(
-        runs, args.results / "learning_curves.png", chance=scores, title="MinAtar", ignore=SAME_IN_EFFECT
+        runs, args.results / "learning_curves.png", chance=scores, title="MinAtar", **labels
     )
     written = [table, figure]
     comparison = None
     try:
-        comparison = format_comparison(compare_models([*runs, *chance], ignore=SAME_IN_EFFECT))
+        comparison = format_comparison(compare_models([*runs, *chance], **labels))
     except ValueError as error:  # no game has finished runs of both models yet
         print(f"no comparison: {error}", file=sys.stderr)
     else:
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         written.append(args.results / "comparison.md")
     if trained := [run for run in runs if (run / TRAINING_CURVE).exists()]:
         out = args.results / "training_curves.png"
-        curves = plot_learning_curves(trained, out, title="MinAtar", ignore=SAME_IN_EFFECT, training=True)
+        curves = plot_learning_curves(trained, out, title="MinAtar", training=True, **labels)
         written.append(curves)
     print(format_table(rows))
     if comparison is not None:

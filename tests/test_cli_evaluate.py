@@ -18,6 +18,7 @@ from spikeq.analysis.report import (
     setting_labels,
     write_table,
 )
+from spikeq.experiment.config import preset_values
 
 KEYS = (
     "score_mean", "score_std", "score_min", "score_max", "human_normalized", "firing_rate",
@@ -200,3 +201,23 @@ def test_runs_of_another_setting_are_never_averaged_with_the_others(smoke_run, t
     labels = setting_labels([run_config(run) for run in runs])
     assert labels[1] == labels[0] and labels[2] == "detach_reset=False, num_steps=4"
     assert plot_learning_curves(runs, tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+    # Against each run's preset, only the ablations are labelled: the preset's own runs keep the plain
+    # row whatever else the group holds (and so stay a side of compare_models).
+    rows = {row["setting"]: row for row in results_table(runs, reference=preset_values)}
+    assert set(rows) == {None, "detach_reset=False", "num_steps=2"}
+    assert rows[None]["seeds"] == [0, 1, 4] and rows["num_steps=2"]["seeds"] == [3]
+    (alone,) = results_table([runs[2]], reference=preset_values)  # an ablation alone is still one
+    assert alone["setting"] == "detach_reset=False"
+    # A config that names no preset is labelled against the others, as without reference.
+    no_preset = {"game": "Pong", "detach_reset": True}
+    labels = setting_labels([run_config(runs[2]), no_preset], reference=preset_values)
+    assert labels == ["detach_reset=False", "detach_reset=True"]
+    lines = tmp_path / "preset-curves.png"
+    assert plot_learning_curves(runs, lines, reference=preset_values).read_bytes().startswith(b"\x89PNG")
+    table = spikeq("table", *map(str, runs))
+    assert table.returncode == 0, table.stderr[-2000:]
+    assert (
+        "| Pong | dsqn | firing |" in table.stdout
+        and "| Pong | dsqn (num_steps=2) | firing |" in table.stdout
+    )

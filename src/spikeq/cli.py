@@ -27,7 +27,16 @@ import typing
 from pathlib import Path
 from typing import Any, NoReturn
 
-from spikeq.experiment.config import MODELS, PRESETS, ConfigError, TrainConfig, from_dict, resolve, settings
+from spikeq.experiment.config import (
+    MODELS,
+    PRESETS,
+    ConfigError,
+    TrainConfig,
+    from_dict,
+    preset_values,
+    resolve,
+    settings,
+)
 
 if typing.TYPE_CHECKING:
     from spikeq.analysis.evaluate import Evaluation
@@ -653,12 +662,12 @@ def _table(args: argparse.Namespace) -> int:
     try:
         if not paths:
             raise ValueError("none of the directories holds a finished run's evaluation.json")
-        rows = results_table(paths)
+        rows = results_table(paths, reference=preset_values)
         print(format_table(rows))
         if args.out:
             print(f"written: {write_table(rows, args.out)}")
         if args.compare:
-            comparison = format_comparison(compare_models(paths, *args.compare))
+            comparison = format_comparison(compare_models(paths, *args.compare, reference=preset_values))
             print(f"\n{comparison}")
             if args.compare_out:
                 args.compare_out.parent.mkdir(parents=True, exist_ok=True)

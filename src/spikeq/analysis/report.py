@@ -18,14 +18,16 @@ games, with bootstrap intervals over the runs (``compare_models``, ``compare_sco
 Runs of one game and model that were trained with different settings (an ablation: T, the reset's
 gradient, a learning rate) are never averaged together: tables and the study's curves give each
 setting a row or a line of its own, labelled with the config fields in which the runs differ
-(``setting_labels``).
+(``setting_labels``). Given each run's preset values (``reference``, from
+``spikeq.experiment.config.preset_values``), a run is labelled only by where it departs from its
+preset, so the preset's own runs keep the plain row (and their place in comparisons) beside an ablation.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,22 +154,45 @@ UNCOMPARED_FIELDS = frozenset(
 )  # fmt: skip
 
 
-def setting_labels(configs: list[dict[str, Any]], ignore: Iterable[str] = ()) -> list[str]:
-    """Name, for each of a group of runs (one game, model and init), the settings in which the group's
-    runs differ: ``"detach_reset=False, num_steps=16"``, or ``""`` where they all agree.
+# A run's preset values: its config -> every field as its preset and model set it, as config.yaml
+# writes them (None where the config names no known preset).
+Reference = Callable[[dict[str, Any]], dict[str, Any] | None]
 
-    Fields in ``UNCOMPARED_FIELDS`` or ``ignore`` are not compared, nor fields missing from a config
-    (written by an earlier version of spikeq); a run without a config (``spikeq evaluate --out``) gets
-    ``""``.
+
+def setting_labels(
+    configs: list[dict[str, Any]], ignore: Iterable[str] = (), reference: Reference | None = None
+) -> list[str]:
+    """Name, for each of a group of runs (one game, model and init), the settings that set it apart:
+    ``"detach_reset=False, num_steps=16"``, or ``""``.
+
+    Without ``reference``, a run is labelled by the fields in which the group's runs differ, each with
+    its value (every run of an ablation and of its baseline gets a label). With it, a run is labelled by
+    the fields in which it departs from its preset (``reference(config)``), whether or not the group
+    holds other runs: the preset's own runs get ``""``, and so does a group of one setting only where it
+    is the preset's. Either way, two runs get the same label only where they agree in every field
+    compared. Fields in ``UNCOMPARED_FIELDS`` or ``ignore`` are not compared, nor fields missing from a
+    config (written by an earlier version of spikeq); a run without a config (``spikeq evaluate --out``)
+    gets ``""``.
 
     :param configs: the runs' ``config.yaml`` contents (``{}`` where there is none)
     :param ignore: further fields to leave out, where a study shows they changed nothing
+    :param reference: a run's preset values (``spikeq.experiment.config.preset_values``)
     """
     known = [config for config in configs if config]
     skipped = UNCOMPARED_FIELDS | set(ignore)
     shared = set.intersection(*(set(config) for config in known)) - skipped if known else set()
     differing = sorted(key for key in shared if len({repr(config[key]) for config in known}) > 1)
-    return [", ".join(f"{key}={config[key]}" for key in differing) if config else "" for config in configs]
+
+    def label(config: dict[str, Any]) -> str:
+        preset = reference(config) if reference is not None and config else None
+        if preset is None:
+            keys = differing
+        else:
+            compared = set(config) & set(preset) - skipped
+            keys = sorted(key for key in compared if repr(config[key]) != repr(preset[key]))
+        return ", ".join(f"{key}={config[key]}" for key in keys) if config else ""
+
+    return [label(config) for config in configs]
 
 
 def _label(run_dir: Path) -> str:
@@ -272,11 +297,12 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def grouped_results(
-    paths: list[Path], ignore: Iterable[str] = ()
+    paths: list[Path], ignore: Iterable[str] = (), reference: Reference | None = None
 ) -> dict[tuple[str, str, str | None, str, int | None, str], list[EvaluationRecord]]:
     """The evaluations read from ``paths``, grouped by (game, model, init, perturbation, step budget,
     setting): the runs (seeds) of one group differ in nothing but their seed and what ``ignore`` and
-    ``UNCOMPARED_FIELDS`` name. ``setting`` is ``setting_labels``'s label, ``""`` where they agree.
+    ``UNCOMPARED_FIELDS`` name. ``setting`` is ``setting_labels``'s label (``ignore`` and
+    ``reference`` passed to it), ``""`` where there is none.
     """
     if not paths:
         raise ValueError("no run directories or evaluation files given")
@@ -288,19 +314,21 @@ def grouped_results(
         groups.setdefault(key, []).append(record)
     settings: dict[tuple[str, str, str | None, str, int | None, str], list[EvaluationRecord]] = {}
     for key, records in groups.items():
-        labels = setting_labels([record.config for record in records], ignore)
+        labels = setting_labels([record.config for record in records], ignore, reference)
         for record, label in zip(records, labels, strict=True):
             settings.setdefault((*key, label), []).append(record)
     return settings
 
 
-def results_table(paths: list[Path], ignore: Iterable[str] = ()) -> list[dict[str, Any]]:
+def results_table(
+    paths: list[Path], ignore: Iterable[str] = (), reference: Reference | None = None
+) -> list[dict[str, Any]]:
     """One row per (game, model, init, setting, perturbation, step budget): the evaluations of its runs
     (seeds) summarised.
 
     Columns: ``game``, ``model``, ``init`` (a spiking model's initialisation, from its config),
-    ``setting`` (the config fields in which runs of this game, model and init differ, ``None`` where
-    they agree: ``setting_labels``, which ``ignore`` is passed to),
+    ``setting`` (the config fields that set these runs apart, ``None`` where none do:
+    ``setting_labels``, which ``ignore`` and ``reference`` are passed to),
     ``perturbation`` (``spikeq evaluate --perturb``), ``num_steps`` (T;
     None for an ANN), ``runs``, ``seeds``, ``train_steps`` (the runs' step budget, from their
     config.yaml; runs of different budgets get rows of their own), ``score`` (mean over runs of each
@@ -311,7 +339,7 @@ def results_table(paths: list[Path], ignore: Iterable[str] = ()) -> list[dict[st
     over runs.
     """
     rows = []
-    groups = grouped_results(paths, ignore)
+    groups = grouped_results(paths, ignore, reference)
     for (game, model, init, perturbation, train_steps, setting), records in groups.items():
         evaluations = [record.evaluation for record in records]
         energies = [evaluation.energy for evaluation in evaluations if evaluation.energy is not None]
@@ -399,6 +427,7 @@ def plot_learning_curves(
     title: str | None = None,
     ignore: Iterable[str] = (),
     training: bool = False,
+    reference: Reference | None = None,
 ) -> Path:
     """One panel per game: each model's evaluation score against agent steps, the mean over its runs
     (seeds) as a line and the range of the runs (min to max) as a band; with ``training``, its training
@@ -406,7 +435,7 @@ def plot_learning_curves(
 
     A step enters a model's mean only when every one of its runs has reached it, so a run still in
     progress does not bend the curve. Runs of one model with different settings get lines of their own
-    (``setting_labels``, which ``ignore`` is passed to).
+    (``setting_labels``, which ``ignore`` and ``reference`` are passed to).
 
     :param run_dirs: run directories (``config.yaml`` + ``eval.csv``, or ``training_curve.csv``, each)
     :param out: the image file to write
@@ -414,6 +443,7 @@ def plot_learning_curves(
     :param title: figure title
     :param ignore: config fields not to tell settings apart by
     :param training: plot the training return rather than the evaluation score
+    :param reference: a run's preset values (``setting_labels``)
     :return: ``out``
     """
     groups: dict[tuple[str, str], list[Path]] = {}  # (game, model label) -> its runs
@@ -426,7 +456,7 @@ def plot_learning_curves(
         groups.setdefault((config["game"], label), []).append(run_dir)
     curves: dict[str, dict[str, list[dict[int, float]]]] = {}
     for (game, label), runs in groups.items():
-        settings = setting_labels([run_config(run_dir) for run_dir in runs], ignore)
+        settings = setting_labels([run_config(run_dir) for run_dir in runs], ignore, reference)
         for run_dir, setting in zip(runs, settings, strict=True):
             steps, means = read_training_curve(run_dir) if training else read_curve(run_dir)[:2]
             line = f"{label}, {setting}" if setting else label
@@ -598,6 +628,7 @@ def compare_models(
     model: str = "dsqn:firing",
     baseline: str = "dqn",
     ignore: Iterable[str] = (),
+    reference: Reference | None = None,
     **options: Any,
 ) -> Comparison:
     """``compare_scores`` for the results in ``paths``: each run's final score (``evaluation.json``),
@@ -608,12 +639,14 @@ def compare_models(
     of both sides and a random policy's score are compared.
 
     :param model, baseline: ``MODEL`` or ``MODEL:INIT`` (``dsqn:firing``, ``dsqn:default``, ``dqn``)
+    :param ignore, reference: as for ``setting_labels``
     :param options: ``compare_scores``'s confidence, resamples and seed
     :raises ValueError: naming the sides the results hold, where no game has runs of both sides and a
         random policy's score; where a side has runs of several step budgets in a game
     """
     sides: dict[str, dict[str, dict[int | None, list[float]]]] = {}
-    for (game, name, init, perturbation, steps, setting), records in grouped_results(paths, ignore).items():
+    groups = grouped_results(paths, ignore, reference)
+    for (game, name, init, perturbation, steps, setting), records in groups.items():
         if perturbation == "none" and not setting:
             scores = [record.evaluation.score_mean for record in records]
             sides.setdefault(_side_name(name, init), {}).setdefault(game, {})[steps] = scores

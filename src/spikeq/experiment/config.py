@@ -6,6 +6,7 @@ in that order; the resolved config is printed at the start of a run and saved as
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -431,6 +432,24 @@ def resolve(preset: str = "paper", model: str = "dsqn", **overrides: Any) -> Tra
         raise ConfigError(f"unknown model {model!r}; allowed: {', '.join(MODELS)}")
     data = {**PRESETS[preset], **MODELS[model], **overrides, "preset": preset, "model": model}
     return from_dict(data).validate()
+
+
+@functools.cache
+def _preset_dict(preset: str, model: str) -> dict[str, Any]:
+    return yaml.safe_load(yaml.safe_dump(resolve(preset, model).to_dict(), sort_keys=False))
+
+
+def preset_values(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Every field as a run's preset and model set it, as its config.yaml would hold them without
+    overrides; None where ``config`` names no preset or model that spikeq has (reports then label runs
+    by how they differ from each other: ``spikeq.analysis.report.setting_labels``).
+
+    :param config: a run's ``config.yaml`` contents
+    """
+    preset, model = config.get("preset"), config.get("model")
+    if preset not in PRESETS or model not in MODELS:
+        return None
+    return dict(_preset_dict(preset, model))
 
 
 def override(config: TrainConfig, **changes: Any) -> TrainConfig:

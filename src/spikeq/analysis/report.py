@@ -169,8 +169,8 @@ def setting_labels(
     its value (every run of an ablation and of its baseline gets a label). With it, a run is labelled by
     the fields in which it departs from its preset (``reference(config)``), whether or not the group
     holds other runs: the preset's own runs get ``""``, and so does a group of one setting only where it
-    is the preset's. Either way, two runs get the same label only where they agree in every field
-    compared. Fields in ``UNCOMPARED_FIELDS`` or ``ignore`` are not compared, nor fields missing from a
+    is the preset's. Where the group's runs are all labelled one way, two runs get the same label only
+    where they agree in every field compared. Fields in ``UNCOMPARED_FIELDS`` or ``ignore`` are not compared, nor fields missing from a
     config (written by an earlier version of spikeq); a run without a config (``spikeq evaluate --out``)
     gets ``""``.
 

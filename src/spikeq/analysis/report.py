@@ -170,9 +170,9 @@ def setting_labels(
     the fields in which it departs from its preset (``reference(config)``), whether or not the group
     holds other runs: the preset's own runs get ``""``, and so does a group of one setting only where it
     is the preset's. Where the group's runs are all labelled one way, two runs get the same label only
-    where they agree in every field compared. Fields in ``UNCOMPARED_FIELDS`` or ``ignore`` are not compared, nor fields missing from a
-    config (written by an earlier version of spikeq); a run without a config (``spikeq evaluate --out``)
-    gets ``""``.
+    where they agree in every field compared. Fields in ``UNCOMPARED_FIELDS`` or ``ignore`` are not
+    compared, nor fields missing from a config (written by an earlier version of spikeq); a run without
+    a config (``spikeq evaluate --out``) gets ``""``.
 
     :param configs: the runs' ``config.yaml`` contents (``{}`` where there is none)
     :param ignore: further fields to leave out, where a study shows they changed nothing

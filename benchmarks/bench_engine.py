@@ -463,11 +463,10 @@ def peak_memory_mb(
 
 
 def profile_table(fn: Callable[[], object], device: torch.device, rows: int) -> str:
-    """(f): torch.profiler's table of one call of ``fn`` (after one call unprofiled), by self time."""
+    """(f): torch.profiler's table of one call of ``fn`` (warmed up by the timed rounds), by self time."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    fn()
     with torch.profiler.profile(activities=activities) as profiler:
         fn()
         synchronize(device)

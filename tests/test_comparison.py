@@ -1,6 +1,7 @@
 """A model's runs against a baseline's: point estimates, bootstrap intervals, the study's own files."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +96,9 @@ def test_the_study_comparison_takes_each_main_runs_final_score():
     for game in comparison.games:
         name = game.game.replace("/", "-")
         for model, scores in (("dsqn", game.model_scores), ("dqn", game.baseline_scores)):
-            files = sorted(STUDY.glob(f"{name}-{model}-s*/evaluation.json"))
+            # The study's own runs are named <game>-<model>-s<seed>; an ablation's name says more.
+            main_run = re.compile(rf"{re.escape(name)}-{model}-s\d+")
+            files = [run / "evaluation.json" for run in runs if main_run.fullmatch(run.name)]
             assert sorted(scores) == sorted(json.loads(f.read_text())["score_mean"] for f in files)
         assert game.chance == chance[game.game]
         assert game.normalised == pytest.approx(

@@ -37,8 +37,10 @@ Measured in one process, contenders interleaved round by round so that a busy ma
 (d) peak memory of one training step: on CPU the growth of the peak resident set (Linux
     ``/proc/self/clear_refs``) over the resident set before the step; on CUDA ``max_memory_allocated``
     over the memory allocated before it;
-(f) with ``--profile``: where one training step's time goes, each contender's operators with the most
-    self time under ``torch.profiler`` (CUDA kernel time on a GPU).
+(f) with ``--profile``: where one training step's time goes: on the CPU each phase's milliseconds (target
+    forward, online forward, backward, optimiser step), split into the convolutions and matrix products
+    and the rest; then each contender's operators with the most self time under ``torch.profiler``
+    (CUDA kernel time on a GPU).
 
 Inputs for (a), (b) and (d) are real Pong frames (random play). With PyTorch's default initialisation
 the DSQN does not fire at all on them; for (a), (b) and (d) every network's weights are multiplied by
@@ -77,6 +79,7 @@ from stable_baselines3.common.env_util import make_atari_env
 from stable_baselines3.common.vec_env import VecFrameStack
 from stable_baselines3.dqn.policies import CnnPolicy, DQNPolicy
 from torch import nn
+from torch.profiler import record_function
 
 from spikeq.snn import engine
 from spikeq.snn.network import SpikingQNetwork
@@ -383,20 +386,24 @@ class Trainer:
     def step(self) -> None:
         """(b): the whole update, the optimiser's step included."""
         self.network_work()
-        self.optimizer.step()
+        with record_function("optimiser step"):
+            self.optimizer.step()
 
     def network_work(self) -> None:
         """(e): the networks' share of the update: the target forward without grad, the online forward
-        and its backward; no optimiser step, so the weights stay as they are."""
+        and its backward; no optimiser step, so the weights stay as they are. Each phase is marked for
+        the profiler (f)."""
         b = self.batch
         self.online.train()  # as SB3's DQN.train sets it (a spiking network then records firing rates)
-        with torch.no_grad():
+        with torch.no_grad(), record_function("target forward"):
             next_q = self.target(b.next_obs).max(dim=1).values
             target_q = b.rewards + (1 - b.dones) * GAMMA * next_q
-        q = torch.gather(self.online(b.obs), dim=1, index=b.actions).squeeze(1)
-        loss = F.smooth_l1_loss(q, target_q)
-        self.optimizer.zero_grad()
-        loss.backward()
+        with record_function("online forward"):
+            q = torch.gather(self.online(b.obs), dim=1, index=b.actions).squeeze(1)
+            loss = F.smooth_l1_loss(q, target_q)
+        with record_function("backward"):
+            self.optimizer.zero_grad()
+            loss.backward()
 
 
 def firing_rates(net: SpikingQNetwork, obs: torch.Tensor) -> list[tuple[str, float]]:
@@ -463,7 +470,8 @@ def peak_memory_mb(
 
 
 def profile_table(fn: Callable[[], object], device: torch.device, rows: int) -> str:
-    """(f): torch.profiler's table of one call of ``fn`` (warmed up by the timed rounds), by self time."""
+    """(f): torch.profiler's table of one call of ``fn`` (warmed up by the timed rounds), by self time;
+    on the CPU preceded by ``phase_summary``."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -471,7 +479,46 @@ def profile_table(fn: Callable[[], object], device: torch.device, rows: int) -> 
         fn()
         synchronize(device)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
+    table = profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
+    return table if device.type == "cuda" else phase_summary(profiler.events()) + "\n" + table
+
+
+# The operators that do a layer's synaptic work, the same in every contender: convolutions and matrix
+# products, forward and backward (their own copies included).
+SYNAPTIC_OPS = frozenset(
+    {"aten::convolution", "aten::convolution_backward", "aten::addmm", "aten::mm", "aten::bmm"}
+)
+PHASES = ("target forward", "online forward", "backward", "optimiser step")
+
+
+def phase_summary(events: list) -> str:
+    """Milliseconds of each of ``Trainer``'s phases, split into the synaptic operators and the rest.
+
+    The rest is everything else the phase ran: the neuron recurrences, the copies and the Python
+    between the kernels. CPU times of one thread of events: on a GPU the kernels run asynchronously
+    and the CPU ranges do not measure them.
+    """
+
+    def enclosing(event: object, names: frozenset | tuple) -> object | None:
+        parent = event.cpu_parent
+        while parent is not None and parent.name not in names:
+            parent = parent.cpu_parent
+        return parent
+
+    total = {name: 0.0 for name in PHASES}
+    synaptic = dict(total)
+    for event in events:
+        if event.name in total:
+            total[event.name] += event.cpu_time_total / 1e3
+        elif event.name in SYNAPTIC_OPS and enclosing(event, SYNAPTIC_OPS) is None:
+            phase = enclosing(event, PHASES)
+            if phase is not None:
+                synaptic[phase.name] += event.cpu_time_total / 1e3
+    rows = [(name, total[name], synaptic[name]) for name in PHASES]
+    rows.append(("all", sum(total.values()), sum(synaptic.values())))
+    lines = ["| phase | ms | convolutions and matrix products | the rest |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {ms:.1f} | {dense:.1f} | {ms - dense:.1f} |" for name, ms, dense in rows]
+    return "\n".join(lines) + "\n"
 
 
 def agent_steps_per_second(

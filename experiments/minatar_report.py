@@ -12,7 +12,9 @@ rate), ``comparison.md`` (the DSQN against the DQN, game by game and over games:
 scores, DQN-normalised score and probability of improvement, with bootstrap intervals;
 ``spikeq.analysis.report.compare_scores``), ``learning_curves.png`` (the evaluation score, one panel
 per game) and ``training_curves.png`` (the training return, SB3's mean over the last 100 episodes,
-from each run's training_curve.csv).
+from each run's training_curve.csv) of the runs trained for their game's longest budget (the main
+study), and ``ablations.png`` (evaluation score and training return of the shorter runs, the ablations,
+beside the main runs over the same steps; ``spikeq.analysis.report.plot_ablations``).
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from spikeq.analysis.report import (
     compare_models,
     format_comparison,
     format_table,
+    plot_ablations,
     plot_learning_curves,
     results_table,
+    split_by_budget,
     write_table,
 )
 from spikeq.envs import games
@@ -73,10 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     write_table(rows, table)
     evaluations = [json.loads(path.read_text()) for path in chance]
     scores = {evaluation["game"]: evaluation["score_mean"] for evaluation in evaluations}
+    main_runs, shorter = split_by_budget(runs)
     figure = plot_learning_curves(
-        runs, args.results / "learning_curves.png", chance=scores, title="MinAtar", **labels
+        main_runs, args.results / "learning_curves.png", chance=scores, title="MinAtar", **labels
     )
     written = [table, figure]
+    if shorter:
+        out = args.results / "ablations.png"
+        written.append(plot_ablations(runs, out, chance=scores, title="MinAtar", **labels))
     comparison = None
     try:
         comparison = format_comparison(compare_models([*runs, *chance], **labels))
@@ -85,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         write_atomic(args.results / "comparison.md", comparison + "\n")
         written.append(args.results / "comparison.md")
-    if trained := [run for run in runs if (run / TRAINING_CURVE).exists()]:
+    if trained := [run for run in main_runs if (run / TRAINING_CURVE).exists()]:
         out = args.results / "training_curves.png"
         curves = plot_learning_curves(trained, out, title="MinAtar", training=True, **labels)
         written.append(curves)

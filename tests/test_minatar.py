@@ -11,12 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import run_spikeq as spikeq
 from gymnasium import spaces
 from minatar import Environment
 from torch import nn
 
-from spikeq.analysis.report import TRAINING_CURVE, read_training_curve, write_training_curve
+from spikeq.analysis.report import (
+    TRAINING_CURVE,
+    plot_ablations,
+    read_training_curve,
+    split_by_budget,
+    write_training_curve,
+)
 from spikeq.analysis.weights import export_weights, load_model
 from spikeq.envs import games, minatar
 from spikeq.experiment.config import OPTIMIZERS, PRESETS, resolve
@@ -225,6 +232,41 @@ def test_the_study_report_regenerates_table_and_curves(minatar_smoke, tmp_path):
     comparison = (results / "comparison.md").read_text().splitlines()
     assert comparison[0].startswith("| game | dsqn runs | dqn runs |")
     assert comparison[2].startswith("| MinAtar/Breakout | 1 | 1 |") and "[" not in comparison[2]
+
+
+def test_the_report_draws_runs_shorter_than_the_study_apart(minatar_smoke, tmp_path):
+    """Runs trained for fewer steps than their game's longest (ablations) leave the main curves for
+    ``ablations.png``, cut at their own budget; a study of one budget has no such figure."""
+    results = tmp_path / "results"
+    for model in ("dsqn", "dqn"):
+        run_dir, _ = minatar_smoke(model)
+        study.collect(study.Run("Breakout", model, 0), run_dir, results)
+    assert report.main(["--results", str(results)]) == 0
+    assert not (results / "ablations.png").exists()
+    main = sorted(path.parent for path in results.glob("*/evaluation.json"))
+    assert split_by_budget(main) == (main, [])
+    with pytest.raises(ValueError, match="no shorter runs"):
+        plot_ablations(main, tmp_path / "none.png")
+
+    # An ablation: the DSQN's run as if it had been trained for half the steps (one evaluation) with the
+    # reset's gradient kept.
+    short = results / "MinAtar-Breakout-dsqn+paper-reset-s0-half"
+    shutil.copytree(results / "MinAtar-Breakout-dsqn-s0", short)
+    config = yaml.safe_load((short / "config.yaml").read_text())
+    half = config["steps"] // 2
+    (short / "config.yaml").write_text(yaml.safe_dump({**config, "detach_reset": False, "steps": half}))
+    header, *rows = (short / "eval.csv").read_text().splitlines()
+    kept = [row for row in rows if int(row.split(",")[0]) <= half]
+    assert 0 < len(kept) < len(rows)
+    (short / "eval.csv").write_text("\n".join([header, *kept]) + "\n")
+    assert split_by_budget([*main, short]) == (main, [short])
+    assert report.main(["--results", str(results)]) == 0
+    assert (results / "ablations.png").read_bytes().startswith(b"\x89PNG")
+    table = (results / "table.md").read_text()
+    assert f"| MinAtar/Breakout | dsqn (detach_reset=False) | firing | none | 4 | 1 | 0 | {half:,} |" in table
+    assert (results / "comparison.md").read_text().splitlines()[2].startswith("| MinAtar/Breakout | 1 | 1 |")
+    with pytest.raises(ValueError, match="naming its game and its steps"):
+        split_by_budget([tmp_path])
 
 
 def test_the_training_curve_keeps_the_latest_logged_values_at_evenly_spaced_steps(minatar_smoke, tmp_path):

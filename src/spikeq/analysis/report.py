@@ -446,6 +446,113 @@ def plot_learning_curves(
     :param reference: a run's preset values (``setting_labels``)
     :return: ``out``
     """
+    curves = _curves(run_dirs, ignore, reference, training)
+    figure, panels = plt.subplots(1, len(curves), figsize=(max(6.0, 4.2 * len(curves)), 3.8), squeeze=False)
+    colours = _colours(curves)
+    for axes, (game, lines) in zip(panels[0], sorted(curves.items()), strict=True):
+        _draw_panel(axes, game, lines, colours, chance, training)
+        axes.legend(fontsize=7)
+    panels[0][0].set_ylabel(_Y_LABELS[training])
+    figure.suptitle(f"{title + ': ' if title else ''}mean over seeds (n runs), band min-max", fontsize=9)
+    return _save(figure, out)
+
+
+def split_by_budget(run_dirs: list[Path]) -> tuple[list[Path], list[Path]]:
+    """The runs trained for their game's longest step budget (config ``steps``), and the others.
+
+    In a study the longest runs are its main comparison and the shorter ones its ablations and trials
+    (``plot_ablations``); a game whose runs all share one budget has no shorter runs.
+
+    :param run_dirs: run directories with a ``config.yaml`` naming the game and the steps
+    :return: (the longest runs, the shorter runs), each in the order given
+    """
+    budgets = {}
+    for run_dir in run_dirs:
+        config = run_config(run_dir)
+        if not isinstance(config.get("steps"), int) or "game" not in config:
+            raise ValueError(f"{run_dir} has no config.yaml naming its game and its steps")
+        budgets[run_dir] = (config["game"], config["steps"])
+    longest: dict[str, int] = {}
+    for game, steps in budgets.values():
+        longest[game] = max(steps, longest.get(game, 0))
+    main = [run for run, (game, steps) in budgets.items() if steps == longest[game]]
+    return main, [run for run in budgets if run not in main]
+
+
+def plot_ablations(
+    run_dirs: list[Path],
+    out: Path,
+    chance: dict[str, float] | None = None,
+    title: str | None = None,
+    ignore: Iterable[str] = (),
+    reference: Reference | None = None,
+) -> Path:
+    """The shorter runs of each game beside its longest ones, over the shorter runs' steps.
+
+    One column per game that has runs shorter than its longest (``split_by_budget``): the evaluation
+    score on top and, where the runs have a ``training_curve.csv``, the training return below, of every
+    run of the game, drawn as ``plot_learning_curves`` draws them up to the longest of the shorter
+    budgets; one legend for the figure, one colour per line in every panel.
+
+    :param run_dirs: run directories (``config.yaml`` + ``eval.csv`` each)
+    :param out: the image file to write
+    :param chance: game -> the random policy's score, drawn as a dashed line
+    :param title: figure title
+    :param ignore: config fields not to tell settings apart by
+    :param reference: a run's preset values (``setting_labels``)
+    :return: ``out``
+    :raises ValueError: where no game has runs shorter than its longest
+    """
+    _, shorter = split_by_budget(run_dirs)
+    if not shorter:
+        raise ValueError("every game's runs share one step budget: there are no shorter runs to plot")
+    horizon: dict[str, int] = {}  # game -> its longest short budget
+    for run_dir in shorter:
+        config = run_config(run_dir)
+        horizon[config["game"]] = max(config["steps"], horizon.get(config["game"], 0))
+    runs = [run for run in run_dirs if run_config(run)["game"] in horizon]
+    rows = [False, True] if all((run / TRAINING_CURVE).exists() for run in runs) else [False]
+    curves = {training: _curves(runs, ignore, reference, training, horizon) for training in rows}
+    colours = _colours(curves[False])
+    games = sorted(horizon)
+    # The last column holds the legend: every panel draws the same lines.
+    figure, panels = plt.subplots(
+        len(rows),
+        len(games) + 1,
+        figsize=(4.6 * len(games) + 3.6, 3.4 * len(rows)),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [4.6] * len(games) + [3.6]},
+    )
+    for row, training in enumerate(rows):
+        for axes, game in zip(panels[row], games, strict=False):
+            _draw_panel(axes, game, curves[training][game], colours, chance, training)
+        panels[row][0].set_ylabel(_Y_LABELS[training])
+        panels[row][-1].axis("off")
+    legend = {}  # label -> line, over every game
+    for axes in panels[0][:-1]:
+        lines, labels = axes.get_legend_handles_labels()
+        legend.update(zip(labels, lines, strict=True))
+    panels[0][-1].legend(legend.values(), legend.keys(), loc="upper left", fontsize=7, frameon=False)
+    figure.suptitle(
+        f"{title + ': ' if title else ''}the runs shorter than their game's longest, beside the longest "
+        "over the same steps\nmean over seeds (n runs), band min-max",
+        fontsize=9,
+    )
+    return _save(figure, out)
+
+
+_Y_LABELS = {False: "evaluation score", True: "training return (last 100 episodes)"}
+
+
+def _curves(
+    run_dirs: list[Path],
+    ignore: Iterable[str],
+    reference: Reference | None,
+    training: bool,
+    horizon: dict[str, int] | None = None,
+) -> dict[str, dict[str, list[dict[int, float]]]]:
+    """game -> line label -> each of its runs' {step: score or training return}, up to the game's
+    ``horizon`` where given."""
     groups: dict[tuple[str, str], list[Path]] = {}  # (game, model label) -> its runs
     for run_dir in run_dirs:
         config = run_config(run_dir)
@@ -457,35 +564,48 @@ def plot_learning_curves(
     curves: dict[str, dict[str, list[dict[int, float]]]] = {}
     for (game, label), runs in groups.items():
         settings = setting_labels([run_config(run_dir) for run_dir in runs], ignore, reference)
+        last = (horizon or {}).get(game)
         for run_dir, setting in zip(runs, settings, strict=True):
-            steps, means = read_training_curve(run_dir) if training else read_curve(run_dir)[:2]
+            steps, values = read_training_curve(run_dir) if training else read_curve(run_dir)[:2]
+            curve = {
+                step: value for step, value in zip(steps, values, strict=True) if last is None or step <= last
+            }
             line = f"{label}, {setting}" if setting else label
-            curves.setdefault(game, {}).setdefault(line, []).append(dict(zip(steps, means, strict=True)))
+            curves.setdefault(game, {}).setdefault(line, []).append(curve)
     if not curves:
         raise ValueError("no run directories given")
-    figure, panels = plt.subplots(1, len(curves), figsize=(max(6.0, 4.2 * len(curves)), 3.8), squeeze=False)
-    # One colour per model in every panel.
-    colours = {
-        model: f"C{i}" for i, model in enumerate(sorted({m for models in curves.values() for m in models}))
+    return curves
+
+
+def _colours(curves: dict[str, dict[str, list[dict[int, float]]]]) -> dict[str, str]:
+    """One colour per line label, the same in every panel."""
+    return {
+        line: f"C{i}" for i, line in enumerate(sorted({line for lines in curves.values() for line in lines}))
     }
-    for axes, (game, models) in zip(panels[0], sorted(curves.items()), strict=True):
-        for model, runs in sorted(models.items()):
-            steps = sorted(set.intersection(*(set(run) for run in runs)))
-            scores = np.array([[run[step] for step in steps] for run in runs])  # [runs, steps]
-            label, colour = f"{model} ({len(runs)})", colours[model]
-            marker = {} if training else {"marker": "o", "markersize": 3}
-            axes.plot(steps, scores.mean(0), color=colour, label=label, **marker)
-            axes.fill_between(steps, scores.min(0), scores.max(0), color=colour, alpha=0.2)
-        if chance and game in chance:
-            axes.axhline(chance[game], color="grey", linestyle="--", linewidth=1, label="random")
-        axes.set_title(game)
-        axes.set_xlabel("agent steps")
-        axes.xaxis.set_major_formatter(lambda steps, _: f"{steps / 1e3:g}k")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=7)
-    panels[0][0].set_ylabel("training return (last 100 episodes)" if training else "evaluation score")
-    figure.suptitle(f"{title + ': ' if title else ''}mean over seeds (n runs), band min-max", fontsize=9)
-    return _save(figure, out)
+
+
+def _draw_panel(
+    axes: plt.Axes,
+    game: str,
+    lines: dict[str, list[dict[int, float]]],
+    colours: dict[str, str],
+    chance: dict[str, float] | None,
+    training: bool,
+) -> None:
+    """A game's lines: the mean over each line's runs at the steps all of them reached, the runs'
+    range as a band, and the random policy's score dashed."""
+    for line, runs in sorted(lines.items()):
+        steps = sorted(set.intersection(*(set(run) for run in runs)))
+        scores = np.array([[run[step] for step in steps] for run in runs])  # [runs, steps]
+        marker = {} if training else {"marker": "o", "markersize": 3}
+        axes.plot(steps, scores.mean(0), color=colours[line], label=f"{line} ({len(runs)})", **marker)
+        axes.fill_between(steps, scores.min(0), scores.max(0), color=colours[line], alpha=0.2)
+    if chance and game in chance:
+        axes.axhline(chance[game], color="grey", linestyle="--", linewidth=1, label="random")
+    axes.set_title(game)
+    axes.set_xlabel("agent steps")
+    axes.xaxis.set_major_formatter(lambda steps, _: f"{steps / 1e3:g}k")
+    axes.grid(alpha=0.3)
 
 
 @dataclass(frozen=True)

@@ -524,7 +524,7 @@ def plot_ablations(
         gridspec_kw={"width_ratios": [4.6] * len(games) + [3.6]},
     )
     for row, training in enumerate(rows):
-        for axes, game in zip(panels[row], games, strict=False):
+        for axes, game in zip(panels[row], games, strict=False):  # the legend's column has no game
             _draw_panel(axes, game, curves[training][game], colours, chance, training)
         panels[row][0].set_ylabel(_Y_LABELS[training])
         panels[row][-1].axis("off")

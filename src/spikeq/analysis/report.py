@@ -466,17 +466,29 @@ def split_by_budget(run_dirs: list[Path]) -> tuple[list[Path], list[Path]]:
     :param run_dirs: run directories with a ``config.yaml`` naming the game and the steps
     :return: (the longest runs, the shorter runs), each in the order given
     """
+    budgets = _budgets(run_dirs)
+    longest = _longest(budgets.values())
+    main = [run for run, (game, steps) in budgets.items() if steps == longest[game]]
+    return main, [run for run in budgets if run not in main]
+
+
+def _budgets(run_dirs: list[Path]) -> dict[Path, tuple[str, int]]:
+    """Each run's game and step budget, from its ``config.yaml``."""
     budgets = {}
     for run_dir in run_dirs:
         config = run_config(run_dir)
         if not isinstance(config.get("steps"), int) or "game" not in config:
             raise ValueError(f"{run_dir} has no config.yaml naming its game and its steps")
         budgets[run_dir] = (config["game"], config["steps"])
+    return budgets
+
+
+def _longest(budgets: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """game -> the longest of the given (game, steps) budgets."""
     longest: dict[str, int] = {}
-    for game, steps in budgets.values():
+    for game, steps in budgets:
         longest[game] = max(steps, longest.get(game, 0))
-    main = [run for run, (game, steps) in budgets.items() if steps == longest[game]]
-    return main, [run for run in budgets if run not in main]
+    return longest
 
 
 def plot_ablations(
@@ -503,14 +515,12 @@ def plot_ablations(
     :return: ``out``
     :raises ValueError: where no game has runs shorter than its longest
     """
+    budgets = _budgets(run_dirs)
     _, shorter = split_by_budget(run_dirs)
     if not shorter:
         raise ValueError("every game's runs share one step budget: there are no shorter runs to plot")
-    horizon: dict[str, int] = {}  # game -> its longest short budget
-    for run_dir in shorter:
-        config = run_config(run_dir)
-        horizon[config["game"]] = max(config["steps"], horizon.get(config["game"], 0))
-    runs = [run for run in run_dirs if run_config(run)["game"] in horizon]
+    horizon = _longest(budgets[run] for run in shorter)  # game -> its longest short budget
+    runs = [run for run in run_dirs if budgets[run][0] in horizon]
     rows = [False, True] if all((run / TRAINING_CURVE).exists() for run in runs) else [False]
     curves = {training: _curves(runs, ignore, reference, training, horizon) for training in rows}
     colours = _colours(curves[False])

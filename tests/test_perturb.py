@@ -11,7 +11,8 @@ from spikeq import cli
 from spikeq.analysis.convert import record_frames
 from spikeq.analysis.evaluate import evaluate_model
 from spikeq.analysis.perturb import Perturbation
-from spikeq.envs import atari
+from spikeq.envs import atari, games
+from spikeq.snn.network import MinAtarCNN
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,39 @@ def test_fgsm_moves_each_pixel_by_eps_against_the_greedy_action(pong, model):
         greedy = q.argmax(dim=1)
         loss = functional.cross_entropy(q, greedy, reduction="none")
         assert (functional.cross_entropy(q_attacked, greedy, reduction="none") > loss).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("model", ["dqn", "dsqn"])
+def test_minatar_grids_are_perturbed_in_units_of_their_range_and_clipped_to_it(model):
+    """MinAtar's Box(0, 1) grids: the range is 1, so EPS and SIGMA are cell values, clipped to [0, 1]."""
+    env = games.make_env("MinAtar/Breakout", seed=0)
+    if model == "dsqn":
+        agent = DQN("SpikingPolicy", env, buffer_size=1, seed=0, policy_kwargs=dict(init="firing"))
+    else:
+        agent = DQN(
+            "MlpPolicy", env, buffer_size=1, seed=0, policy_kwargs=dict(features_extractor_class=MinAtarCNN)
+        )
+    policy = agent.policy
+    frames = [env.reset()[0]]
+    for _ in range(31):
+        frames.append(env.step(np.array([env.action_space.sample()]))[0][0])
+    obs, _ = policy.obs_to_tensor(np.stack(frames))
+    if model == "dsqn":
+        policy.q_net.calibrate_firing(obs)  # PyTorch's initialisation is silent on MinAtar grids
+    attacked = Perturbation("fgsm", 0.25).apply(policy.q_net, obs, policy.observation_space, None)
+    assert 0 <= float(attacked.min()) and float(attacked.max()) <= 1
+    change = attacked - obs.float()
+    assert set(np.unique(change.abs().numpy().round(6))) <= {0.0, 0.25}
+    # A cell moves only into the range: up from 0, down from 1.
+    assert bool((change[obs == 0] >= 0).all()) and bool((change[obs == 1] <= 0).all())
+    # Each cell whose gradient sign points into [0, 1] moves: about half of them.
+    assert float((change != 0).float().mean()) > 0.3
+    noisy = Perturbation("gaussian", 0.3).apply(
+        policy.q_net, obs, policy.observation_space, np.random.default_rng(0)
+    )
+    assert (
+        0 <= float(noisy.min()) and float(noisy.max()) <= 1 and float((noisy - obs.float()).abs().max()) > 0.3
+    )
 
 
 def test_evaluation_under_perturbation(pong):

@@ -276,7 +276,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "--perturb",
         default="none",
         help="perturb the observations of greedy decisions: none, gaussian:SIGMA or fgsm:EPS "
-        "(pixel range [0, 1], e.g. fgsm:0.01)",
+        "in units of the observations' range (the [0, 1] pixel range on Atari, a cell's 0 to 1 on "
+        "MinAtar), e.g. fgsm:0.01",
     )
     p.set_defaults(handler=_evaluate)
 

@@ -4,11 +4,13 @@ The paper claims DSQN is more robust than the ANN DQN; Chen et al. (2022) test s
 with FGSM attacks, Patel et al. (2019) converted ones with occlusion. ``spikeq evaluate --perturb``
 applies one perturbation to every observation a greedy decision is made on:
 
-    gaussian:SIGMA   o' = clip(o + N(0, (SIGMA * R)^2), 0, R)
-    fgsm:EPS         o' = clip(o + EPS * R * sign(d/do CE(softmax Q(o), argmax_a Q(o, a))), 0, R)
+    gaussian:SIGMA   o' = clip(o + N(0, (SIGMA * R)^2), low, high)
+    fgsm:EPS         o' = clip(o + EPS * R * sign(d/do CE(softmax Q(o), argmax_a Q(o, a))), low, high)
 
-with R = 255 for image observations (SIGMA and EPS in units of the [0, 1] pixel range; the perturbed
-frames stay float, not re-quantised) and R = 1 without clipping for vectors. FGSM is the fast gradient
+where the observation space is a Box bounded everywhere: R = high - low, so SIGMA and EPS are in
+units of its range (images: R = 255, SIGMA and EPS in units of the [0, 1] pixel range; MinAtar's
+binary grids: R = 1, clipped to [0, 1]); the perturbed observations stay float, not re-quantised.
+Where a bound is infinite (CartPole's velocities), R = 1 and nothing is clipped. FGSM is the fast gradient
 sign method (Goodfellow et al. 2015) against the network's own greedy action (Huang et al. 2017's
 attack on DQNs); on a spiking network its gradient is the surrogate gradient the network is trained
 with. The attacker's gradient pass is not counted as the agent's energy; the decision on o' is.
@@ -21,12 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from gymnasium import spaces
-from stable_baselines3.common.preprocessing import is_image_space
 from torch import nn
 from torch.nn import functional
 
 PERTURBATIONS = ("none", "gaussian", "fgsm")
-PIXEL_RANGE = 255.0
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class Perturbation:
     """One perturbation of the observations.
 
     :param kind: one of ``PERTURBATIONS``
-    :param strength: SIGMA (gaussian) or EPS (fgsm), in units of the [0, 1] pixel range for images
+    :param strength: SIGMA (gaussian) or EPS (fgsm), in units of the observation space's range where it
+        is bounded (the [0, 1] pixel range for images)
     """
 
     kind: str = "none"
@@ -70,17 +71,17 @@ class Perturbation:
 
         :param q_net: the Q-network deciding (FGSM differentiates through it)
         :param obs: ``[B, *observation_shape]`` as ``policy.obs_to_tensor`` makes them
-        :param space: the observation space (images: uint8 pixels in [0, 255])
+        :param space: the observation space (its bounds give the range and the clip)
         :param rng: draws the Gaussian noise
         :return: float observations of the same shape
         """
         if self.kind == "none" or self.strength == 0:
             return obs
-        image = is_image_space(space, check_channels=False)
-        scale = PIXEL_RANGE if image else 1.0
         x = obs.float()
+        bounds = _bounds(space)
+        scale = 1.0 if bounds is None else bounds[1] - bounds[0]  # per element of an observation
         if self.kind == "gaussian":
-            noise = rng.normal(0.0, self.strength * scale, size=tuple(x.shape))
+            noise = rng.standard_normal(size=tuple(x.shape)) * (self.strength * scale)
             perturbed = x + torch.as_tensor(noise, dtype=x.dtype, device=x.device)
         else:
             x = x.detach().clone().requires_grad_(True)
@@ -88,5 +89,19 @@ class Perturbation:
                 q = q_net(x)
                 loss = functional.cross_entropy(q, q.argmax(dim=1))
                 (gradient,) = torch.autograd.grad(loss, x)
-            perturbed = x.detach() + self.strength * scale * gradient.sign()
-        return perturbed.clamp(0, PIXEL_RANGE) if image else perturbed
+            step = torch.as_tensor(self.strength * scale, dtype=x.dtype, device=x.device)
+            perturbed = x.detach() + step * gradient.sign()
+        if bounds is None:
+            return perturbed
+        low, high = (torch.as_tensor(bound, dtype=x.dtype, device=x.device) for bound in bounds)
+        return torch.clamp(perturbed, low, high)
+
+
+def _bounds(space: spaces.Space) -> tuple[np.ndarray, np.ndarray] | None:
+    """A Box's (low, high) in float64, or None where the space is no Box or a bound is infinite."""
+    if not isinstance(space, spaces.Box):
+        return None
+    low, high = space.low.astype(np.float64), space.high.astype(np.float64)
+    if not (np.isfinite(low).all() and np.isfinite(high).all()):
+        return None
+    return low, high

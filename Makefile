@@ -3,6 +3,7 @@
 #   make test | lint | format | bench | evaluate CKPT=runs/<run>/checkpoints/best.zip
 #   make sweep SWEEP=experiments/sweeps/readouts.yaml [ARGS="--set wandb=offline"]
 #   make minatar-study [ARGS="--games Breakout --seeds 0 --lanes 2"] | minatar-report
+#   make minatar-robustness [ARGS="runs/minatar/MinAtar-Breakout-*-300k"]
 # TORCH is the pip requirement installed before everything else. From PyPI on Linux x86-64 the pin is
 # the CUDA build (several GB); for the CPU-only build, or one for your CUDA driver, name its index:
 #   make clean install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
@@ -23,7 +24,7 @@ ARGS ?=
 
 SWEEP ?= experiments/sweeps/dsqn_num_steps.yaml
 
-.PHONY: install train test lint format bench evaluate sweep minatar-study minatar-report clean
+.PHONY: install train test lint format bench evaluate sweep minatar-study minatar-report minatar-robustness clean
 
 install: $(STAMP)
 
@@ -62,6 +63,9 @@ minatar-study: $(STAMP)
 
 minatar-report: $(STAMP)
 	$(BIN)/python experiments/minatar_report.py $(ARGS)
+
+minatar-robustness: $(STAMP)
+	$(BIN)/python experiments/minatar_robustness.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

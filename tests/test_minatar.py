@@ -44,6 +44,7 @@ def load_script(name: str):
 
 
 study, report = load_script("minatar_study"), load_script("minatar_report")
+robustness = load_script("minatar_robustness")
 
 
 @pytest.mark.parametrize(
@@ -232,6 +233,70 @@ def test_the_study_report_regenerates_table_and_curves(minatar_smoke, tmp_path):
     comparison = (results / "comparison.md").read_text().splitlines()
     assert comparison[0].startswith("| game | dsqn runs | dqn runs |")
     assert comparison[2].startswith("| MinAtar/Breakout | 1 | 1 |") and "[" not in comparison[2]
+
+
+def test_the_robustness_study_replays_the_final_evaluation_under_perturbations(
+    minatar_smoke, tmp_path, capsys
+):
+    """What ``make minatar-robustness`` does, on two real smoke runs: the unperturbed evaluation is the
+    run's own final one again; each perturbation gets a file, a table row and a point of the figure."""
+    runs = []
+    for model in ("dsqn", "dqn"):  # the fixture's run directories are all named "run"
+        runs.append(tmp_path / f"MinAtar-Breakout-{model}-s0")
+        runs[-1].symlink_to(minatar_smoke(model)[0], target_is_directory=True)
+    results = tmp_path / "robustness"
+    episodes = str(PRESETS["smoke"]["final_eval_episodes"])
+    options = [
+        "--episodes",
+        episodes,
+        "--perturb",
+        "none",
+        "fgsm:0.1",
+        "gaussian:0.2",
+        "--results",
+        str(results),
+    ]
+    assert robustness.main([*map(str, runs), *options]) == 0
+    for run_dir in runs:
+        written = results / run_dir.name
+        assert sorted(p.name for p in written.iterdir()) == [
+            "config.yaml", "fgsm-0.1.json", "gaussian-0.2.json", "none.json"
+        ]  # fmt: skip
+        final = json.loads((run_dir / "evaluation.json").read_text())
+        replayed = json.loads((written / "none.json").read_text())
+        assert (
+            replayed["scores"] == final["scores"] and replayed["episode_lengths"] == final["episode_lengths"]
+        )
+        attacked = json.loads((written / "fgsm-0.1.json").read_text())
+        assert attacked["perturbation"] == "fgsm:0.1" and attacked["model"] == final["model"]
+    table = (results / "robustness.md").read_text().splitlines()[2:]
+    assert [(row.split("|")[2].strip(), row.split("|")[4].strip()) for row in table] == [
+        (model, perturbation)
+        for model in ("dqn", "dsqn")
+        for perturbation in ("none", "fgsm:0.1", "gaussian:0.2")
+    ]
+    assert (results / "robustness.png").stat().st_size > 10_000
+    # Run again: every evaluation is kept, none is played again.
+    stamps = {path: path.stat().st_mtime_ns for path in results.glob("*/*.json")}
+    capsys.readouterr()
+    assert robustness.main([*map(str, runs), *options]) == 0
+    assert {path: path.stat().st_mtime_ns for path in results.glob("*/*.json")} == stamps
+    assert ": " not in "".join(
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("MinAtar")
+    )
+    # Refusals name the bad value.
+    with pytest.raises(SystemExit):
+        robustness.main([str(runs[0]), "--perturb", "blur:1", "--results", str(results)])
+    assert "perturbation 'blur:1' is not none, gaussian:SIGMA or fgsm:EPS" in capsys.readouterr().err
+    not_trained = tmp_path / "not-trained"
+    not_trained.mkdir()
+    shutil.copyfile(runs[0] / "config.yaml", not_trained / "config.yaml")
+    assert robustness.main([str(not_trained), "--results", str(results)]) == 2
+    assert "has no best weights" in capsys.readouterr().err
+    (tmp_path / "another").mkdir()
+    (tmp_path / "another" / runs[0].name).symlink_to(runs[1], target_is_directory=True)
+    assert robustness.main([str(tmp_path / "another" / runs[0].name), "--results", str(results)]) == 2
+    assert "holds the evaluations of another run named MinAtar-Breakout-dsqn-s0" in capsys.readouterr().err
 
 
 def test_the_report_draws_runs_shorter_than_the_study_apart(minatar_smoke, tmp_path):

@@ -332,7 +332,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     import json
 
     from spikeq.analysis.energy import load_energy_model
-    from spikeq.analysis.evaluate import evaluate_model
+    from spikeq.analysis.evaluate import evaluate_model, evaluation_record
     from spikeq.analysis.perturb import Perturbation
     from spikeq.analysis.weights import load_model
     from spikeq.envs import games
@@ -385,14 +385,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         perturbation=perturbation,
     )
     env.close()
-    record = {
-        "checkpoint": None if args.checkpoint is None else str(args.checkpoint),
-        "model": trained.get("model"),
-        "train_seed": trained.get("seed"),
-        "train_steps": trained.get("steps"),
-        "init": trained.get("init") if trained.get("model", "dqn") not in ("dqn", "random") else None,
-        **result.to_dict(),
-    }
+    record = evaluation_record(result, args.checkpoint, trained)
     print(format_evaluation(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -128,6 +128,28 @@ class Evaluation:
         return cls(**values, energy=energy)
 
 
+def evaluation_record(
+    result: Evaluation, checkpoint: str | Path | None, trained: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The JSON form of an evaluation of a checkpoint (``spikeq evaluate --out``): what was evaluated,
+    then ``result.to_dict()``.
+
+    :param result: the evaluation
+    :param checkpoint: the file evaluated (``None`` for the random policy)
+    :param trained: the checkpoint's training config (``model``, ``seed``, ``steps``, ``init``; for the
+        random policy ``{"model": "random"}``)
+    """
+    model = trained.get("model")
+    return {
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "model": model,
+        "train_seed": trained.get("seed"),
+        "train_steps": trained.get("steps"),
+        "init": trained.get("init") if (model or "dqn") not in ("dqn", "random") else None,
+        **result.to_dict(),
+    }
+
+
 class _EpisodeVideo:
     """Writes the frames of env 0 to an MP4 file until its first episode ends.
 

@@ -40,6 +40,7 @@ import numpy as np
 import yaml
 
 from spikeq.analysis.evaluate import Evaluation
+from spikeq.analysis.perturb import Perturbation
 from spikeq.files import atomic_path, write_atomic
 
 
@@ -253,7 +254,9 @@ class EvaluationRecord:
 
 def read_result(path: Path) -> EvaluationRecord:
     """One evaluation: a finished run directory (its ``evaluation.json``, with the training seed from
-    its ``config.yaml``) or a JSON file written by ``spikeq evaluate --out``.
+    its ``config.yaml``) or a JSON file written by ``spikeq evaluate --out``, with the training run's
+    ``config.yaml`` where one lies beside it (as the MinAtar robustness study keeps them), so that
+    ablations are told apart as their runs' own evaluations are.
 
     :raises ValueError: for anything else, or a result that does not say its game and model
     """
@@ -277,6 +280,7 @@ def read_result(path: Path) -> EvaluationRecord:
         data = json.loads(path.read_text())
         if not isinstance(data, dict) or "score_mean" not in data:
             raise ValueError(f"{path} is not an evaluation result (spikeq evaluate --out)")
+        config = run_config(path.parent)
     else:
         raise ValueError(f"{path} is neither a run directory nor an evaluation JSON file")
     for key in ("game", "model"):
@@ -546,6 +550,100 @@ def plot_ablations(
     figure.suptitle(
         f"{title + ': ' if title else ''}the runs shorter than their game's longest, beside the longest "
         "over the same steps\nmean over seeds (n runs), band min-max",
+        fontsize=9,
+    )
+    return _save(figure, out)
+
+
+def plot_robustness(
+    paths: list[Path],
+    out: Path,
+    chance: dict[str, float] | None = None,
+    title: str | None = None,
+    ignore: Iterable[str] = (),
+    reference: Reference | None = None,
+) -> Path:
+    """Score against perturbation strength: one row of panels per game, one panel per kind of
+    perturbation (``fgsm``, ``gaussian``), one line per model and setting.
+
+    A line is the mean over its runs (seeds) of each run's mean score at each strength, with the runs'
+    range as a band; the unperturbed evaluations (``none``) are its point at strength 0 in every panel.
+    Strengths are spaced evenly, labelled with their values.
+
+    :param paths: evaluation results with their perturbation (``read_result``: files of
+        ``spikeq evaluate --out``, with their runs' ``config.yaml`` beside them to tell settings apart)
+    :param out: the image file to write
+    :param chance: game -> the random policy's score, drawn as a dashed line
+    :param title: figure title
+    :param ignore: config fields not to tell settings apart by
+    :param reference: a run's preset values (``setting_labels``)
+    :return: ``out``
+    :raises ValueError: where no result is perturbed
+    """
+    # game -> line -> kind -> strength -> each run's mean score
+    scores: dict[str, dict[str, dict[str, dict[float, list[float]]]]] = {}
+    for (game, model, init, perturbation, _, setting), records in grouped_results(
+        paths, ignore, reference
+    ).items():
+        label = model if init is None else f"{model} ({init} init)"
+        line = f"{label}, {setting}" if setting else label
+        perturbed = Perturbation.parse(perturbation)
+        by_kind = scores.setdefault(game, {}).setdefault(line, {})
+        by_kind.setdefault(perturbed.kind, {})[perturbed.strength] = [
+            r.evaluation.score_mean for r in records
+        ]
+    kinds = sorted({kind for lines in scores.values() for line in lines.values() for kind in line} - {"none"})
+    if not kinds:
+        raise ValueError("no perturbed evaluation among the results: nothing to plot against strength")
+    games = sorted(scores)
+    lines = sorted({line for by_line in scores.values() for line in by_line})
+    colours = {line: f"C{i}" for i, line in enumerate(lines)}
+    figure, panels = plt.subplots(
+        len(games),
+        len(kinds) + 1,
+        figsize=(4.6 * len(kinds) + 3.6, 3.4 * len(games)),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [4.6] * len(kinds) + [3.6]},
+    )
+    for row, game in enumerate(games):
+        for axes, kind in zip(panels[row], kinds, strict=False):  # the legend's column has no kind
+            strengths = sorted(
+                {0.0} | {s for by_kind in scores[game].values() for s in by_kind.get(kind, {})}
+            )
+            for line, by_kind in sorted(scores[game].items()):
+                points = {**by_kind.get("none", {}), **by_kind.get(kind, {})}  # none: strength 0
+                xs = [i for i, s in enumerate(strengths) if points.get(s)]
+                if not xs:
+                    continue
+                runs = [points[strengths[i]] for i in xs]
+                means = [float(np.mean(r)) for r in runs]
+                axes.plot(
+                    xs,
+                    means,
+                    marker="o",
+                    markersize=3,
+                    color=colours[line],
+                    label=f"{line} ({max(map(len, runs))})",
+                )
+                axes.fill_between(
+                    xs, [min(r) for r in runs], [max(r) for r in runs], color=colours[line], alpha=0.2
+                )
+            if chance and game in chance:
+                axes.axhline(chance[game], color="grey", linestyle="--", linewidth=1, label="random")
+            axes.set_xticks(range(len(strengths)), [f"{s:g}" for s in strengths])
+            axes.set_title(f"{game}: {kind}")
+            axes.set_xlabel("EPS" if kind == "fgsm" else "SIGMA")
+            axes.grid(alpha=0.3)
+        panels[row][0].set_ylabel("evaluation score")
+        panels[row][-1].axis("off")
+    legend = {}  # label -> line, over every panel
+    for axes in panels[:, :-1].flat:
+        handles, labels = axes.get_legend_handles_labels()
+        legend.update(zip(labels, handles, strict=True))
+    panels[0][-1].legend(legend.values(), legend.keys(), loc="upper left", fontsize=7, frameon=False)
+    figure.suptitle(
+        f"{title + ': ' if title else ''}score under perturbed observations\n"
+        "mean over seeds (n runs), band min-max",
         fontsize=9,
     )
     return _save(figure, out)

@@ -1,0 +1,165 @@
+"""Robustness of the MinAtar study's trained agents: the paper's claim that a DSQN withstands perturbed
+observations better than the DQN, tested on their best weights.
+
+    python experiments/minatar_robustness.py runs/minatar/MinAtar-Breakout-*-300k
+    python experiments/minatar_robustness.py     # no runs: the table and figure from the results only
+
+(``make minatar-robustness ARGS="..."`` runs it.)
+
+Each run directory's best weights (``checkpoints/best.zip``) play the run's final evaluation again (30
+episodes at epsilon 0.05, seeded with the run's seed + 1, so that the unperturbed score is that
+evaluation's) once per perturbation (``spikeq.analysis.perturb``: FGSM against the network's own greedy
+action, Gaussian noise; strengths in cell values of MinAtar's binary grids, clipped to [0, 1]). Each
+evaluation is written to ``<results>/<run>/<perturbation>.json`` in the form of ``spikeq evaluate
+--out``, with the run's ``config.yaml`` beside it; an evaluation already written is kept, so the script
+can be stopped at any moment and run again. Then it writes ``robustness.md`` (one row per game, model,
+setting and perturbation) and ``robustness.png`` (score against strength; ``plot_robustness``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from spikeq.analysis.evaluate import evaluate_model, evaluation_record
+from spikeq.analysis.perturb import Perturbation
+from spikeq.analysis.report import format_table, plot_robustness, results_table, run_config, write_table
+from spikeq.analysis.weights import load_model
+from spikeq.envs import games
+from spikeq.experiment.config import preset_values
+from spikeq.experiment.train import SEED_MODULUS
+from spikeq.files import write_atomic
+
+RESULTS = Path("experiments/results/minatar/robustness")
+RANDOM = Path("experiments/results/minatar/random")
+PERTURBATIONS = ("none", "fgsm:0.01", "fgsm:0.02", "fgsm:0.05", "fgsm:0.1")
+PERTURBATIONS += ("gaussian:0.05", "gaussian:0.1", "gaussian:0.2")
+# As the study's report: this field differs between the study's runs but changed nothing in them.
+SAME_IN_EFFECT = ("bootstrap_time_limit",)
+
+
+def file_name(perturbation: Perturbation) -> str:
+    """``fgsm:0.05`` -> ``fgsm-0.05.json``."""
+    return f"{str(perturbation).replace(':', '-')}.json"
+
+
+def order(perturbation: str) -> tuple[bool, str, float]:
+    """A table's order of perturbations: none first, then each kind by strength."""
+    parsed = Perturbation.parse(perturbation)
+    return parsed.kind != "none", parsed.kind, parsed.strength
+
+
+def evaluate_run(
+    run_dir: Path, perturbations: list[Perturbation], results: Path, episodes: int, epsilon: float
+) -> list[Path]:
+    """Every perturbation's evaluation of ``run_dir``'s best weights not yet written; all of its files.
+
+    :raises ValueError: for a run directory without a config naming its game and seed, without best
+        weights, or whose name ``results`` holds the evaluations of another run under
+    """
+    config = run_config(run_dir)
+    if not {"game", "seed"} <= config.keys():
+        raise ValueError(f"{run_dir} has no config.yaml naming its game and seed: is it a spikeq run?")
+    checkpoint = run_dir / "checkpoints" / "best.zip"
+    if not checkpoint.exists():
+        raise ValueError(f"{run_dir} has no best weights ({checkpoint}): has it reached an evaluation?")
+    out_dir = results / run_dir.name
+    kept = out_dir / "config.yaml"
+    if kept.exists() and kept.read_text() != (run_dir / "config.yaml").read_text():
+        raise ValueError(
+            f"{out_dir} holds the evaluations of another run named {run_dir.name} (its config.yaml "
+            f"differs from {run_dir}'s); evaluate this one into other --results"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / "config.yaml", kept)
+    seed = (config["seed"] + 1) % SEED_MODULUS  # the final evaluation's (spikeq.experiment.train)
+    game, cap = config["game"], config.get("max_episode_steps")
+    model = None
+    for perturbation in perturbations:
+        out = out_dir / file_name(perturbation)
+        if out.exists():
+            continue
+        env = games.make_env(game, n_envs=1, seed=seed, train=False, max_episode_steps=cap)
+        model = model or load_model(checkpoint, env, "cpu")
+        start = time.perf_counter()
+        result = evaluate_model(
+            model,
+            env,
+            n_episodes=episodes,
+            epsilon=epsilon,
+            seed=seed,
+            progress=False,
+            game=games.game_short_name(game),
+            perturbation=perturbation,
+        )
+        env.close()
+        write_atomic(out, json.dumps(evaluation_record(result, checkpoint, config), indent=1))
+        took = time.perf_counter() - start
+        print(f"{run_dir.name} {perturbation}: {result.score_mean:.2f} ({took:.0f} s)", flush=True)
+    return sorted(out_dir.glob("*.json"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "runs", nargs="*", type=Path, help="run directories to evaluate (checkpoints/best.zip)"
+    )
+    parser.add_argument(
+        "--perturb",
+        nargs="+",
+        default=list(PERTURBATIONS),
+        metavar="PERTURBATION",
+        help="none, gaussian:SIGMA or fgsm:EPS, in cell values (default: %(default)s)",
+    )
+    parser.add_argument("--episodes", type=int, default=30, help="episodes per evaluation (paper: 30)")
+    parser.add_argument("--epsilon", type=float, default=0.05, help="random-action probability (paper: 0.05)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the evaluations are written")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.episodes < 1:
+        parser.error(f"--episodes {args.episodes} must be >= 1")
+    try:
+        perturbations = [Perturbation.parse(text) for text in args.perturb]
+    except ValueError as error:
+        parser.error(str(error))
+    for run_dir in args.runs:
+        if not run_dir.is_dir():
+            parser.error(f"run directory {run_dir} does not exist")
+    torch.set_num_threads(args.torch_threads)
+    for number, run_dir in enumerate(args.runs, start=1):
+        print(f"[{number}/{len(args.runs)}] {run_dir}", flush=True)
+        try:
+            evaluate_run(run_dir, perturbations, args.results, args.episodes, args.epsilon)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    files = sorted(args.results.glob("*/*.json"))
+    if not files:
+        print(f"no evaluations under {args.results}: give run directories to evaluate", file=sys.stderr)
+        return 1
+    labels = dict(ignore=SAME_IN_EFFECT, reference=preset_values)
+    rows = results_table(files, **labels)
+    rows.sort(key=lambda row: (row["game"], row["model"], row["setting"] or "", order(row["perturbation"])))
+    table = write_table(rows, args.results / "robustness.md")
+    chance = {}
+    for path in RANDOM.glob("*.json"):
+        evaluation = json.loads(path.read_text())
+        chance[evaluation["game"]] = evaluation["score_mean"]
+    written = [table]
+    try:
+        written.append(plot_robustness(files, args.results / "robustness.png", chance, "MinAtar", **labels))
+    except ValueError as error:  # only unperturbed evaluations so far
+        print(f"no figure: {error}", file=sys.stderr)
+    print(format_table(rows))
+    print(f"written: {', '.join(map(str, written))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

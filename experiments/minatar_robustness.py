@@ -1,12 +1,13 @@
 """Robustness of the MinAtar study's trained agents: the paper's claim that a DSQN withstands perturbed
 observations better than the DQN, tested on their best weights.
 
-    python experiments/minatar_robustness.py runs/minatar/MinAtar-Breakout-*-300k
+    python experiments/minatar_robustness.py experiments/results/minatar/MinAtar-Breakout-*-300k
     python experiments/minatar_robustness.py     # no runs: the table and figure from the results only
 
 (``make minatar-robustness ARGS="..."`` runs it.)
 
-Each run directory's best weights (``checkpoints/best.zip``) play the run's final evaluation again (30
+Each run's best weights (``best.safetensors``: in a study's result folder, or a run directory's
+``checkpoints/``, as the run's final evaluation loaded them) play that evaluation again (30
 episodes at epsilon 0.05, seeded with the run's seed + 1, so that the unperturbed score is that
 evaluation's) once per perturbation (``spikeq.analysis.perturb``: FGSM against the network's own greedy
 action, Gaussian noise; strengths in cell values of MinAtar's binary grids, clipped to [0, 1]). Each
@@ -66,9 +67,12 @@ def evaluate_run(
     config = run_config(run_dir)
     if not {"game", "seed"} <= config.keys():
         raise ValueError(f"{run_dir} has no config.yaml naming its game and seed: is it a spikeq run?")
-    checkpoint = run_dir / "checkpoints" / "best.zip"
-    if not checkpoint.exists():
-        raise ValueError(f"{run_dir} has no best weights ({checkpoint}): has it reached an evaluation?")
+    # A study's result folder holds the weights-only files; a run directory has them in checkpoints/.
+    candidates = [run_dir / "best.safetensors", run_dir / "checkpoints" / "best.safetensors"]
+    checkpoint = next((path for path in candidates if path.exists()), None)
+    if checkpoint is None:
+        tried = " or ".join(map(str, candidates))
+        raise ValueError(f"{run_dir} has no best weights ({tried}): has it reached an evaluation?")
     out_dir = results / run_dir.name
     kept = out_dir / "config.yaml"
     if kept.exists() and kept.read_text() != (run_dir / "config.yaml").read_text():
@@ -108,7 +112,10 @@ def evaluate_run(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "runs", nargs="*", type=Path, help="run directories to evaluate (checkpoints/best.zip)"
+        "runs",
+        nargs="*",
+        type=Path,
+        help="result folders or run directories to evaluate (their best.safetensors)",
     )
     parser.add_argument(
         "--perturb",

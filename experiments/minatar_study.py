@@ -2,9 +2,10 @@
 
 Each run is ``spikeq train --game MinAtar/<Game> --model <model> --preset minatar --seed <s> --steps N``
 in ``<runs-dir>/<name>`` with one torch thread. When a run finishes, its small result files
-(config.yaml, eval.csv, evaluation.json, eval.png) are copied to ``<results>/<name>/`` with
-training_curve.csv (its train.csv at 100 evenly spaced steps: training return, firing rates);
-checkpoints, train.csv and W&B files stay in the run directory. Started again, the study skips runs
+(config.yaml, eval.csv, evaluation.json, eval.png) and its best weights as weights-only files
+(best.safetensors, best.json) are copied to ``<results>/<name>/`` with training_curve.csv (its
+train.csv at 100 evenly spaced steps: training return, firing rates); the other checkpoints, train.csv
+and W&B files stay in the run directory. Started again, the study skips runs
 whose results exist, resumes runs cut short (from their latest checkpoint) and starts the rest, so it
 can be stopped at any moment.
 
@@ -38,6 +39,9 @@ from spikeq.experiment.train import RUN_LOCK
 from spikeq.files import is_locked
 
 RESULT_FILES = ("config.yaml", "eval.csv", "evaluation.json", "eval.png")
+# The best weights as weights-only files (half a megabyte), so that a clone can evaluate the trained
+# agents again (``minatar_robustness.py``, ``spikeq evaluate``, ``spikeq convert``) without the runs.
+WEIGHT_FILES = ("best.safetensors", "best.json")
 STUDY_STEPS = 1_000_000
 SPIKEQ = [sys.executable, "-m", "spikeq.cli"]
 
@@ -96,6 +100,9 @@ def collect(run: Run, run_dir: Path, results: Path) -> bool:
     for name in RESULT_FILES:
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, target / name)
+    for name in WEIGHT_FILES:
+        if (run_dir / "checkpoints" / name).exists():
+            shutil.copy2(run_dir / "checkpoints" / name, target / name)
     if (run_dir / "train.csv").exists():
         write_training_curve(run_dir, target / TRAINING_CURVE)
     return True

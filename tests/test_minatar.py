@@ -218,7 +218,7 @@ def test_the_study_report_regenerates_table_and_curves(minatar_smoke, tmp_path):
         run_dir, _ = minatar_smoke(model)
         study.collect(study.Run("Breakout", model, 0), run_dir, results)
     assert sorted(p.name for p in (results / "MinAtar-Breakout-dsqn-s0").iterdir()) == sorted(
-        [*study.RESULT_FILES, study.TRAINING_CURVE]
+        [*study.RESULT_FILES, *study.WEIGHT_FILES, study.TRAINING_CURVE]
     )
     assert report.main(["--results", str(results)]) == 0
     table = (results / "table.md").read_text()
@@ -240,10 +240,11 @@ def test_the_robustness_study_replays_the_final_evaluation_under_perturbations(
 ):
     """What ``make minatar-robustness`` does, on two real smoke runs: the unperturbed evaluation is the
     run's own final one again; each perturbation gets a file, a table row and a point of the figure."""
-    runs = []
-    for model in ("dsqn", "dqn"):  # the fixture's run directories are all named "run"
-        runs.append(tmp_path / f"MinAtar-Breakout-{model}-s0")
-        runs[-1].symlink_to(minatar_smoke(model)[0], target_is_directory=True)
+    # The DSQN from the study's result folder (its weights-only files), the DQN from its run directory
+    # (checkpoints/), named as the study names it: the fixture's run directories are all named "run".
+    study.collect(study.Run("Breakout", "dsqn", 0), minatar_smoke("dsqn")[0], tmp_path / "study")
+    runs = [tmp_path / "study" / "MinAtar-Breakout-dsqn-s0", tmp_path / "MinAtar-Breakout-dqn-s0"]
+    runs[1].symlink_to(minatar_smoke("dqn")[0], target_is_directory=True)
     results = tmp_path / "robustness"
     episodes = str(PRESETS["smoke"]["final_eval_episodes"])
     options = [
@@ -264,6 +265,9 @@ def test_the_robustness_study_replays_the_final_evaluation_under_perturbations(
         ]  # fmt: skip
         final = json.loads((run_dir / "evaluation.json").read_text())
         replayed = json.loads((written / "none.json").read_text())
+        assert Path(replayed["checkpoint"]).parent.name == (
+            "checkpoints" if run_dir == runs[1] else run_dir.name
+        )
         assert (
             replayed["scores"] == final["scores"] and replayed["episode_lengths"] == final["episode_lengths"]
         )

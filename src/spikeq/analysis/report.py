@@ -529,24 +529,12 @@ def plot_ablations(
     curves = {training: _curves(runs, ignore, reference, training, horizon) for training in rows}
     colours = _colours(curves[False])
     games = sorted(horizon)
-    # The last column holds the legend: every panel draws the same lines.
-    figure, panels = plt.subplots(
-        len(rows),
-        len(games) + 1,
-        figsize=(4.6 * len(games) + 3.6, 3.4 * len(rows)),
-        squeeze=False,
-        gridspec_kw={"width_ratios": [4.6] * len(games) + [3.6]},
-    )
+    figure, panels = _panels_and_legend_column(len(rows), len(games))
     for row, training in enumerate(rows):
         for axes, game in zip(panels[row], games, strict=False):  # the legend's column has no game
             _draw_panel(axes, game, curves[training][game], colours, chance, training)
         panels[row][0].set_ylabel(_Y_LABELS[training])
-        panels[row][-1].axis("off")
-    legend = {}  # label -> line, over every game
-    for axes in panels[0][:-1]:
-        lines, labels = axes.get_legend_handles_labels()
-        legend.update(zip(labels, lines, strict=True))
-    panels[0][-1].legend(legend.values(), legend.keys(), loc="upper left", fontsize=7, frameon=False)
+    _legend_in_last_column(panels)
     figure.suptitle(
         f"{title + ': ' if title else ''}the runs shorter than their game's longest, beside the longest "
         "over the same steps\nmean over seeds (n runs), band min-max",
@@ -598,13 +586,7 @@ def plot_robustness(
     games = sorted(scores)
     lines = sorted({line for by_line in scores.values() for line in by_line})
     colours = {line: f"C{i}" for i, line in enumerate(lines)}
-    figure, panels = plt.subplots(
-        len(games),
-        len(kinds) + 1,
-        figsize=(4.6 * len(kinds) + 3.6, 3.4 * len(games)),
-        squeeze=False,
-        gridspec_kw={"width_ratios": [4.6] * len(kinds) + [3.6]},
-    )
+    figure, panels = _panels_and_legend_column(len(games), len(kinds))
     for row, game in enumerate(games):
         for axes, kind in zip(panels[row], kinds, strict=False):  # the legend's column has no kind
             strengths = sorted(
@@ -635,18 +617,36 @@ def plot_robustness(
             axes.set_xlabel("EPS" if kind == "fgsm" else "SIGMA")
             axes.grid(alpha=0.3)
         panels[row][0].set_ylabel("evaluation score")
-        panels[row][-1].axis("off")
-    legend = {}  # label -> line, over every panel
-    for axes in panels[:, :-1].flat:
-        handles, labels = axes.get_legend_handles_labels()
-        legend.update(zip(labels, handles, strict=True))
-    panels[0][-1].legend(legend.values(), legend.keys(), loc="upper left", fontsize=7, frameon=False)
+    _legend_in_last_column(panels)
     figure.suptitle(
         f"{title + ': ' if title else ''}score under perturbed observations\n"
         "mean over seeds (n runs), band min-max",
         fontsize=9,
     )
     return _save(figure, out)
+
+
+def _panels_and_legend_column(rows: int, columns: int) -> tuple[plt.Figure, np.ndarray]:
+    """A grid of ``rows`` x ``columns`` panels and one more column, narrower, for the legend."""
+    return plt.subplots(
+        rows,
+        columns + 1,
+        figsize=(4.6 * columns + 3.6, 3.4 * rows),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [4.6] * columns + [3.6]},
+    )
+
+
+def _legend_in_last_column(panels: np.ndarray) -> None:
+    """One legend of every line drawn in the panels (each label once), in the last column's top panel;
+    the last column shows nothing else."""
+    legend = {}  # label -> line
+    for axes in panels[:, :-1].flat:
+        lines, labels = axes.get_legend_handles_labels()
+        legend.update(zip(labels, lines, strict=True))
+    for axes in panels[:, -1]:
+        axes.axis("off")
+    panels[0][-1].legend(legend.values(), legend.keys(), loc="upper left", fontsize=7, frameon=False)
 
 
 _Y_LABELS = {False: "evaluation score", True: "training return (last 100 episodes)"}

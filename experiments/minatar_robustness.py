@@ -14,7 +14,9 @@ action, Gaussian noise; strengths in cell values of MinAtar's binary grids, clip
 evaluation is written to ``<results>/<run>/<perturbation>.json`` in the form of ``spikeq evaluate
 --out``, with the run's ``config.yaml`` beside it; an evaluation already written is kept, so the script
 can be stopped at any moment and run again. Then it writes ``robustness.md`` (one row per game, model,
-setting and perturbation) and ``robustness.png`` (score against strength; ``plot_robustness``).
+setting and perturbation, with the energy of the perturbed decisions), ``robustness-summary.md`` (one
+row per game, model and setting: the mean score under each perturbation and the fraction of the
+unperturbed score it keeps) and ``robustness.png`` (score against strength; ``plot_robustness``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 
 from spikeq.analysis.evaluate import evaluate_model, evaluation_record
 from spikeq.analysis.perturb import Perturbation
-from spikeq.analysis.report import format_table, plot_robustness, results_table, run_config, write_table
+from spikeq.analysis.report import plot_robustness, results_table, run_config, write_table
 from spikeq.analysis.weights import load_model
 from spikeq.envs import games
 from spikeq.experiment.config import preset_values
@@ -54,6 +56,28 @@ def order(perturbation: str) -> tuple[bool, str, float]:
     """A table's order of perturbations: none first, then each kind by strength."""
     parsed = Perturbation.parse(perturbation)
     return parsed.kind != "none", parsed.kind, parsed.strength
+
+
+def summary(rows: list[dict]) -> str:
+    """``results_table``'s rows as one Markdown row per game, model and setting: the mean score over its
+    runs under each perturbation, with the fraction of the unperturbed score it keeps."""
+    groups: dict[tuple[str, str], dict[str, dict]] = {}
+    for row in rows:
+        model = f"{row['model']} ({row['setting']})" if row["setting"] else row["model"]
+        groups.setdefault((row["game"], model), {})[row["perturbation"]] = row
+    perturbations = sorted({name for by_name in groups.values() for name in by_name}, key=order)
+    lines = ["| game | model | runs | " + " | ".join(perturbations) + " |"]
+    lines.append("|---|---|---:|" + "---:|" * len(perturbations))
+    for (game, model), by_name in groups.items():
+        plain = by_name.get("none", {}).get("score")
+        cells = []
+        for name in perturbations:
+            score = by_name[name]["score"] if name in by_name else None
+            kept = f" ({score / plain:.2f})" if score is not None and plain and name != "none" else ""
+            cells.append("" if score is None else f"{score:.2f}{kept}")
+        runs = max(row["runs"] for row in by_name.values())
+        lines.append(f"| {game} | {model} | {runs} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def evaluate_run(
@@ -154,16 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = results_table(files, **labels)
     rows.sort(key=lambda row: (row["game"], row["model"], row["setting"] or "", order(row["perturbation"])))
     table = write_table(rows, args.results / "robustness.md")
+    short = args.results / "robustness-summary.md"
+    write_atomic(short, summary(rows) + "\n")
     chance = {}
     for path in RANDOM.glob("*.json"):
         evaluation = json.loads(path.read_text())
         chance[evaluation["game"]] = evaluation["score_mean"]
-    written = [table]
+    written = [table, short]
     try:
         written.append(plot_robustness(files, args.results / "robustness.png", chance, "MinAtar", **labels))
     except ValueError as error:  # only unperturbed evaluations so far
         print(f"no figure: {error}", file=sys.stderr)
-    print(format_table(rows))
+    print(summary(rows))
     print(f"written: {', '.join(map(str, written))}")
     return 0
 

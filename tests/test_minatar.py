@@ -280,6 +280,9 @@ def test_the_robustness_study_replays_the_final_evaluation_under_perturbations(
         for perturbation in ("none", "fgsm:0.1", "gaussian:0.2")
     ]
     assert (results / "robustness.png").stat().st_size > 10_000
+    header, _, *models = (results / "robustness-summary.md").read_text().splitlines()
+    assert header == "| game | model | runs | none | fgsm:0.1 | gaussian:0.2 |"
+    assert [row.split("|")[2].strip() for row in models] == ["dqn", "dsqn"]
     # Run again: every evaluation is kept, none is played again.
     stamps = {path: path.stat().st_mtime_ns for path in results.glob("*/*.json")}
     capsys.readouterr()

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         written.append(plot_ablations(runs, out, chance=scores, title="MinAtar", **labels))
     comparison = None
     try:
-        comparison = format_comparison(compare_models([*runs, *chance], **labels))
+        # The study proper: a game's runs of its longest budget (shorter runs of a model are trials).
+        comparison = format_comparison(compare_models([*main_runs, *chance], **labels))
     except ValueError as error:  # no game has finished runs of both models yet
         print(f"no comparison: {error}", file=sys.stderr)
     else:

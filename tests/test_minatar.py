@@ -331,7 +331,13 @@ def test_the_report_draws_runs_shorter_than_the_study_apart(minatar_smoke, tmp_p
     kept = [row for row in rows if int(row.split(",")[0]) <= half]
     assert 0 < len(kept) < len(rows)
     (short / "eval.csv").write_text("\n".join([header, *kept]) + "\n")
-    assert split_by_budget([*main, short]) == (main, [short])
+    # A shorter run of a main model with nothing else changed: a trial, not a side of the comparison.
+    trial = results / "MinAtar-Breakout-dqn-s0-half"
+    shutil.copytree(results / "MinAtar-Breakout-dqn-s0", trial)
+    config = yaml.safe_load((trial / "config.yaml").read_text())
+    (trial / "config.yaml").write_text(yaml.safe_dump({**config, "steps": half}))
+    assert split_by_budget([*main, short, trial]) == (main, [short, trial])
+    (results / "comparison.md").unlink()
     assert report.main(["--results", str(results)]) == 0
     assert (results / "ablations.png").read_bytes().startswith(b"\x89PNG")
     table = (results / "table.md").read_text()

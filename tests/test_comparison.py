@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spikeq.analysis.report import compare_models, compare_scores, format_comparison
+from spikeq.analysis.report import compare_models, compare_scores, format_comparison, split_by_budget
 from spikeq.experiment.config import preset_values
 
 STUDY = Path(__file__).resolve().parents[1] / "experiments" / "results" / "minatar"
@@ -84,30 +84,34 @@ def test_the_study_comparison_takes_each_main_runs_final_score():
     """On the committed MinAtar results, labelled against their presets as ``make minatar-report`` does:
     every 1M-step DSQN (firing init) and DQN run of a game, by its evaluation.json, and none of the
     ablations (the 200k-step DSQN with PyTorch's initialisation, the 300k-step runs with the paper's
-    reset gradient or IF neurons)."""
+    reset gradient or IF neurons) nor the shorter runs of the main models (300k steps)."""
     runs = sorted(path.parent for path in STUDY.glob("*/evaluation.json"))
+    main, shorter = split_by_budget(runs)
+    assert {run.name for run in shorter} >= {"MinAtar-Breakout-dqn-s0-300k", "MinAtar-Breakout-dsqn-s0-300k"}
     random = sorted((STUDY / "random").glob("*.json"))
     chance = {
         json.loads(path.read_text())["game"]: json.loads(path.read_text())["score_mean"] for path in random
     }
     ignore = ("bootstrap_time_limit",)
-    comparison = compare_models([*runs, *random], ignore=ignore, reference=preset_values)
+    comparison = compare_models([*main, *random], ignore=ignore, reference=preset_values)
     assert comparison.games, "the study has games with runs of both models"
     for game in comparison.games:
         name = game.game.replace("/", "-")
         for model, scores in (("dsqn", game.model_scores), ("dqn", game.baseline_scores)):
             # The study's own runs are named <game>-<model>-s<seed>; an ablation's name says more.
             main_run = re.compile(rf"{re.escape(name)}-{model}-s\d+")
-            files = [run / "evaluation.json" for run in runs if main_run.fullmatch(run.name)]
+            files = [run / "evaluation.json" for run in main if main_run.fullmatch(run.name)]
             assert sorted(scores) == sorted(json.loads(f.read_text())["score_mean"] for f in files)
         assert game.chance == chance[game.game]
         assert game.normalised == pytest.approx(
             (np.mean(game.model_scores) - game.chance) / (np.mean(game.baseline_scores) - game.chance)
         )
-    # Without the presets, the paper-reset runs (alike among themselves, alone at 300k steps) have no
-    # label to set them apart, and would be pooled with the main DSQN's: refused, not averaged.
-    with pytest.raises(ValueError, match=r"MinAtar/Breakout: dsqn:firing has runs of several step budgets"):
-        compare_models([*runs, *random], ignore=ignore)
+    # Every run at once: the 300k-step DQNs and DSQNs of the robustness test would be pooled with the
+    # main runs of their model (without the presets, the 300k-step DSQNs take a label from the
+    # paper-reset runs of their budget, and the DQNs' are the ones pooled): refused, not averaged.
+    for reference, side in ((preset_values, "dsqn:firing"), (None, "dqn")):
+        with pytest.raises(ValueError, match=rf"MinAtar/Breakout: {side} has runs of several step budgets"):
+            compare_models([*runs, *random], ignore=ignore, reference=reference)
     # Without the random policy's evaluations there is no chance level; the error names what there is
     # (the study's sides, and those of whatever ablations have been added to it since).
     with pytest.raises(ValueError, match=r"no game has runs of both dsqn:firing and dqn") as error:

@@ -3,6 +3,7 @@ observations better than the DQN, tested on their best weights.
 
     python experiments/minatar_robustness.py experiments/results/minatar/MinAtar-Breakout-*-300k
     python experiments/minatar_robustness.py     # no runs: the table and figure from the results only
+    python experiments/minatar_robustness.py RUN ... --attacker ATTACKER_RUN   # transferred FGSM
 
 (``make minatar-robustness ARGS="..."`` runs it.)
 
@@ -17,11 +18,18 @@ can be stopped at any moment and run again. Then it writes ``robustness.md`` (on
 setting and perturbation, with the energy of the perturbed decisions), ``robustness-summary.md`` (one
 row per game, model and setting: the mean score under each perturbation and the fraction of the
 unperturbed score it keeps) and ``robustness.png`` (score against strength; ``plot_robustness``).
+
+With ``--attacker``, the FGSM steps are crafted on another run's best weights, not on the network
+attacked: a transferred (black-box) attack, ``fgsm:EPS@MODEL`` in the tables (MODEL: the attacker's),
+``fgsm-EPS@MODEL.json`` in the files, with the attacker's checkpoint recorded in each. It needs no
+gradient of the network attacked, so it tells whether a spiking network withstands the attack or only
+its surrogate gradient leads the attack astray. The attacker is not attacked with its own weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -43,6 +51,7 @@ RESULTS = Path("experiments/results/minatar/robustness")
 RANDOM = Path("experiments/results/minatar/random")
 PERTURBATIONS = ("none", "fgsm:0.01", "fgsm:0.02", "fgsm:0.05", "fgsm:0.1")
 PERTURBATIONS += ("gaussian:0.05", "gaussian:0.1", "gaussian:0.2")
+TRANSFERRED = tuple(p for p in PERTURBATIONS if p.startswith("fgsm"))  # --attacker's default
 # As the study's report: this field differs between the study's runs but changed nothing in them.
 SAME_IN_EFFECT = ("bootstrap_time_limit",)
 
@@ -53,14 +62,58 @@ def file_name(perturbation: Perturbation) -> str:
 
 
 def order(perturbation: str) -> tuple[bool, str, float]:
-    """A table's order of perturbations: none first, then each kind by strength."""
+    """A table's order of perturbations: none first, then each kind (and attacker) by strength."""
     parsed = Perturbation.parse(perturbation)
-    return parsed.kind != "none", parsed.kind, parsed.strength
+    return parsed.kind != "none", parsed.family, parsed.strength
 
 
-def summary(rows: list[dict]) -> str:
-    """``results_table``'s rows as one Markdown row per game, model and setting: the mean score over its
-    runs under each perturbation, with the fraction of the unperturbed score it keeps."""
+def row_order(row: dict) -> tuple:
+    """A table's order of ``results_table``'s rows: by game, model, setting, then perturbation."""
+    return row["game"], row["model"], row["setting"] or "", order(row["perturbation"])
+
+
+def best_weights(run_dir: Path) -> Path:
+    """A run's best weights: in a study's result folder, or a run directory's ``checkpoints/``.
+
+    :raises ValueError: where it has none
+    """
+    candidates = [run_dir / "best.safetensors", run_dir / "checkpoints" / "best.safetensors"]
+    checkpoint = next((path for path in candidates if path.exists()), None)
+    if checkpoint is None:
+        tried = " or ".join(map(str, candidates))
+        raise ValueError(f"{run_dir} has no best weights ({tried}): has it reached an evaluation?")
+    return checkpoint
+
+
+def summary(files: list[Path], labels: dict) -> str:
+    """The evaluations in ``files`` (``<run>/<perturbation>.json``) as one Markdown row per game, model
+    and setting: the mean score over its runs under each perturbation, with the fraction of the
+    unperturbed score it keeps. One table for the noise and the attacks crafted on each network's own
+    gradient; then one per attacker of transferred attacks, over the runs it attacked (its unperturbed
+    column theirs).
+
+    :param labels: ``results_table``'s ``ignore`` and ``reference``
+    """
+
+    def attacker_of(path: Path) -> str:  # "": the network's own gradient, or no attack
+        return Perturbation.parse(json.loads(path.read_text())["perturbation"]).attacker or ""
+
+    attackers = {path: attacker_of(path) for path in files}
+    tables = []
+    for attacker in sorted(set(attackers.values())):  # "" first
+        attacked = {path.parent for path in files if attackers[path] == attacker}
+        mine = [
+            path
+            for path in files
+            if path.parent in attacked and (attackers[path] == attacker or path.name == "none.json")
+        ]
+        heading = f"FGSM crafted on {attacker}'s network (transferred)\n\n" if attacker else ""
+        tables.append(heading + _summary_table(sorted(results_table(mine, **labels), key=row_order)))
+    return "\n\n".join(tables)
+
+
+def _summary_table(rows: list[dict]) -> str:
+    """One Markdown table of ``summary``."""
     groups: dict[tuple[str, str], dict[str, dict]] = {}
     for row in rows:
         model = f"{row['model']} ({row['setting']})" if row["setting"] else row["model"]
@@ -81,22 +134,24 @@ def summary(rows: list[dict]) -> str:
 
 
 def evaluate_run(
-    run_dir: Path, perturbations: list[Perturbation], results: Path, episodes: int, epsilon: float
+    run_dir: Path,
+    perturbations: list[Perturbation],
+    results: Path,
+    episodes: int,
+    epsilon: float,
+    attacker: Path | None = None,
 ) -> list[Path]:
     """Every perturbation's evaluation of ``run_dir``'s best weights not yet written; all of its files.
 
+    :param attacker: the best weights transferred attacks (``fgsm:EPS@NAME``) are crafted on
     :raises ValueError: for a run directory without a config naming its game and seed, without best
-        weights, or whose name ``results`` holds the evaluations of another run under
+        weights, whose name ``results`` holds the evaluations of another run under, or one of whose
+        transferred attacks ``results`` holds crafted on another attacker
     """
     config = run_config(run_dir)
     if not {"game", "seed"} <= config.keys():
         raise ValueError(f"{run_dir} has no config.yaml naming its game and seed: is it a spikeq run?")
-    # A study's result folder holds the weights-only files; a run directory has them in checkpoints/.
-    candidates = [run_dir / "best.safetensors", run_dir / "checkpoints" / "best.safetensors"]
-    checkpoint = next((path for path in candidates if path.exists()), None)
-    if checkpoint is None:
-        tried = " or ".join(map(str, candidates))
-        raise ValueError(f"{run_dir} has no best weights ({tried}): has it reached an evaluation?")
+    checkpoint = best_weights(run_dir)
     out_dir = results / run_dir.name
     kept = out_dir / "config.yaml"
     if kept.exists() and kept.read_text() != (run_dir / "config.yaml").read_text():
@@ -108,13 +163,21 @@ def evaluate_run(
     shutil.copyfile(run_dir / "config.yaml", kept)
     seed = (config["seed"] + 1) % SEED_MODULUS  # the final evaluation's (spikeq.experiment.train)
     game, cap = config["game"], config.get("max_episode_steps")
-    model = None
+    model = attacking = None
     for perturbation in perturbations:
         out = out_dir / file_name(perturbation)
         if out.exists():
+            crafted_on = json.loads(out.read_text()).get("attacker_checkpoint")
+            if crafted_on != (None if attacker is None else str(attacker)):
+                raise ValueError(
+                    f"{out} holds an attack crafted on {crafted_on}, not on {attacker}; "
+                    "evaluate this attacker's into other --results"
+                )
             continue
         env = games.make_env(game, n_envs=1, seed=seed, train=False, max_episode_steps=cap)
         model = model or load_model(checkpoint, env, "cpu")
+        if attacker is not None:
+            attacking = attacking or load_model(attacker, env, "cpu")
         start = time.perf_counter()
         result = evaluate_model(
             model,
@@ -125,12 +188,27 @@ def evaluate_run(
             progress=False,
             game=games.game_short_name(game),
             perturbation=perturbation,
+            attacker=attacking,
         )
         env.close()
-        write_atomic(out, json.dumps(evaluation_record(result, checkpoint, config), indent=1))
+        record = evaluation_record(result, checkpoint, config, attacker)
+        write_atomic(out, json.dumps(record, indent=1))
         took = time.perf_counter() - start
         print(f"{run_dir.name} {perturbation}: {result.score_mean:.2f} ({took:.0f} s)", flush=True)
     return sorted(out_dir.glob("*.json"))
+
+
+def transferred(perturbation: Perturbation, attacker: Path) -> Perturbation:
+    """``perturbation`` crafted on ``attacker``'s network, named after its model.
+
+    :raises ValueError: for a perturbation other than fgsm:EPS, or an attacker that is no spikeq run
+    """
+    if perturbation.kind != "fgsm" or perturbation.attacker is not None:
+        raise ValueError(f"--attacker crafts FGSM steps; {perturbation} is not fgsm:EPS")
+    model = run_config(attacker).get("model")
+    if model is None:
+        raise ValueError(f"attacker {attacker} has no config.yaml naming its model: is it a spikeq run?")
+    return dataclasses.replace(perturbation, attacker=model)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,9 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--perturb",
         nargs="+",
-        default=list(PERTURBATIONS),
         metavar="PERTURBATION",
-        help="none, gaussian:SIGMA or fgsm:EPS, in cell values (default: %(default)s)",
+        help=f"none, gaussian:SIGMA or fgsm:EPS, in cell values (default: {' '.join(PERTURBATIONS)}; "
+        f"with --attacker, fgsm:EPS only, default: {' '.join(TRANSFERRED)})",
+    )
+    parser.add_argument(
+        "--attacker",
+        type=Path,
+        metavar="RUN",
+        help="a result folder or run directory whose best weights craft the FGSM steps (a transferred "
+        "attack) for every run given but itself",
     )
     parser.add_argument("--episodes", type=int, default=30, help="episodes per evaluation (paper: 30)")
     parser.add_argument("--epsilon", type=float, default=0.05, help="random-action probability (paper: 0.05)")
@@ -156,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.episodes < 1:
         parser.error(f"--episodes {args.episodes} must be >= 1")
     try:
-        perturbations = [Perturbation.parse(text) for text in args.perturb]
+        texts = args.perturb or list(PERTURBATIONS if args.attacker is None else TRANSFERRED)
+        perturbations = [Perturbation.parse(text) for text in texts]
+        if args.attacker is not None:
+            perturbations = [transferred(p, args.attacker) for p in perturbations]
     except ValueError as error:
         parser.error(str(error))
     for run_dir in args.runs:
@@ -165,8 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.torch_threads)
     for number, run_dir in enumerate(args.runs, start=1):
         print(f"[{number}/{len(args.runs)}] {run_dir}", flush=True)
+        if args.attacker is not None and run_config(run_dir) == run_config(args.attacker):
+            print(f"{run_dir.name} is the attacker: not attacked with its own weights", flush=True)
+            continue
         try:
-            evaluate_run(run_dir, perturbations, args.results, args.episodes, args.epsilon)
+            attacker = None if args.attacker is None else best_weights(args.attacker)
+            evaluate_run(run_dir, perturbations, args.results, args.episodes, args.epsilon, attacker)
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -176,10 +268,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     labels = dict(ignore=SAME_IN_EFFECT, reference=preset_values)
     rows = results_table(files, **labels)
-    rows.sort(key=lambda row: (row["game"], row["model"], row["setting"] or "", order(row["perturbation"])))
+    rows.sort(key=row_order)
     table = write_table(rows, args.results / "robustness.md")
     short = args.results / "robustness-summary.md"
-    write_atomic(short, summary(rows) + "\n")
+    brief = summary(files, labels)
+    write_atomic(short, brief + "\n")
     chance = {}
     for path in RANDOM.glob("*.json"):
         evaluation = json.loads(path.read_text())
@@ -189,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         written.append(plot_robustness(files, args.results / "robustness.png", chance, "MinAtar", **labels))
     except ValueError as error:  # only unperturbed evaluations so far
         print(f"no figure: {error}", file=sys.stderr)
-    print(summary(rows))
+    print(brief)
     print(f"written: {', '.join(map(str, written))}")
     return 0
 

@@ -294,7 +294,7 @@ def test_the_robustness_study_replays_the_final_evaluation_under_perturbations(
     # Refusals name the bad value.
     with pytest.raises(SystemExit):
         robustness.main([str(runs[0]), "--perturb", "blur:1", "--results", str(results)])
-    assert "perturbation 'blur:1' is not none, gaussian:SIGMA or fgsm:EPS" in capsys.readouterr().err
+    assert "perturbation 'blur:1' is not none, gaussian:SIGMA, fgsm:EPS or" in capsys.readouterr().err
     not_trained = tmp_path / "not-trained"
     not_trained.mkdir()
     shutil.copyfile(runs[0] / "config.yaml", not_trained / "config.yaml")
@@ -304,6 +304,34 @@ def test_the_robustness_study_replays_the_final_evaluation_under_perturbations(
     (tmp_path / "another" / runs[0].name).symlink_to(runs[1], target_is_directory=True)
     assert robustness.main([str(tmp_path / "another" / runs[0].name), "--results", str(results)]) == 2
     assert "holds the evaluations of another run named MinAtar-Breakout-dsqn-s0" in capsys.readouterr().err
+
+    # A transferred attack: the DQN's weights craft the FGSM steps the DSQN sees; the DQN is not attacked
+    # with its own weights.
+    attack = [*map(str, runs), "--attacker", str(runs[1]), "--results", str(results), "--episodes", episodes]
+    assert robustness.main([*attack, "--perturb", "fgsm:0.1"]) == 0
+    assert "MinAtar-Breakout-dqn-s0 is the attacker: not attacked" in capsys.readouterr().out
+    assert not (results / runs[1].name / "fgsm-0.1@dqn.json").exists()
+    transferred = json.loads((results / runs[0].name / "fgsm-0.1@dqn.json").read_text())
+    assert transferred["perturbation"] == "fgsm:0.1@dqn" and transferred["model"] == "dsqn"
+    assert transferred["attacker_checkpoint"] == str(runs[1] / "checkpoints" / "best.safetensors")
+    own = json.loads((results / runs[0].name / "fgsm-0.1.json").read_text())
+    assert transferred["episodes"] == own["episodes"] and "attacker_checkpoint" not in own
+    first, second = (results / "robustness-summary.md").read_text().split("\n\n", 1)
+    assert first.splitlines()[0] == "| game | model | runs | none | fgsm:0.1 | gaussian:0.2 |"
+    heading, _, header, _, *attacked = second.splitlines()
+    assert heading == "FGSM crafted on dqn's network (transferred)"
+    assert header == "| game | model | runs | none | fgsm:0.1@dqn |"
+    assert [row.split("|")[2].strip() for row in attacked] == ["dsqn"]
+    assert (results / "robustness.png").stat().st_size > 10_000
+    # The same name crafted on another attacker is refused, not mixed in; other perturbations, too.
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(runs[1], elsewhere)
+    assert robustness.main([str(runs[0]), "--attacker", str(elsewhere), "--perturb", "fgsm:0.1",
+                            "--results", str(results), "--episodes", episodes]) == 2  # fmt: skip
+    assert "holds an attack crafted on " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        robustness.main([*attack, "--perturb", "gaussian:0.1"])
+    assert "--attacker crafts FGSM steps; gaussian:0.1 is not fgsm:EPS" in capsys.readouterr().err
 
 
 def test_the_report_draws_runs_shorter_than_the_study_apart(minatar_smoke, tmp_path):

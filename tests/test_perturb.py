@@ -1,5 +1,6 @@
 """Observation perturbations (robustness tests): Gaussian noise and FGSM on real Pong frames, for the
-ANN DQN and the DSQN, and ``evaluate_model`` / ``spikeq evaluate`` under them."""
+ANN DQN and the DSQN, FGSM transferred from another network, and ``evaluate_model`` / ``spikeq
+evaluate`` under them."""
 
 import numpy as np
 import pytest
@@ -39,12 +40,24 @@ def test_parse_names_what_is_allowed():
         str(Perturbation.parse("gaussian:0.05")) == "gaussian:0.05"
         and str(Perturbation.parse("none")) == "none"
     )
-    with pytest.raises(ValueError, match="is not none, gaussian:SIGMA or fgsm:EPS"):
+    with pytest.raises(ValueError, match="is not none, gaussian:SIGMA, fgsm:EPS or fgsm:EPS@ATTACKER"):
         Perturbation.parse("blur:3")
     with pytest.raises(ValueError, match="'x' is not a number"):
         Perturbation.parse("fgsm:x")
     with pytest.raises(ValueError, match="must be a finite number >= 0"):
         Perturbation.parse("gaussian:-1")
+
+
+def test_a_transferred_attack_names_its_attacker():
+    transferred = Perturbation.parse("fgsm:0.1@dqn")
+    assert transferred == Perturbation("fgsm", 0.1, "dqn") and str(transferred) == "fgsm:0.1@dqn"
+    assert transferred.family == "fgsm@dqn" and Perturbation.parse("fgsm:0.1").family == "fgsm"
+    assert Perturbation.parse("fgsm:0.1@dsqn-if").attacker == "dsqn-if"
+    for text in ("gaussian:0.1@dqn", "fgsm:0.1@", "fgsm:0.1@a/b"):
+        with pytest.raises(ValueError, match="only fgsm is transferred, from an attacker named by letters"):
+            Perturbation.parse(text)
+    with pytest.raises(ValueError, match="is not none, gaussian:SIGMA"):
+        Perturbation.parse("none@dqn")
 
 
 def test_gaussian_noise_has_its_sigma_and_stays_in_the_pixel_range(pong):
@@ -129,8 +142,42 @@ def test_evaluation_under_perturbation(pong):
     assert any("fgsm:0.05" in line for line in attacked.assumptions)
 
 
+def test_a_transferred_attack_is_crafted_on_the_attackers_network(pong):
+    """Crafted on a copy of the network attacked, a transferred attack is the white-box one, decision for
+    decision; crafted on another network, it perturbs differently; only fgsm:EPS@NAME takes an attacker."""
+    env, _ = pong
+    dsqn, dqn = models(env)["dsqn"], models(env)["dqn"]
+    options = dict(n_episodes=1, seed=3, progress=False)
+    own = evaluate_model(dsqn, env, **options, perturbation="fgsm:0.05")
+    copy = DQN("SpikingPolicy", env, buffer_size=1, seed=1, device="cpu", policy_kwargs=dict(num_steps=8))
+    copy.policy.load_state_dict(dsqn.policy.state_dict())
+    same = evaluate_model(dsqn, env, **options, perturbation="fgsm:0.05@copy", attacker=copy)
+    assert same.perturbation == "fgsm:0.05@copy"
+    assert same.scores == own.scores and same.episode_lengths == own.episode_lengths
+    assert same.energy.spikes_per_action == own.energy.spikes_per_action
+    transferred = evaluate_model(dsqn, env, **options, perturbation="fgsm:0.05@dqn", attacker=dqn)
+    assert transferred.energy.decisions == own.energy.decisions
+    assert transferred.energy.spikes_per_action != own.energy.spikes_per_action
+    assert any("crafted on another network, 'dqn'" in line for line in transferred.assumptions)
+    with pytest.raises(ValueError, match="needed by a transferred attack"):
+        evaluate_model(dsqn, env, **options, perturbation="fgsm:0.05", attacker=dqn)
+    with pytest.raises(ValueError, match="needed by a transferred attack"):
+        evaluate_model(dsqn, env, **options, perturbation="fgsm:0.05@dqn")
+    minatar = games.make_env("MinAtar/Breakout", seed=0)
+    elsewhere = DQN("SpikingPolicy", minatar, buffer_size=1, seed=0)
+    with pytest.raises(ValueError, match="a transferred attack needs the same observations"):
+        evaluate_model(dsqn, env, **options, perturbation="fgsm:0.05@dsqn", attacker=elsewhere)
+
+
 def test_evaluate_command_refuses_a_bad_perturbation(tmp_path, capsys):
     checkpoint = tmp_path / "dqn.zip"
     checkpoint.write_bytes(b"not used: the perturbation is checked first")
     assert cli.main(["evaluate", str(checkpoint), "--game", "Pong", "--perturb", "blur"]) == 2
-    assert "perturbation 'blur' is not none, gaussian:SIGMA or fgsm:EPS" in capsys.readouterr().err
+    assert "perturbation 'blur' is not none, gaussian:SIGMA, fgsm:EPS or" in capsys.readouterr().err
+    command = ["evaluate", str(checkpoint), "--game", "Pong"]
+    assert cli.main([*command, "--perturb", "fgsm:0.1@dqn"]) == 2
+    assert "names an attacker; give its checkpoint: --attacker FILE" in capsys.readouterr().err
+    assert cli.main([*command, "--perturb", "gaussian:0.1", "--attacker", str(checkpoint)]) == 2
+    assert "--perturb gaussian:0.1 is not fgsm:EPS" in capsys.readouterr().err
+    assert cli.main([*command, "--perturb", "fgsm:0.1", "--attacker", str(tmp_path / "no.zip")]) == 2
+    assert f"attacker checkpoint {tmp_path / 'no.zip'} does not exist" in capsys.readouterr().err

@@ -40,6 +40,7 @@ from spikeq.experiment.config import (
 
 if typing.TYPE_CHECKING:
     from spikeq.analysis.evaluate import Evaluation
+    from spikeq.analysis.perturb import Perturbation
 
 # What a resumed run may change: where and how it runs, how far it goes, how it checkpoints, and the two
 # settings that get a run past a loss that became NaN (resumed from the last finite checkpoint).
@@ -279,6 +280,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "in units of the observations' range (the [0, 1] pixel range on Atari, a cell's 0 to 1 on "
         "MinAtar), e.g. fgsm:0.01",
     )
+    p.add_argument(
+        "--attacker",
+        type=Path,
+        help="craft the FGSM step on this checkpoint's network instead (a transferred attack, needs "
+        "--perturb fgsm:EPS; recorded as fgsm:EPS@MODEL, MODEL the attacker's, or fgsm:EPS@NAME as given)",
+    )
     p.set_defaults(handler=_evaluate)
 
 
@@ -360,7 +367,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         _check_run_options(args)
         max_episode_steps = args.max_episode_steps
         energy_model = load_energy_model(args.energy_model)
-        perturbation = Perturbation.parse(args.perturb)
+        perturbation = _attack(Perturbation.parse(args.perturb), args.attacker)
         env = games.make_env(
             game,
             n_envs=1,
@@ -370,7 +377,9 @@ def _evaluate(args: argparse.Namespace) -> int:
             noop_max=args.noop_max,
             render_mode="rgb_array" if args.video else None,
         )
-        model = None if args.random else load_model(args.checkpoint, env, resolve_device(args.device))
+        device = resolve_device(args.device)
+        model = None if args.random else load_model(args.checkpoint, env, device)
+        attacker = None if args.attacker is None else load_model(args.attacker, env, device)
     except ValueError as error:
         raise ConfigError(str(error).splitlines()[0]) from None
     result = evaluate_model(
@@ -383,15 +392,35 @@ def _evaluate(args: argparse.Namespace) -> int:
         video_path=args.video,
         game=games.game_short_name(game),
         perturbation=perturbation,
+        attacker=attacker,
     )
     env.close()
-    record = evaluation_record(result, args.checkpoint, trained)
+    record = evaluation_record(result, args.checkpoint, trained, args.attacker)
     print(format_evaluation(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.out, json.dumps(record, indent=1))
         print(f"written: {args.out}")
     return 0
+
+
+def _attack(perturbation: Perturbation, attacker: Path | None) -> Perturbation:
+    """``--perturb`` with ``--attacker``: a transferred FGSM attack named after the attacker's model
+    (unless ``--perturb`` names it); refused for any other perturbation, or a name without an attacker."""
+    import dataclasses
+
+    if attacker is None:
+        if perturbation.attacker is not None:
+            raise ConfigError(
+                f"--perturb {perturbation} names an attacker; give its checkpoint: --attacker FILE"
+            )
+        return perturbation
+    if perturbation.kind != "fgsm":
+        raise ConfigError(f"--attacker crafts an FGSM step; --perturb {perturbation} is not fgsm:EPS")
+    if not attacker.exists():
+        raise ConfigError(f"attacker checkpoint {attacker} does not exist")
+    name = perturbation.attacker or _checkpoint_config(attacker).get("model") or attacker.stem
+    return dataclasses.replace(perturbation, attacker=name)
 
 
 def _fmt(value: Any, spec: str = ",.1f") -> str:

@@ -129,7 +129,10 @@ class Evaluation:
 
 
 def evaluation_record(
-    result: Evaluation, checkpoint: str | Path | None, trained: Mapping[str, Any]
+    result: Evaluation,
+    checkpoint: str | Path | None,
+    trained: Mapping[str, Any],
+    attacker: str | Path | None = None,
 ) -> dict[str, Any]:
     """The JSON form of an evaluation of a checkpoint (``spikeq evaluate --out``): what was evaluated,
     then ``result.to_dict()``.
@@ -138,10 +141,12 @@ def evaluation_record(
     :param checkpoint: the file evaluated (``None`` for the random policy)
     :param trained: the checkpoint's training config (``model``, ``seed``, ``steps``, ``init``; for the
         random policy ``{"model": "random"}``)
+    :param attacker: the checkpoint a transferred attack was crafted on, kept as ``attacker_checkpoint``
     """
     model = trained.get("model")
     return {
         "checkpoint": None if checkpoint is None else str(checkpoint),
+        **({} if attacker is None else {"attacker_checkpoint": str(attacker)}),
         "model": model,
         "train_seed": trained.get("seed"),
         "train_steps": trained.get("steps"),
@@ -203,16 +208,19 @@ def _epsilon_greedy_actions(
     rng: np.random.Generator,
     perturbation: Perturbation,
     noise_rng: np.random.Generator,
+    attacker: BasePolicy | None,
 ) -> np.ndarray:
     """One action per env: random with probability epsilon, else greedy (batched over those envs) on
-    the perturbed observations; always random without a policy."""
+    the perturbed observations (an FGSM step through ``attacker``'s network where given, else through
+    the policy's); always random without a policy."""
     n_envs = len(obs)
     explore = rng.random(n_envs) < epsilon
     actions = rng.integers(n_actions, size=n_envs)
     greedy = ~explore & (policy is not None)
     if greedy.any():
         obs_tensor, _ = policy.obs_to_tensor(obs[greedy])
-        obs_tensor = perturbation.apply(policy.q_net, obs_tensor, policy.observation_space, noise_rng)
+        through = (attacker or policy).q_net
+        obs_tensor = perturbation.apply(through, obs_tensor, policy.observation_space, noise_rng)
         if meter is None:
             with torch.inference_mode():
                 q_values = policy.q_net(obs_tensor)
@@ -234,6 +242,7 @@ def evaluate_model(
     game: str | None = None,
     energy: bool = True,
     perturbation: str | Perturbation = "none",
+    attacker: DQN | None = None,
 ) -> Evaluation:
     """Play ``n_episodes`` epsilon-greedy episodes and measure scores and energy per action.
 
@@ -257,6 +266,8 @@ def evaluate_model(
     :param perturbation: what the agent's observations go through before each greedy decision
         (``spikeq.analysis.perturb``: ``"none"``, ``"gaussian:SIGMA"``, ``"fgsm:EPS"``); the noise is drawn
         from its own generator (seeded with ``seed``), so the exploration draws do not change
+    :param attacker: the network a transferred attack (``"fgsm:EPS@NAME"``) is crafted on, a DQN on the
+        same observations; needed by such a perturbation and by no other
     :return: the scores, and the energy report of the greedy decisions (``None`` without ``energy``
         or a model)
     :raises ValueError: for an invalid argument, an unknown energy model, or a video request on an env
@@ -269,6 +280,20 @@ def evaluate_model(
     energy_model = load_energy_model(energy_model)
     if isinstance(perturbation, str):
         perturbation = Perturbation.parse(perturbation)
+    if (attacker is None) != (perturbation.attacker is None):
+        raise ValueError(
+            f"perturbation {perturbation} and attacker {type(attacker).__name__}: an attacker network is "
+            "needed by a transferred attack (fgsm:EPS@NAME) and by no other perturbation"
+        )
+    if attacker is not None:
+        if model is None:
+            raise ValueError("a transferred attack needs a model to attack; the random policy sees nothing")
+        if attacker.observation_space != model.observation_space:
+            raise ValueError(
+                f"the attacker sees {attacker.observation_space}, the model attacked "
+                f"{model.observation_space}; a transferred attack needs the same observations"
+            )
+        attacker.policy.set_training_mode(False)
     noise_rng = np.random.default_rng([1, 0 if seed is None else seed])
     policy = None if model is None else model.policy
     if policy is None:
@@ -298,7 +323,15 @@ def evaluate_model(
             video.capture()
         while (finished < targets).any():
             actions = _epsilon_greedy_actions(
-                policy, env.action_space.n, meter, obs, epsilon, rng, perturbation, noise_rng
+                policy,
+                env.action_space.n,
+                meter,
+                obs,
+                epsilon,
+                rng,
+                perturbation,
+                noise_rng,
+                None if attacker is None else attacker.policy,
             )
             obs, rewards, dones, infos = env.step(actions)
             returns += rewards
@@ -342,6 +375,12 @@ def evaluate_model(
             f"Observations perturbed ({perturbation}) before every greedy decision "
             "(spikeq.analysis.perturb); the game itself is not; an FGSM attacker's gradient pass is not "
             "counted as energy."
+            + (
+                ""
+                if attacker is None
+                else f" Transferred attack: the FGSM step is crafted on another network, "
+                f"{perturbation.attacker!r}, not on the one attacked."
+            )
         )
     return Evaluation(
         episodes=len(scores),

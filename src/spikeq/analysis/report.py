@@ -552,7 +552,8 @@ def plot_robustness(
     reference: Reference | None = None,
 ) -> Path:
     """Score against perturbation strength: one row of panels per game, one panel per kind of
-    perturbation (``fgsm``, ``gaussian``), one line per model and setting.
+    perturbation (``fgsm``, ``gaussian``, and ``fgsm@NAME``, an FGSM attack crafted on NAME's network),
+    one line per model and setting.
 
     A line is the mean over its runs (seeds) of each run's mean score at each strength, with the runs'
     range as a band; the unperturbed evaluations (``none``) are its point at strength 0 in every panel.
@@ -568,16 +569,14 @@ def plot_robustness(
     :return: ``out``
     :raises ValueError: where no result is perturbed
     """
-    # game -> line -> kind -> strength -> each run's mean score
+    # game -> line -> kind (Perturbation.family) -> strength -> each run's mean score
     scores: dict[str, dict[str, dict[str, dict[float, list[float]]]]] = {}
     for (game, model, init, perturbation, _, setting), records in grouped_results(
         paths, ignore, reference
     ).items():
-        label = model if init is None else f"{model} ({init} init)"
-        line = f"{label}, {setting}" if setting else label
         perturbed = Perturbation.parse(perturbation)
-        by_kind = scores.setdefault(game, {}).setdefault(line, {})
-        by_kind.setdefault(perturbed.kind, {})[perturbed.strength] = [
+        by_kind = scores.setdefault(game, {}).setdefault(_line_label(model, init, setting), {})
+        by_kind.setdefault(perturbed.family, {})[perturbed.strength] = [
             r.evaluation.score_mean for r in records
         ]
     kinds = sorted({kind for lines in scores.values() for line in lines.values() for kind in line} - {"none"})
@@ -613,8 +612,9 @@ def plot_robustness(
             if chance and game in chance:
                 axes.axhline(chance[game], color="grey", linestyle="--", linewidth=1, label="random")
             axes.set_xticks(range(len(strengths)), [f"{s:g}" for s in strengths])
-            axes.set_title(f"{game}: {kind}")
-            axes.set_xlabel("EPS" if kind == "fgsm" else "SIGMA")
+            attack, _, attacker = kind.partition("@")
+            axes.set_title(f"{game}: {attack}" + (f" crafted on {attacker}" if attacker else ""))
+            axes.set_xlabel("EPS" if attack == "fgsm" else "SIGMA")
             axes.grid(alpha=0.3)
         panels[row][0].set_ylabel("evaluation score")
     _legend_in_last_column(panels)
@@ -661,16 +661,16 @@ def _curves(
 ) -> dict[str, dict[str, list[dict[int, float]]]]:
     """game -> line label -> each of its runs' {step: score or training return}, up to the game's
     ``horizon`` where given."""
-    groups: dict[tuple[str, str], list[Path]] = {}  # (game, model label) -> its runs
+    groups: dict[tuple[str, str, str | None], list[Path]] = {}  # (game, model, init) -> its runs
     for run_dir in run_dirs:
         config = run_config(run_dir)
         if not {"game", "model"} <= config.keys():
             raise ValueError(f"{run_dir} has no config.yaml naming its game and model")
         model = config["model"]
-        label = model if model == "dqn" else f"{model} ({config.get('init')} init)"
-        groups.setdefault((config["game"], label), []).append(run_dir)
+        init = None if model == "dqn" else config.get("init")
+        groups.setdefault((config["game"], model, init), []).append(run_dir)
     curves: dict[str, dict[str, list[dict[int, float]]]] = {}
-    for (game, label), runs in groups.items():
+    for (game, model, init), runs in groups.items():
         settings = setting_labels([run_config(run_dir) for run_dir in runs], ignore, reference)
         last = (horizon or {}).get(game)
         for run_dir, setting in zip(runs, settings, strict=True):
@@ -678,11 +678,16 @@ def _curves(
             curve = {
                 step: value for step, value in zip(steps, values, strict=True) if last is None or step <= last
             }
-            line = f"{label}, {setting}" if setting else label
-            curves.setdefault(game, {}).setdefault(line, []).append(curve)
+            curves.setdefault(game, {}).setdefault(_line_label(model, init, setting), []).append(curve)
     if not curves:
         raise ValueError("no run directories given")
     return curves
+
+
+def _line_label(model: str, init: str | None, setting: str | None) -> str:
+    """A figure's line: ``"dsqn (firing init), detach_reset=False"``; a DQN has no init."""
+    label = model if init is None or model == "dqn" else f"{model} ({init} init)"
+    return f"{label}, {setting}" if setting else label
 
 
 def _colours(curves: dict[str, dict[str, list[dict[int, float]]]]) -> dict[str, str]:

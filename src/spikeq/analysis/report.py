@@ -556,8 +556,9 @@ def plot_robustness(
     one line per model and setting.
 
     A line is the mean over its runs (seeds) of each run's mean score at each strength, with the runs'
-    range as a band; the unperturbed evaluations (``none``) are its point at strength 0 in every panel.
-    Strengths are spaced evenly, labelled with their values.
+    range as a band; the unperturbed evaluations (``none``) of the runs in a panel are its point at
+    strength 0 there (an attacker's own run has no transferred attack). Strengths are spaced evenly,
+    labelled with their values.
 
     :param paths: evaluation results with their perturbation (``read_result``: files of
         ``spikeq evaluate --out``, with their runs' ``config.yaml`` beside them to tell settings apart)
@@ -569,16 +570,16 @@ def plot_robustness(
     :return: ``out``
     :raises ValueError: where no result is perturbed
     """
-    # game -> line -> kind (Perturbation.family) -> strength -> each run's mean score
-    scores: dict[str, dict[str, dict[str, dict[float, list[float]]]]] = {}
+    # game -> line -> kind (Perturbation.family) -> strength -> run (seed, budget) -> its mean score
+    scores: dict[str, dict[str, dict[str, dict[float, dict[tuple, float]]]]] = {}
     for (game, model, init, perturbation, _, setting), records in grouped_results(
         paths, ignore, reference
     ).items():
         perturbed = Perturbation.parse(perturbation)
         by_kind = scores.setdefault(game, {}).setdefault(_line_label(model, init, setting), {})
-        by_kind.setdefault(perturbed.family, {})[perturbed.strength] = [
-            r.evaluation.score_mean for r in records
-        ]
+        by_kind.setdefault(perturbed.family, {})[perturbed.strength] = {
+            (r.train_seed, r.train_steps): r.evaluation.score_mean for r in records
+        }
     kinds = sorted({kind for lines in scores.values() for line in lines.values() for kind in line} - {"none"})
     if not kinds:
         raise ValueError("no perturbed evaluation among the results: nothing to plot against strength")
@@ -592,11 +593,14 @@ def plot_robustness(
                 {0.0} | {s for by_kind in scores[game].values() for s in by_kind.get(kind, {})}
             )
             for line, by_kind in sorted(scores[game].items()):
-                points = {**by_kind.get("none", {}), **by_kind.get(kind, {})}  # none: strength 0
+                points = by_kind.get(kind, {})
+                attacked = {run for by_run in points.values() for run in by_run}
+                plain = by_kind.get("none", {}).get(0.0, {})
+                points = {0.0: {run: plain[run] for run in attacked & plain.keys()}, **points}
                 xs = [i for i, s in enumerate(strengths) if points.get(s)]
                 if not xs:
                     continue
-                runs = [points[strengths[i]] for i in xs]
+                runs = [list(points[strengths[i]].values()) for i in xs]
                 means = [float(np.mean(r)) for r in runs]
                 axes.plot(
                     xs,
@@ -604,7 +608,7 @@ def plot_robustness(
                     marker="o",
                     markersize=3,
                     color=colours[line],
-                    label=f"{line} ({max(map(len, runs))})",
+                    label=f"{line} ({len(_runs_of(by_kind))})",
                 )
                 axes.fill_between(
                     xs, [min(r) for r in runs], [max(r) for r in runs], color=colours[line], alpha=0.2
@@ -624,6 +628,11 @@ def plot_robustness(
         fontsize=9,
     )
     return _save(figure, out)
+
+
+def _runs_of(by_kind: dict[str, dict[float, dict[tuple, float]]]) -> set[tuple]:
+    """Every run of a line of ``plot_robustness``, in any panel."""
+    return {run for by_strength in by_kind.values() for by_run in by_strength.values() for run in by_run}
 
 
 def _panels_and_legend_column(rows: int, columns: int) -> tuple[plt.Figure, np.ndarray]:

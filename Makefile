@@ -3,7 +3,7 @@
 #   make test | lint | format | bench | evaluate CKPT=runs/<run>/checkpoints/best.zip
 #   make sweep SWEEP=experiments/sweeps/readouts.yaml [ARGS="--set wandb=offline"]
 #   make minatar-study [ARGS="--games Breakout --seeds 0 --lanes 2"] | minatar-report
-#   make minatar-robustness [ARGS="runs/minatar/MinAtar-Breakout-*-300k"]
+#   make minatar-robustness [ARGS="runs/minatar/MinAtar-Breakout-*-300k [--attacker RUN]"]
 # TORCH is the pip requirement installed before everything else. From PyPI on Linux x86-64 the pin is
 # the CUDA build (several GB); for the CPU-only build, or one for your CUDA driver, name its index:
 #   make clean install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"

@@ -88,7 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     comparison = None
     try:
         # The study proper: a game's runs of its longest budget (shorter runs of a model are trials).
-        comparison = format_comparison(compare_models([*main_runs, *chance], **labels))
+        compared = compare_models([*main_runs, *chance], **labels)
+        comparison = format_comparison(compared)
+        # A game of single runs has no interval and can swing the mean over games: the games with an
+        # interval get a table of their own.
+        runs = [min(len(g.model_scores), len(g.baseline_scores)) for g in compared.games]
+        if min(runs) < 2 <= max(runs):
+            seeded = compare_models([*main_runs, *chance], **labels, min_runs=2)
+            comparison += "\n\nThe games with two runs or more a side:\n\n" + format_comparison(seeded)
     except ValueError as error:  # no game has finished runs of both models yet
         print(f"no comparison: {error}", file=sys.stderr)
     else:

@@ -106,6 +106,16 @@ def test_the_study_comparison_takes_each_main_runs_final_score():
         assert game.normalised == pytest.approx(
             (np.mean(game.model_scores) - game.chance) / (np.mean(game.baseline_scores) - game.chance)
         )
+    # The games with two runs or more a side: the others are left out, the rest compared as before.
+    seeded = compare_models([*main, *random], ignore=ignore, reference=preset_values, min_runs=2)
+    kept = [g for g in comparison.games if min(len(g.model_scores), len(g.baseline_scores)) >= 2]
+    assert [g.game for g in seeded.games] == [g.game for g in kept] and kept
+    assert all(g.normalised_ci is not None for g in seeded.games) and seeded.normalised_ci is not None
+    assert [g.model_scores for g in seeded.games] == [g.model_scores for g in kept]
+    with pytest.raises(ValueError, match=r"no game has runs of both dsqn:firing and dqn \(99 or more each\)"):
+        compare_models([*main, *random], ignore=ignore, reference=preset_values, min_runs=99)
+    with pytest.raises(ValueError, match="min_runs=0 must be an integer >= 1"):
+        compare_models([*main, *random], ignore=ignore, reference=preset_values, min_runs=0)
     # Every run at once: the 300k-step DQNs and DSQNs of the robustness test would be pooled with the
     # main runs of their model (without the presets, the 300k-step DSQNs take a label from the
     # paper-reset runs of their budget, and the DQNs' are the ones pooled): refused, not averaged.

@@ -871,6 +871,7 @@ def compare_models(
     baseline: str = "dqn",
     ignore: Iterable[str] = (),
     reference: Reference | None = None,
+    min_runs: int = 1,
     **options: Any,
 ) -> Comparison:
     """``compare_scores`` for the results in ``paths``: each run's final score (``evaluation.json``),
@@ -882,10 +883,15 @@ def compare_models(
 
     :param model, baseline: ``MODEL`` or ``MODEL:INIT`` (``dsqn:firing``, ``dsqn:default``, ``dqn``)
     :param ignore, reference: as for ``setting_labels``
+    :param min_runs: compare only the games where each side has at least this many runs (2: the games
+        with an interval, so that one game of single runs does not decide the mean over games)
     :param options: ``compare_scores``'s confidence, resamples and seed
-    :raises ValueError: naming the sides the results hold, where no game has runs of both sides and a
-        random policy's score; where a side has runs of several step budgets in a game
+    :raises ValueError: naming the sides the results hold, where no game has runs of both sides (at
+        least ``min_runs`` each) and a random policy's score; where a side has runs of several step
+        budgets in a game; for ``min_runs`` below 1
     """
+    if isinstance(min_runs, bool) or not isinstance(min_runs, int) or min_runs < 1:
+        raise ValueError(f"min_runs={min_runs!r} must be an integer >= 1")
     sides: dict[str, dict[str, dict[int | None, list[float]]]] = {}
     groups = grouped_results(paths, ignore, reference)
     for (game, name, init, perturbation, steps, setting), records in groups.items():
@@ -903,10 +909,13 @@ def compare_models(
         for side, runs in ((model, model_runs[game]), (baseline, baseline_runs[game])):
             if len(runs) > 1:
                 raise ValueError(f"{game}: {side} has runs of several step budgets: {sorted(runs)}")
-        scores[game] = (*model_runs[game].values(), *baseline_runs[game].values(), chance[game])
+        (model_scores,), (baseline_scores,) = model_runs[game].values(), baseline_runs[game].values()
+        if min(len(model_scores), len(baseline_scores)) >= min_runs:
+            scores[game] = (model_scores, baseline_scores, chance[game])
     if not scores:
+        runs = "" if min_runs == 1 else f" ({min_runs} or more each)"
         raise ValueError(
-            f"no game has runs of both {model} and {baseline} and a random policy's score "
+            f"no game has runs of both {model} and {baseline}{runs} and a random policy's score "
             f"(spikeq evaluate --random --out); the results hold: {', '.join(sorted(sides)) or 'nothing'}"
         )
     # Labelled by model name (dsqn, dqn), or by the whole MODEL:INIT where that alone tells them apart.

@@ -18,9 +18,9 @@ with. The attacker's gradient pass is not counted as the agent's energy; the dec
 
 A transferred (black-box) attack crafts the FGSM step on another network, the attacker, and shows it
 to the network attacked (the black-box setting of Huang et al. 2017, who transfer attacks between
-policies). It uses no gradient of the network attacked, so the same perturbed observations can be shown to
-a spiking and a differentiable network: it tells an advantage of the network from one of its surrogate
-gradient being a weaker guide for the attack (gradient masking).
+policies). It uses no gradient of the network attacked, so the same attack (a function of the
+observation alone) meets a spiking and a differentiable network: it tells an advantage of the network
+from one of its surrogate gradient being a weaker guide for the attack (gradient masking).
 ``Perturbation`` only names the attacker; the caller gives its network (``evaluate_model(attacker=)``).
 """
 

@@ -20,13 +20,14 @@ from torch import nn
 from spikeq.analysis.report import (
     TRAINING_CURVE,
     plot_ablations,
+    plot_robustness,
     read_training_curve,
     split_by_budget,
     write_training_curve,
 )
 from spikeq.analysis.weights import export_weights, load_model
 from spikeq.envs import games, minatar
-from spikeq.experiment.config import OPTIMIZERS, PRESETS, resolve
+from spikeq.experiment.config import OPTIMIZERS, PRESETS, preset_values, resolve
 from spikeq.experiment.train import build_model
 from spikeq.files import FileLock
 from spikeq.snn.network import MinAtarCNN, NetworkSpec, SpikingQNetwork, torso_of
@@ -332,6 +333,35 @@ def test_the_robustness_study_replays_the_final_evaluation_under_perturbations(
     with pytest.raises(SystemExit):
         robustness.main([*attack, "--perturb", "gaussian:0.1"])
     assert "--attacker crafts FGSM steps; gaussian:0.1 is not fgsm:EPS" in capsys.readouterr().err
+
+
+def test_a_robustness_panel_starts_from_the_runs_it_attacked(tmp_path, monkeypatch):
+    """On the committed robustness study: a transferred attack's panel starts each line at the
+    unperturbed score of the runs that attack was shown to (not the attacker's own run), the panel of the
+    network's own gradient at all of them."""
+    import spikeq.analysis.report as analysis
+
+    figures = []
+    monkeypatch.setattr(analysis, "_save", lambda figure, out: figures.append(figure) or out)
+    study = Path(__file__).resolve().parents[1] / "experiments" / "results" / "minatar" / "robustness"
+    files = sorted(study.glob("*/*.json"))
+    plot_robustness(
+        files, tmp_path / "robustness.png", ignore=("bootstrap_time_limit",), reference=preset_values
+    )
+    panels = {axes.get_title(): axes for axes in figures[0].axes}
+
+    def start(panel: str) -> float:
+        (line,) = [line for line in panels[panel].get_lines() if line.get_label().startswith("dqn (")]
+        return float(line.get_ydata()[0])
+
+    def plain(runs: list[Path]) -> float:
+        return float(np.mean([json.loads((run / "none.json").read_text())["score_mean"] for run in runs]))
+
+    dqns = sorted(study.glob("MinAtar-Breakout-dqn-s*-300k"))
+    attacked = [run for run in dqns if (run / "fgsm-0.1@dqn.json").exists()]
+    assert len(dqns) == 3 and len(attacked) == 2
+    assert start("MinAtar/Breakout: fgsm") == pytest.approx(plain(dqns))
+    assert start("MinAtar/Breakout: fgsm crafted on dqn") == pytest.approx(plain(attacked)) != plain(dqns)
 
 
 def test_the_report_draws_runs_shorter_than_the_study_apart(minatar_smoke, tmp_path):

@@ -219,7 +219,7 @@ def _epsilon_greedy_actions(
     greedy = ~explore & (policy is not None)
     if greedy.any():
         obs_tensor, _ = policy.obs_to_tensor(obs[greedy])
-        through = (attacker or policy).q_net
+        through = (policy if attacker is None else attacker).q_net
         obs_tensor = perturbation.apply(through, obs_tensor, policy.observation_space, noise_rng)
         if meter is None:
             with torch.inference_mode():
@@ -281,9 +281,10 @@ def evaluate_model(
     if isinstance(perturbation, str):
         perturbation = Perturbation.parse(perturbation)
     if (attacker is None) != (perturbation.attacker is None):
+        given = "without an attacker network" if attacker is None else "with an attacker network"
         raise ValueError(
-            f"perturbation {perturbation} and attacker {type(attacker).__name__}: an attacker network is "
-            "needed by a transferred attack (fgsm:EPS@NAME) and by no other perturbation"
+            f"perturbation {perturbation} {given}: an attacker network is needed by a transferred attack "
+            "(fgsm:EPS@NAME) and by no other perturbation"
         )
     if attacker is not None:
         if model is None:

@@ -695,7 +695,7 @@ def _curves(
 
 def _line_label(model: str, init: str | None, setting: str | None) -> str:
     """A figure's line: ``"dsqn (firing init), detach_reset=False"``; a DQN has no init."""
-    label = model if init is None or model == "dqn" else f"{model} ({init} init)"
+    label = model if init is None else f"{model} ({init} init)"
     return f"{label}, {setting}" if setting else label
 
 

@@ -38,6 +38,10 @@ from pathlib import Path
 
 import torch
 
+# The study's report script, beside this one (its folder is on sys.path when either runs as a script).
+from minatar_report import RESULTS as STUDY_RESULTS
+from minatar_report import SAME_IN_EFFECT
+
 from spikeq.analysis.evaluate import evaluate_model, evaluation_record
 from spikeq.analysis.perturb import Perturbation
 from spikeq.analysis.report import plot_robustness, results_table, run_config, write_table
@@ -47,13 +51,11 @@ from spikeq.experiment.config import preset_values
 from spikeq.experiment.train import SEED_MODULUS
 from spikeq.files import write_atomic
 
-RESULTS = Path("experiments/results/minatar/robustness")
-RANDOM = Path("experiments/results/minatar/random")
+RESULTS = STUDY_RESULTS / "robustness"
+RANDOM = STUDY_RESULTS / "random"
 PERTURBATIONS = ("none", "fgsm:0.01", "fgsm:0.02", "fgsm:0.05", "fgsm:0.1")
 PERTURBATIONS += ("gaussian:0.05", "gaussian:0.1", "gaussian:0.2")
 TRANSFERRED = tuple(p for p in PERTURBATIONS if p.startswith("fgsm"))  # --attacker's default
-# As the study's report: this field differs between the study's runs but changed nothing in them.
-SAME_IN_EFFECT = ("bootstrap_time_limit",)
 
 
 def file_name(perturbation: Perturbation) -> str:

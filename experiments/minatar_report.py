@@ -10,7 +10,7 @@ table only), and writes beside them ``table.md`` (one row per game and model: th
 best weights, 30 episodes, averaged over seeds, with the energy ratio, spikes per action and firing
 rate), ``comparison.md`` (the DSQN against the DQN, game by game and over games: difference of mean
 scores, DQN-normalised score and probability of improvement, with bootstrap intervals;
-``spikeq.analysis.report.compare_scores``), ``learning_curves.png`` (the evaluation score, one panel
+``spikeq.analysis.compare.compare_scores``), ``learning_curves.png`` (the evaluation score, one panel
 per game) and ``training_curves.png`` (the training return, SB3's mean over the last 100 episodes,
 from each run's training_curve.csv) of the runs trained for their game's longest budget (the main
 study), and ``ablations.png`` (evaluation score and training return of the shorter runs, the ablations,
@@ -25,10 +25,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from spikeq.analysis.compare import compare_models, format_comparison
 from spikeq.analysis.report import (
     TRAINING_CURVE,
-    compare_models,
-    format_comparison,
     format_table,
     plot_ablations,
     plot_learning_curves,

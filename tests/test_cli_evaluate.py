@@ -8,9 +8,8 @@ import yaml
 from conftest import run_spikeq as spikeq
 
 from spikeq import cli
+from spikeq.analysis.compare import compare_scores, format_comparison
 from spikeq.analysis.report import (
-    compare_scores,
-    format_comparison,
     format_table,
     plot_learning_curves,
     results_table,

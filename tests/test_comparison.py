@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spikeq.analysis.report import compare_models, compare_scores, format_comparison, split_by_budget
+from spikeq.analysis.compare import compare_models, compare_scores, format_comparison
+from spikeq.analysis.report import split_by_budget
 from spikeq.experiment.config import preset_values
 
 STUDY = Path(__file__).resolve().parents[1] / "experiments" / "results" / "minatar"

@@ -666,13 +666,8 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
 
 
 def _table(args: argparse.Namespace) -> int:
-    from spikeq.analysis.report import (
-        compare_models,
-        format_comparison,
-        format_table,
-        results_table,
-        write_table,
-    )
+    from spikeq.analysis.compare import compare_models, format_comparison
+    from spikeq.analysis.report import format_table, results_table, write_table
     from spikeq.files import write_atomic
 
     if args.compare_out and not args.compare:

@@ -1,0 +1,248 @@
+"""A model's runs against a baseline's (the DSQN against the DQN), game by game and over games.
+
+    spikeq table RUN_DIR ... RANDOM.json --compare dsqn:firing dqn [--compare-out comparison.md]
+
+Each run counts by its final score (``evaluation.json``); each game's chance level is the random
+policy's score. Per game: the difference of the mean scores, the model's score normalised between
+chance and the baseline, and the probability of improvement; over games, their means, with stratified
+bootstrap intervals over the runs (``compare_scores``). ``compare_models`` gathers the scores from
+result files as ``spikeq.analysis.report`` groups them, ``format_comparison`` writes the Markdown table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spikeq.analysis.report import Reference, grouped_results
+
+
+@dataclass(frozen=True)
+class GameComparison:
+    """One game's runs of a model against those of a baseline (each run: its final score).
+
+    :param normalised: (mean model score - chance) / (mean baseline score - chance): 0 is the random
+        policy, 1 the baseline; None where the baseline does not score above chance
+    :param p_improvement: the probability that a run of the model scores above a run of the baseline,
+        over all pairs of their runs (ties count half; Agarwal et al., NeurIPS 2021)
+    :param difference_ci, normalised_ci: percentile bootstrap intervals (runs resampled with
+        replacement, each model's within the game); None with fewer than two runs on either side
+    """
+
+    game: str
+    model_scores: list[float]
+    baseline_scores: list[float]
+    chance: float
+    difference: float
+    difference_ci: tuple[float, float] | None
+    normalised: float | None
+    normalised_ci: tuple[float, float] | None
+    p_improvement: float
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A model against a baseline over games (``compare_scores``).
+
+    :param normalised: the mean over games of each game's normalised score (every game weighs alike)
+    :param normalised_ci, p_improvement_ci: stratified percentile bootstrap intervals (each game's runs
+        resampled within the game); None where a game has fewer than two runs on either side
+    :param p_improvement: the mean over games of each game's probability of improvement
+    """
+
+    model: str
+    baseline: str
+    confidence: float
+    games: list[GameComparison]
+    normalised: float | None
+    normalised_ci: tuple[float, float] | None
+    p_improvement: float
+    p_improvement_ci: tuple[float, float] | None
+
+
+def _p_improvement(model: np.ndarray, baseline: np.ndarray) -> np.ndarray:
+    """P(X > Y) + P(X = Y) / 2 over the last axis' pairs: ``model`` [..., n], ``baseline`` [..., m]."""
+    x, y = model[..., :, None], baseline[..., None, :]
+    return ((x > y) + 0.5 * (x == y)).mean(axis=(-2, -1))
+
+
+def _normalised(model_mean: np.ndarray, baseline_mean: np.ndarray, chance: float) -> np.ndarray:
+    return (model_mean - chance) / (baseline_mean - chance)
+
+
+def compare_scores(
+    scores: dict[str, tuple[list[float], list[float], float]],
+    model: str = "model",
+    baseline: str = "baseline",
+    confidence: float = 0.95,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> Comparison:
+    """Compare a model's runs with a baseline's, game by game and over all games.
+
+    Few seeds make single means noisy; the comparison says how far the data pin the difference down.
+    Per game: the difference of the mean scores, the model's score normalised between chance (0) and
+    the baseline's mean (1), and the probability of improvement; over games, the mean normalised score
+    and probability of improvement, with intervals from a stratified bootstrap (Agarwal et al., "Deep
+    Reinforcement Learning at the Edge of the Statistical Precipice", NeurIPS 2021): each resample
+    draws every game's model runs and baseline runs with replacement and recomputes every statistic,
+    the baseline's mean in the normalisation included. With two or three runs a side the percentile
+    intervals are too narrow rather than too wide (a resample cannot leave the range of the runs).
+
+    :param scores: game -> (the model's run scores, the baseline's run scores, the random policy's score)
+    :param confidence: the intervals' coverage, in (0, 1)
+    :param resamples: bootstrap resamples
+    :param seed: the bootstrap's random seed (the same inputs give the same intervals)
+    :raises ValueError: for no games, a game without runs on a side, or a confidence outside (0, 1)
+    """
+    if not scores:
+        raise ValueError("no games to compare")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence={confidence!r} must lie in (0, 1)")
+    for game, (model_scores, baseline_scores, _) in scores.items():
+        if not model_scores or not baseline_scores:
+            counts = f"{model} has {len(model_scores)} runs, {baseline} {len(baseline_scores)}"
+            raise ValueError(f"{game}: every side needs at least one run; {counts}")
+    rng = np.random.default_rng(seed)
+    tails = [50 * (1 - confidence), 100 - 50 * (1 - confidence)]
+
+    def interval(samples: np.ndarray) -> tuple[float, float]:
+        low, high = np.percentile(samples, tails)
+        return float(low), float(high)
+
+    games, normalised_samples, p_samples = [], [], []
+    for game, (model_scores, baseline_scores, chance) in sorted(scores.items()):
+        x, y = np.asarray(model_scores, float), np.asarray(baseline_scores, float)
+        # [resamples, runs]: every resample draws each side's runs with replacement.
+        x_star = x[rng.integers(len(x), size=(resamples, len(x)))]
+        y_star = y[rng.integers(len(y), size=(resamples, len(y)))]
+        both_spread = len(x) > 1 and len(y) > 1  # intervals need two runs or more a side
+        above_chance = bool(np.all(y > chance))
+        normalised_star = _normalised(x_star.mean(1), y_star.mean(1), chance) if above_chance else None
+        games.append(
+            GameComparison(
+                game=game,
+                model_scores=[float(v) for v in x],
+                baseline_scores=[float(v) for v in y],
+                chance=float(chance),
+                difference=float(x.mean() - y.mean()),
+                difference_ci=interval(x_star.mean(1) - y_star.mean(1)) if both_spread else None,
+                normalised=float(_normalised(x.mean(), y.mean(), chance)) if above_chance else None,
+                normalised_ci=interval(normalised_star) if both_spread and above_chance else None,
+                p_improvement=float(_p_improvement(x, y)),
+            )
+        )
+        normalised_samples.append(normalised_star)
+        p_samples.append(_p_improvement(x_star, y_star))
+    every_spread = all(len(g.model_scores) > 1 and len(g.baseline_scores) > 1 for g in games)
+    known = all(g.normalised is not None for g in games)
+    return Comparison(
+        model=model,
+        baseline=baseline,
+        confidence=confidence,
+        games=games,
+        normalised=float(np.mean([g.normalised for g in games])) if known else None,
+        normalised_ci=interval(np.mean(normalised_samples, axis=0)) if known and every_spread else None,
+        p_improvement=float(np.mean([g.p_improvement for g in games])),
+        p_improvement_ci=interval(np.mean(p_samples, axis=0)) if every_spread else None,
+    )
+
+
+def _side_name(model: str, init: str | None) -> str:
+    return model if init is None else f"{model}:{init}"
+
+
+def compare_models(
+    paths: list[Path],
+    model: str = "dsqn:firing",
+    baseline: str = "dqn",
+    ignore: Iterable[str] = (),
+    reference: Reference | None = None,
+    min_runs: int = 1,
+    **options: Any,
+) -> Comparison:
+    """``compare_scores`` for the results in ``paths``: each run's final score (``evaluation.json``),
+    and the random policy's (``spikeq evaluate --random --out``) as each game's chance level.
+
+    A side is the runs of one model and init without a perturbation or a setting of their own
+    (``grouped_results``: an ablation's runs are not pooled with the main ones); only games with runs
+    of both sides and a random policy's score are compared.
+
+    :param model, baseline: ``MODEL`` or ``MODEL:INIT`` (``dsqn:firing``, ``dsqn:default``, ``dqn``)
+    :param ignore, reference: as for ``setting_labels``
+    :param min_runs: compare only the games where each side has at least this many runs (2: the games
+        with an interval, so that one game of single runs does not decide the mean over games)
+    :param options: ``compare_scores``'s confidence, resamples and seed
+    :raises ValueError: naming the sides the results hold, where no game has runs of both sides (at
+        least ``min_runs`` each) and a random policy's score; where a side has runs of several step
+        budgets in a game; for ``min_runs`` below 1
+    """
+    if isinstance(min_runs, bool) or not isinstance(min_runs, int) or min_runs < 1:
+        raise ValueError(f"min_runs={min_runs!r} must be an integer >= 1")
+    sides: dict[str, dict[str, dict[int | None, list[float]]]] = {}
+    groups = grouped_results(paths, ignore, reference)
+    for (game, name, init, perturbation, steps, setting), records in groups.items():
+        if perturbation == "none" and not setting:
+            scores = [record.evaluation.score_mean for record in records]
+            sides.setdefault(_side_name(name, init), {}).setdefault(game, {})[steps] = scores
+    # Each game's chance level: the mean of its random-policy evaluations.
+    chance = {
+        game: float(np.mean([score for scores in evaluations.values() for score in scores]))
+        for game, evaluations in sides.get("random", {}).items()
+    }
+    model_runs, baseline_runs = sides.get(model, {}), sides.get(baseline, {})
+    scores = {}
+    for game in sorted(set(model_runs) & set(baseline_runs) & set(chance)):
+        for side, runs in ((model, model_runs[game]), (baseline, baseline_runs[game])):
+            if len(runs) > 1:
+                raise ValueError(f"{game}: {side} has runs of several step budgets: {sorted(runs)}")
+        (model_scores,), (baseline_scores,) = model_runs[game].values(), baseline_runs[game].values()
+        if min(len(model_scores), len(baseline_scores)) >= min_runs:
+            scores[game] = (model_scores, baseline_scores, chance[game])
+    if not scores:
+        runs = "" if min_runs == 1 else f" ({min_runs} or more each)"
+        raise ValueError(
+            f"no game has runs of both {model} and {baseline}{runs} and a random policy's score "
+            f"(spikeq evaluate --random --out); the results hold: {', '.join(sorted(sides)) or 'nothing'}"
+        )
+    # Labelled by model name (dsqn, dqn), or by the whole MODEL:INIT where that alone tells them apart.
+    names = model.split(":")[0], baseline.split(":")[0]
+    names = (model, baseline) if names[0] == names[1] else names
+    return compare_scores(scores, model=names[0], baseline=names[1], **options)
+
+
+def format_comparison(comparison: Comparison) -> str:
+    """A ``Comparison`` as a Markdown table, one row per game and one for all of them."""
+    m, b = comparison.model, comparison.baseline
+    level = f"{comparison.confidence:.0%}"
+
+    def estimate(value: float | None, ci: tuple[float, float] | None, spec: str) -> str:
+        if value is None:
+            return "n/a"
+        return format(value, spec) + (f" [{ci[0]:{spec}}, {ci[1]:{spec}}]" if ci else "")
+
+    lines = [
+        f"| game | {m} runs | {b} runs | {m} | {b} | {m} - {b} [{level}] | {m} normalised [{level}] "
+        f"| P({m} > {b}) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for g in comparison.games:
+        cells = [
+            g.game, str(len(g.model_scores)), str(len(g.baseline_scores)),
+            f"{np.mean(g.model_scores):.2f}", f"{np.mean(g.baseline_scores):.2f}",
+            estimate(g.difference, g.difference_ci, "+.2f"), estimate(g.normalised, g.normalised_ci, ".2f"),
+            f"{g.p_improvement:.2f}",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    model_runs = sum(len(g.model_scores) for g in comparison.games)
+    baseline_runs = sum(len(g.baseline_scores) for g in comparison.games)
+    lines.append(
+        f"| all {len(comparison.games)} games (each alike) | {model_runs} | {baseline_runs} | | | "
+        f"| {estimate(comparison.normalised, comparison.normalised_ci, '.2f')} "
+        f"| {estimate(comparison.p_improvement, comparison.p_improvement_ci, '.2f')} |"
+    )
+    return "\n".join(lines)

@@ -7,11 +7,10 @@ Every contender is the same Nature-CNN DSQN (Liu et al. 2022: conv1 applied once
 LIF layers after conv1, conv2, conv3 and fc1, tau 2, threshold 1, hard reset, ATan surrogate, Q = fc2 of
 the fc1 firing rates), or its non-spiking reference, with 6 actions (Pong):
 
-- spikeq fused: ``SpikingPolicy`` with ``engine="fused"`` (time-batched layers, fused recurrence; the
-  recurrence runs in spikeq's Triton kernels on CUDA when Triton is installed, in its compiled CPU
-  loops on the CPU when they can be built: ``backend="auto"``);
-- spikeq fused, torch loop: the same with the recurrence in PyTorch kernels, step by step
-  (``backend="torch"``), to show what the Triton kernels or the CPU loops gain;
+- spikeq fused: ``SpikingPolicy`` with ``engine="fused"`` (time-batched layers, fused recurrence; on
+  CUDA the recurrence runs in spikeq's Triton kernels when Triton is installed);
+- spikeq fused, torch loop (CUDA only): the same with the recurrence in PyTorch kernels, step by step
+  (``backend="torch"``), to show what the Triton kernels gain;
 - spikeq fused+recompute: the same with ``recompute=True`` (conv1's layer keeps no membrane);
 - spikeq snntorch: ``SpikingPolicy`` with ``engine="snntorch"`` (every layer called at every step);
 - snntorch naive: a plain snnTorch network as the snnTorch tutorials write it, independent of spikeq
@@ -290,11 +289,13 @@ class Contender:
     :param name: its row name
     :param build: T -> (online, target) Q-networks
     :param loop_policy: (c): the SB3 policy name and policy_kwargs for T, or None to skip (c)
+    :param cuda_only: a row that means something on CUDA only
     """
 
     name: str
     build: Callable[[int], tuple[nn.Module, nn.Module]]
     loop_policy: Callable[[int], tuple[str, dict]] | None = None
+    cuda_only: bool = False
 
 
 CONTENDERS = (
@@ -307,6 +308,7 @@ CONTENDERS = (
         "spikeq fused, torch loop",
         lambda t: spikeq_networks(t, engine="fused", backend="torch"),
         lambda t: ("SpikingPolicy", dict(num_steps=t, engine="fused", backend="torch")),
+        cuda_only=True,
     ),
     Contender("spikeq fused+recompute", lambda t: spikeq_networks(t, engine="fused", recompute=True)),
     Contender(
@@ -742,7 +744,9 @@ def main() -> None:
         print("this CPU cannot flush subnormal floats: --flush-denormal has no effect")
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    contenders = [c for c in CONTENDERS if c.name not in args.skip]
+    contenders = [
+        c for c in CONTENDERS if c.name not in args.skip and (device.type == "cuda" or not c.cuda_only)
+    ]
     if importlib.util.find_spec("spikingjelly") is None:
         print(
             "SpikingJelly is not installed, its rows are skipped "
@@ -755,12 +759,6 @@ def main() -> None:
             f"spikeq fused: recurrence in Triton {engine.triton_backend.kernels().triton.__version__} kernels"
             if engine.triton_backend.available()
             else "Triton is not installed: spikeq fused runs the recurrence in PyTorch kernels"
-        )
-    else:
-        print(
-            "spikeq fused: recurrence in spikeq's compiled CPU loops"
-            if engine.cpu_backend.available()
-            else "the CPU loops cannot be built here: spikeq fused runs the recurrence in PyTorch kernels"
         )
     frames = pong_frames(4 * TRAIN_BATCH)
     for num_steps in args.steps:

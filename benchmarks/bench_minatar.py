@@ -5,9 +5,7 @@
     spiking layer's firing rate (fraction of its neuron-steps that spike) is measured on the first 300
     observations of the replay buffer.
 (b) Agent steps per second of the minatar preset's training loop (an update every step, batch 32) for
-    the ANN DQN and the DSQN, measured over ``--steps`` steps after the replay start, one torch thread;
-    the DSQN twice: with its recurrence in spikeq's compiled CPU loops (where they can be built) and in
-    the PyTorch loop (``backend="torch"``).
+    the ANN DQN and the DSQN, measured over ``--steps`` steps after the replay start, one torch thread.
 (c) With ``--profile-steps N``: where the same loop's time goes, under ``torch.profiler`` for N steps
     of each model: the synaptic work (convolutions and matrix products, forward and backward), the
     spiking layers' recurrences (their autograd nodes, forward and adjoint), the optimiser, and the
@@ -45,25 +43,18 @@ def firing_rates(game: str, init: str, seed: int = 0) -> dict[str, float]:
     return {a.name: float(a.spikes.mean()) for a in activity if a.spikes is not None}
 
 
-# (b) and (c)'s rows: (label, spikeq model, config overrides). The DSQN's recurrence runs in spikeq's
-# compiled CPU loops where they can be built (backend "auto"); the last row keeps the PyTorch loop.
-ROWS = (("dqn", "dqn", {}), ("dsqn", "dsqn", {}), ("dsqn, torch loop", "dsqn", {"backend": "torch"}))
-
-
-def _past_replay_start(game: str, model_name: str, seed: int, **overrides: object):
+def _past_replay_start(game: str, model_name: str, seed: int):
     """A minatar-preset model (and its env) 200 updates past its replay start (1,000 steps)."""
     env = games.make_env(f"MinAtar/{game}", seed=seed)
-    config = resolve(
-        "minatar", model_name, game=f"MinAtar/{game}", learning_starts=1_000, seed=seed, **overrides
-    )
+    config = resolve("minatar", model_name, game=f"MinAtar/{game}", learning_starts=1_000, seed=seed)
     model = build_model(config, env, "cpu")
     model.learn(1_200)
     return model, env
 
 
-def steps_per_second(game: str, model_name: str, steps: int, seed: int = 0, **overrides: object) -> float:
+def steps_per_second(game: str, model_name: str, steps: int, seed: int = 0) -> float:
     """Agent steps/s of the minatar preset's training loop after its replay start."""
-    model, env = _past_replay_start(game, model_name, seed, **overrides)
+    model, env = _past_replay_start(game, model_name, seed)
     start = time.perf_counter()
     model.learn(steps, reset_num_timesteps=False)
     env.close()
@@ -91,15 +82,13 @@ def _part(name: str) -> str | None:
     return None
 
 
-def time_split(
-    game: str, model_name: str, steps: int, seed: int = 0, **overrides: object
-) -> dict[str, float]:
+def time_split(game: str, model_name: str, steps: int, seed: int = 0) -> dict[str, float]:
     """(c): ms per agent step of the training loop in each of ``PARTS``, profiled over ``steps`` steps.
 
     An event counts with its children, unless an enclosing event already counts in a part; the rest
     is the loop's wall time less the parts.
     """
-    model, env = _past_replay_start(game, model_name, seed, **overrides)
+    model, env = _past_replay_start(game, model_name, seed)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
         start = time.perf_counter()
         model.learn(steps, reset_num_timesteps=False)
@@ -141,21 +130,18 @@ def main() -> None:
 
     print(f"\n(b) training agent steps/s (minatar preset, 1 thread, {args.steps} steps after replay start)")
     game = args.games[0]
-    rates = {
-        label: steps_per_second(game, model, args.steps, **overrides) for label, model, overrides in ROWS
-    }
-    for label, rate in rates.items():
-        print(f"{game:<14} {label:<16} {rate:7.1f} steps/s   1M steps: {1e6 / rate / 3600:.1f} h")
+    rates = {model: steps_per_second(game, model, args.steps) for model in ("dqn", "dsqn")}
+    for model, rate in rates.items():
+        print(f"{game:<14} {model:<5} {rate:7.1f} steps/s   1M steps: {1e6 / rate / 3600:.1f} h")
     print(f"DSQN / DQN time per step: {rates['dqn'] / rates['dsqn']:.2f}x")
-    print(f"DSQN with the CPU loops / with the torch loop: {rates['dsqn, torch loop'] / rates['dsqn']:.2f}x")
 
     if args.profile_steps:
         print(f"\n(c) ms per agent step, {game}, profiled over {args.profile_steps} steps after replay start")
         print("| model | " + " | ".join(PARTS) + " | all |\n|---|" + "---:|" * (len(PARTS) + 1))
-        for label, model, overrides in ROWS:
-            split = time_split(game, model, args.profile_steps, **overrides)
+        for model in ("dqn", "dsqn"):
+            split = time_split(game, model, args.profile_steps)
             cells = [f"{split[part]:.2f} ({split[part] / sum(split.values()):.0%})" for part in PARTS]
-            print(f"| {label} | " + " | ".join(cells) + f" | {sum(split.values()):.2f} |")
+            print(f"| {model} | " + " | ".join(cells) + f" | {sum(split.values()):.2f} |")
 
 
 if __name__ == "__main__":

@@ -74,9 +74,8 @@ class NetworkSpec(NeuronSpec):
     :param readout: ``"rate"`` (paper), ``"spike"``, ``"max_mem"``, ``"last_mem"``, ``"mean_mem"``
     :param engine: ``"fused"`` (time-batched) or ``"snntorch"`` (every layer called at every step)
     :param backend: where the fused engine runs the membrane recurrence (``spikeq.snn.engine``): ``"torch"``
-        (PyTorch kernels, any device), ``"triton"`` (spikeq's Triton kernels, CUDA), ``"cpu"`` (spikeq's
-        compiled loops, CPU) or ``"auto"`` (Triton for CUDA tensors, the compiled loops for CPU tensors,
-        where they can be had and run the layer; else PyTorch)
+        (PyTorch kernels, any device), ``"triton"`` (spikeq's Triton kernels, CUDA) or ``"auto"``
+        (Triton for CUDA tensors where it is installed, else PyTorch)
     :param recompute: fused engine: recompute the membrane of a layer with a static (direct) input in
         the backward pass instead of storing it, T times its input: less memory, a little more time
     :param net_arch: hidden fully-connected sizes: after the convolutions for images (default
@@ -116,17 +115,15 @@ class NetworkSpec(NeuronSpec):
             object.__setattr__(self, "net_arch", arch)
         super().__post_init__()
         check_engine(self.engine, self.detach_reset)
-        compiled = self.backend in ("triton", "cpu")
-        if self.engine == "snntorch" and compiled:
+        if self.engine == "snntorch" and self.backend == "triton":
             raise ValueError(
-                f"backend={self.backend!r} runs the fused engine's recurrence; engine='snntorch' steps "
-                f"snnTorch's Leaky instead: use engine='fused' with backend={self.backend!r}, or "
-                "backend='auto' or 'torch'"
+                "backend='triton' runs the fused engine's recurrence; engine='snntorch' steps snnTorch's "
+                "Leaky instead: use engine='fused' with backend='triton', or backend='auto' or 'torch'"
             )
-        if compiled and self.surrogate != "atan":
+        if self.backend == "triton" and self.surrogate != "atan":
             raise ValueError(
-                f"backend={self.backend!r} differentiates surrogate='atan' only, got "
-                f"surrogate={self.surrogate!r}; use backend='torch' or 'auto'"
+                f"backend='triton' differentiates surrogate='atan' only, got surrogate={self.surrogate!r}; "
+                "use backend='torch' or 'auto'"
             )
 
     @property

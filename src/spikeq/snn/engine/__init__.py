@@ -16,12 +16,9 @@ name (``BACKENDS``), as SpikingJelly chooses its neurons' backends:
 - ``triton`` (``triton_backend``, ``spikeq.snn.engine.kernels``): all T steps in one launch per layer and
   direction, on CUDA, for the paper's neurons (scalar parameters, ATan surrogate); anything else is
   refused with the reason;
-- ``cpu`` (``cpu_backend``, ``cpu_loops.cpp``): the same loops in C++ on the CPU, one call per layer
-  and direction, built on first use on a machine; the same neurons only;
-- ``auto``: ``triton`` for CUDA tensors and ``cpu`` for CPU tensors where they can be had and can run
-  the layer, ``torch`` otherwise.
+- ``auto``: ``triton`` for CUDA tensors where it is installed and can run the layer, ``torch`` otherwise.
 
-All give spikes and membranes bit-identical to calling snnTorch's ``Leaky`` step by step, and gradients
+Both give spikes and membranes bit-identical to calling snnTorch's ``Leaky`` step by step, and gradients
 equal within float rounding, with the reset's gradient cut (``detach_reset=True``, as ``Leaky``) or not
 (SpikingJelly's ``detach_reset=False``, the paper's code). Large ``[T, B, ...]`` buffers can come from a
 ``Workspace`` that the network owns and reuses from one training step to the next.

@@ -3,10 +3,9 @@
 ``leaky_sequence`` (spikes and membranes) and ``spike_sequence`` (spikes only, for hidden layers) read
 the snnTorch ``Leaky`` module's own beta, threshold, reset mechanism and surrogate function. The
 forward loop runs without building a graph; the backward runs the adjoint recurrence in reverse. The
-backend does both: ``torch`` (``torch_backend``, the reference, any device), ``triton``
-(``triton_backend``, CUDA) or ``cpu`` (``cpu_backend``, compiled loops); ``auto`` takes Triton for CUDA
-tensors and the compiled loops for CPU tensors, where they can be had and can run the layer (scalar
-parameters, ATan surrogate), the PyTorch loop otherwise.
+backend does both: ``torch`` (``torch_backend``, the reference, any device) or ``triton``
+(``triton_backend``, CUDA); ``auto`` takes Triton for CUDA tensors where it is installed and can run
+the layer (ATan surrogate), the PyTorch loop otherwise.
 """
 
 from __future__ import annotations
@@ -17,42 +16,37 @@ from typing import Any
 import torch
 from torch import nn
 
-from spikeq.snn.engine import cpu_backend, torch_backend, triton_backend
+from spikeq.snn.engine import torch_backend, triton_backend
 from spikeq.snn.engine.torch_backend import RESET_NONE
 from spikeq.snn.engine.workspace import Workspace
 
-BACKENDS = ("auto", "torch", "triton", "cpu")
+BACKENDS = ("auto", "torch", "triton")
 
 
 def choose_backend(
     name: str, current: torch.Tensor, beta: torch.Tensor, threshold: torch.Tensor, spike_fn: Callable
 ) -> Any:
-    """The backend module (``torch_backend``, ``triton_backend`` or ``cpu_backend``) that runs this layer.
+    """The backend module (``torch_backend`` or ``triton_backend``) that runs this layer.
 
     :param name: one of ``BACKENDS``
-    :raises ValueError: for an unknown name, or ``triton`` / ``cpu`` where they cannot run the layer
-    :raises RuntimeError: for ``triton`` without the triton package, ``cpu`` where its loops cannot be built
+    :raises ValueError: for an unknown name, or ``triton`` where the kernels cannot run the layer
+    :raises RuntimeError: for ``triton`` without the triton package
     """
     if name == "torch":
         return torch_backend
+    if name == "triton":
+        triton_backend.check(current, beta, threshold, torch_backend.atan_alpha(spike_fn))
+        triton_backend.kernels()
+        return triton_backend
     if name == "auto":
-        compiled = triton_backend if current.is_cuda else cpu_backend
-        if not compiled.available():
+        if not current.is_cuda or not triton_backend.available():
             return torch_backend
         try:
-            compiled.check(current, beta, threshold, torch_backend.atan_alpha(spike_fn))
+            triton_backend.check(current, beta, threshold, torch_backend.atan_alpha(spike_fn))
         except ValueError:
             return torch_backend
-        return compiled
-    compiled = {"triton": triton_backend, "cpu": cpu_backend}.get(name)
-    if compiled is None:
-        raise ValueError(f"unknown backend {name!r}; allowed: {', '.join(BACKENDS)}")
-    compiled.check(current, beta, threshold, torch_backend.atan_alpha(spike_fn))
-    if name == "triton":
-        compiled.kernels()
-    else:
-        compiled.loops()
-    return compiled
+        return triton_backend
+    raise ValueError(f"unknown backend {name!r}; allowed: {', '.join(BACKENDS)}")
 
 
 def _empty(workspace: Workspace | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:

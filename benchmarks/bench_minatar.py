@@ -22,6 +22,7 @@ import argparse
 import time
 
 import torch
+from bench_engine import SYNAPTIC_OPS  # the benchmark beside this one
 
 from spikeq.envs import games
 from spikeq.envs.minatar import GAMES
@@ -61,11 +62,8 @@ def steps_per_second(game: str, model_name: str, steps: int, seed: int = 0) -> f
     return steps / (time.perf_counter() - start)
 
 
-# Operators that do a layer's synaptic work (as in bench_engine.py), the spiking recurrences' autograd
-# nodes (forward and backward, each op they run included) and the optimiser's calls.
-SYNAPTIC_OPS = frozenset(
-    {"aten::convolution", "aten::convolution_backward", "aten::addmm", "aten::mm", "aten::bmm"}
-)
+# The spiking recurrences' autograd nodes (forward and backward, each op they run included); the
+# synaptic operators are bench_engine.py's.
 RECURRENCE_OPS = frozenset(
     f"{node}{part}" for node in ("_SpikeRecurrence", "_LeakyRecurrence") for part in ("", "Backward")
 )

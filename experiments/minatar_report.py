@@ -10,7 +10,9 @@ table only), and writes beside them ``table.md`` (one row per game and model: th
 best weights, 30 episodes, averaged over seeds, with the energy ratio, spikes per action and firing
 rate), ``comparison.md`` (the DSQN against the DQN, game by game and over games: difference of mean
 scores, DQN-normalised score and probability of improvement, with bootstrap intervals;
-``spikeq.analysis.compare.compare_scores``), ``learning_curves.png`` (the evaluation score, one panel
+``spikeq.analysis.compare.compare_scores``; with three games or more, the mean over the others with
+each game left out; and a table for each setting both models were run with, such as another
+optimiser), ``learning_curves.png`` (the evaluation score, one panel
 per game) and ``training_curves.png`` (the training return, SB3's mean over the last 100 episodes,
 from each run's training_curve.csv) of the runs trained for their game's longest budget (the main
 study), and ``ablations.png`` (evaluation score and training return of the shorter runs, the ablations,
@@ -25,7 +27,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from spikeq.analysis.compare import compare_models, format_comparison
+from spikeq.analysis.compare import (
+    compare_models,
+    format_comparison,
+    format_leave_one_out,
+    leave_one_game_out,
+    shared_settings,
+)
 from spikeq.analysis.report import (
     TRAINING_CURVE,
     format_table,
@@ -58,6 +66,29 @@ def chance_level(results: Path, game: str, episodes: int = 30) -> Path:
     return out
 
 
+def comparisons(paths: list[Path], labels: dict) -> str:
+    """comparison.md: the DSQN against the DQN with the presets' settings, how far each game decides
+    the mean over games, and the same comparison for each other setting both models were run with.
+
+    :raises ValueError: where no game has runs of both models with the presets' settings
+    """
+    compared = compare_models(paths, **labels)
+    sections = [format_comparison(compared)]
+    # A game of single runs has no interval and can swing the mean over games: the games with an
+    # interval get a table of their own.
+    runs = [min(len(g.model_scores), len(g.baseline_scores)) for g in compared.games]
+    if min(runs) < 2 <= max(runs):
+        seeded = compare_models(paths, **labels, min_runs=2)
+        sections.append("The games with two runs or more a side:\n\n" + format_comparison(seeded))
+    if len(compared.games) >= 3:
+        left_out = format_leave_one_out(leave_one_game_out(compared))
+        sections.append("Each game left out in turn (the mean over the others):\n\n" + left_out)
+    for setting in shared_settings(paths, **labels):
+        other = format_comparison(compare_models(paths, **labels, setting=setting))
+        sections.append(f"Both models with {setting}:\n\n{other}")
+    return "\n\n".join(sections)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS, help="the study's result folder")
@@ -87,14 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     comparison = None
     try:
         # The study proper: a game's runs of its longest budget (shorter runs of a model are trials).
-        compared = compare_models([*main_runs, *chance], **labels)
-        comparison = format_comparison(compared)
-        # A game of single runs has no interval and can swing the mean over games: the games with an
-        # interval get a table of their own.
-        runs = [min(len(g.model_scores), len(g.baseline_scores)) for g in compared.games]
-        if min(runs) < 2 <= max(runs):
-            seeded = compare_models([*main_runs, *chance], **labels, min_runs=2)
-            comparison += "\n\nThe games with two runs or more a side:\n\n" + format_comparison(seeded)
+        comparison = comparisons([*main_runs, *chance], labels)
     except ValueError as error:  # no game has finished runs of both models yet
         print(f"no comparison: {error}", file=sys.stderr)
     else:

@@ -156,7 +156,7 @@ def test_table_summarises_runs_per_game_and_model(smoke_run, tmp_path, capsys):
     expected = compare_scores({"Pong": (dsqn_scores, [first_score, first_score + 4], chance)}, "dsqn", "dqn")
     assert compared.read_text().strip() == format_comparison(expected) and compared.read_text() in printed
     assert cli.main(["table", *map(str, paths), "--compare", "dsqn", "dqn"]) == 2
-    assert "the results hold: dqn, dsqn:firing" in capsys.readouterr().err
+    assert "the results hold: dqn; dsqn:firing" in capsys.readouterr().err
 
     (tmp_path / "unfinished").mkdir()
     assert cli.main(["table", str(dsqn), str(tmp_path / "unfinished")]) == 0

@@ -2,12 +2,21 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from spikeq.analysis.compare import compare_models, compare_scores, format_comparison
+from spikeq.analysis.compare import (
+    compare_models,
+    compare_scores,
+    format_comparison,
+    format_leave_one_out,
+    leave_one_game_out,
+    shared_settings,
+)
 from spikeq.analysis.report import split_by_budget
 from spikeq.experiment.config import preset_values
 
@@ -81,6 +90,63 @@ def test_bad_input_is_refused(scores, message):
         compare_scores({"A": ([1.0], [1.0], 0.0)}, confidence=1.5)
 
 
+def test_leaving_each_game_out_compares_the_others_as_if_alone():
+    """One game can decide a mean over games (a baseline barely above chance makes a large normalised
+    score): each game left out in turn, the others compared as ``compare_scores`` would compare them."""
+    scores = {
+        "A": ([3.0, 5.0], [1.1, 1.2], 1.0),  # the baseline barely learns: normalised 20
+        "B": ([2.0, 3.0], [2.0, 2.5], 0.0),
+        "C": ([4.0, 4.0], [3.0, 5.0], 0.0),
+    }
+    comparison = compare_scores(scores, model="dsqn", baseline="dqn", resamples=2000)
+    left_out = leave_one_game_out(comparison, resamples=2000)
+    assert list(left_out) == ["A", "B", "C"]
+    for game, without in left_out.items():
+        rest = {name: runs for name, runs in scores.items() if name != game}
+        assert without == compare_scores(rest, model="dsqn", baseline="dqn", resamples=2000)
+    assert comparison.normalised > 7 and left_out["A"].normalised == pytest.approx((2.5 / 2.25 + 1.0) / 2)
+    table = format_leave_one_out(left_out).splitlines()
+    assert table[0] == "| left out | games | dsqn normalised [95%] | P(dsqn > dqn) [95%] |"
+    # Without A: P(dsqn > dqn) is (2.5 / 4 + 2 / 4) / 2 (B: 3 beats 2 and 2.5, 2 ties 2; C: 4 beats 3).
+    without_a = left_out["A"]
+    assert without_a.p_improvement == 0.5625
+    (n_low, n_high), (p_low, p_high) = without_a.normalised_ci, without_a.p_improvement_ci
+    normalised = f"{without_a.normalised:.2f} [{n_low:.2f}, {n_high:.2f}]"
+    assert table[2] == f"| A | 2 | {normalised} | 0.56 [{p_low:.2f}, {p_high:.2f}] |"
+    with pytest.raises(ValueError, match="three games or more; the comparison has 2"):
+        leave_one_game_out(left_out["A"])
+
+
+def test_both_models_run_with_another_setting_are_compared_on_their_own(tmp_path):
+    """Runs of another optimiser (a study's ``--variant adam --set optimizer=adam ...``) are neither
+    pooled with the preset's runs nor lost: where both models have some, they are a comparison of their
+    own. Here the committed Asterix DQN with Adam and a copy of a DSQN run relabelled as trained so."""
+    asterix = ["MinAtar-Asterix-dqn-s0", "MinAtar-Asterix-dsqn-s0", "MinAtar-Asterix-dqn+adam-s0"]
+    runs = [STUDY / name for name in asterix]
+    random = [STUDY / "random" / "MinAtar-Asterix.json"]
+    labels = dict(ignore=("bootstrap_time_limit",), reference=preset_values)
+    adam = "learning_rate=0.0001, optimizer=adam"
+    assert shared_settings([*runs, *random], **labels) == []  # a DQN with Adam only
+    with pytest.raises(
+        ValueError, match=rf"dqn with {adam} and a random .* dqn \({adam}\); dsqn:firing; random"
+    ):
+        compare_models([*runs, *random], **labels, setting=adam)
+    relabelled = tmp_path / "MinAtar-Asterix-dsqn+adam-s0"
+    shutil.copytree(STUDY / "MinAtar-Asterix-dsqn-s0", relabelled)
+    config = yaml.safe_load((relabelled / "config.yaml").read_text())
+    (relabelled / "config.yaml").write_text(
+        yaml.safe_dump({**config, "optimizer": "adam", "learning_rate": 1e-4})
+    )
+    paths = [*runs, relabelled, *random]
+    assert shared_settings(paths, **labels) == [adam]
+    score = {run.name: json.loads((run / "evaluation.json").read_text())["score_mean"] for run in runs}
+    preset, other = compare_models(paths, **labels), compare_models(paths, **labels, setting=adam)
+    assert preset.games[0].model_scores == [score["MinAtar-Asterix-dsqn-s0"]]
+    assert preset.games[0].baseline_scores == [score["MinAtar-Asterix-dqn-s0"]]
+    assert other.games[0].model_scores == [score["MinAtar-Asterix-dsqn-s0"]]  # the copy's own score
+    assert other.games[0].baseline_scores == [score["MinAtar-Asterix-dqn+adam-s0"]]
+
+
 def test_the_study_comparison_takes_each_main_runs_final_score():
     """On the committed MinAtar results, labelled against their presets as ``make minatar-report`` does:
     every 1M-step DSQN (firing init) and DQN run of a game, by its evaluation.json, and none of the
@@ -127,5 +193,5 @@ def test_the_study_comparison_takes_each_main_runs_final_score():
     # (the study's sides, and those of whatever ablations have been added to it since).
     with pytest.raises(ValueError, match=r"no game has runs of both dsqn:firing and dqn") as error:
         compare_models(runs, reference=preset_values)
-    held = str(error.value).split("the results hold: ")[1].split(", ")
+    held = str(error.value).split("the results hold: ")[1].split("; ")
     assert {"dqn", "dsqn:firing", "dsqn:default"} <= set(held) and held == sorted(held)

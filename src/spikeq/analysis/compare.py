@@ -6,7 +6,9 @@ Each run counts by its final score (``evaluation.json``); each game's chance lev
 policy's score. Per game: the difference of the mean scores, the model's score normalised between
 chance and the baseline, and the probability of improvement; over games, their means, with stratified
 bootstrap intervals over the runs (``compare_scores``). ``compare_models`` gathers the scores from
-result files as ``spikeq.analysis.report`` groups them, ``format_comparison`` writes the Markdown table.
+result files as ``spikeq.analysis.report`` groups them (the preset's runs, or those of one setting that
+both models were run with: ``shared_settings``), ``format_comparison`` writes the Markdown table, and
+``leave_one_game_out`` / ``format_leave_one_out`` say how far one game decides the mean over games.
 """
 
 from __future__ import annotations
@@ -156,6 +158,38 @@ def _side_name(model: str, init: str | None) -> str:
     return model if init is None else f"{model}:{init}"
 
 
+def _sides(
+    paths: list[Path], ignore: Iterable[str], reference: Reference | None
+) -> dict[tuple[str, str], dict[str, dict[int | None, list[float]]]]:
+    """(side, setting) -> game -> step budget -> the unperturbed runs' final scores."""
+    sides: dict[tuple[str, str], dict[str, dict[int | None, list[float]]]] = {}
+    groups = grouped_results(paths, ignore, reference)
+    for (game, name, init, perturbation, steps, setting), records in groups.items():
+        if perturbation == "none":
+            scores = [record.evaluation.score_mean for record in records]
+            sides.setdefault((_side_name(name, init), setting), {}).setdefault(game, {})[steps] = scores
+    return sides
+
+
+def shared_settings(
+    paths: list[Path],
+    model: str = "dsqn:firing",
+    baseline: str = "dqn",
+    ignore: Iterable[str] = (),
+    reference: Reference | None = None,
+) -> list[str]:
+    """The settings other than the preset's (``setting_labels``' labels, such as ``"optimizer=adam"``)
+    that both ``model`` and ``baseline`` have runs of in one game at least: each can be compared on its
+    own (``compare_models(..., setting=...)``)."""
+    sides = _sides(paths, ignore, reference)
+    settings = {setting for side, setting in sides if setting}
+    return sorted(
+        setting
+        for setting in settings
+        if set(sides.get((model, setting), {})) & set(sides.get((baseline, setting), {}))
+    )
+
+
 def compare_models(
     paths: list[Path],
     model: str = "dsqn:firing",
@@ -163,17 +197,20 @@ def compare_models(
     ignore: Iterable[str] = (),
     reference: Reference | None = None,
     min_runs: int = 1,
+    setting: str = "",
     **options: Any,
 ) -> Comparison:
     """``compare_scores`` for the results in ``paths``: each run's final score (``evaluation.json``),
     and the random policy's (``spikeq evaluate --random --out``) as each game's chance level.
 
-    A side is the runs of one model and init without a perturbation or a setting of their own
-    (``grouped_results``: an ablation's runs are not pooled with the main ones); only games with runs
-    of both sides and a random policy's score are compared.
+    A side is the runs of one model and init without a perturbation and with one setting (by default
+    none of their own: ``grouped_results``, so an ablation's runs are not pooled with the main ones);
+    only games with runs of both sides and a random policy's score are compared.
 
     :param model, baseline: ``MODEL`` or ``MODEL:INIT`` (``dsqn:firing``, ``dsqn:default``, ``dqn``)
     :param ignore, reference: as for ``setting_labels``
+    :param setting: the runs compared on both sides: ``""`` those without a setting of their own (with
+        ``reference``, the preset's), or a label of ``setting_labels`` (``shared_settings`` lists them)
     :param min_runs: compare only the games where each side has at least this many runs (2: the games
         with an interval, so that one game of single runs does not decide the mean over games)
     :param options: ``compare_scores``'s confidence, resamples and seed
@@ -183,18 +220,13 @@ def compare_models(
     """
     if isinstance(min_runs, bool) or not isinstance(min_runs, int) or min_runs < 1:
         raise ValueError(f"min_runs={min_runs!r} must be an integer >= 1")
-    sides: dict[str, dict[str, dict[int | None, list[float]]]] = {}
-    groups = grouped_results(paths, ignore, reference)
-    for (game, name, init, perturbation, steps, setting), records in groups.items():
-        if perturbation == "none" and not setting:
-            scores = [record.evaluation.score_mean for record in records]
-            sides.setdefault(_side_name(name, init), {}).setdefault(game, {})[steps] = scores
+    sides = _sides(paths, ignore, reference)
     # Each game's chance level: the mean of its random-policy evaluations.
     chance = {
         game: float(np.mean([score for scores in evaluations.values() for score in scores]))
-        for game, evaluations in sides.get("random", {}).items()
+        for game, evaluations in sides.get(("random", ""), {}).items()
     }
-    model_runs, baseline_runs = sides.get(model, {}), sides.get(baseline, {})
+    model_runs, baseline_runs = sides.get((model, setting), {}), sides.get((baseline, setting), {})
     scores = {}
     for game in sorted(set(model_runs) & set(baseline_runs) & set(chance)):
         for side, runs in ((model, model_runs[game]), (baseline, baseline_runs[game])):
@@ -205,9 +237,11 @@ def compare_models(
             scores[game] = (model_scores, baseline_scores, chance[game])
     if not scores:
         runs = "" if min_runs == 1 else f" ({min_runs} or more each)"
+        runs += f" with {setting}" if setting else ""
+        held = sorted(name + (f" ({label})" if label else "") for name, label in sides) or ["nothing"]
         raise ValueError(
             f"no game has runs of both {model} and {baseline}{runs} and a random policy's score "
-            f"(spikeq evaluate --random --out); the results hold: {', '.join(sorted(sides)) or 'nothing'}"
+            f"(spikeq evaluate --random --out); the results hold: {'; '.join(held)}"
         )
     # Labelled by model name (dsqn, dqn), or by the whole MODEL:INIT where that alone tells them apart.
     names = model.split(":")[0], baseline.split(":")[0]
@@ -215,15 +249,17 @@ def compare_models(
     return compare_scores(scores, model=names[0], baseline=names[1], **options)
 
 
+def _estimate(value: float | None, ci: tuple[float, float] | None, spec: str = ".2f") -> str:
+    """A statistic with its interval in brackets where it has one; ``n/a`` where it is undefined."""
+    if value is None:
+        return "n/a"
+    return format(value, spec) + (f" [{ci[0]:{spec}}, {ci[1]:{spec}}]" if ci else "")
+
+
 def format_comparison(comparison: Comparison) -> str:
     """A ``Comparison`` as a Markdown table, one row per game and one for all of them."""
     m, b = comparison.model, comparison.baseline
     level = f"{comparison.confidence:.0%}"
-
-    def estimate(value: float | None, ci: tuple[float, float] | None, spec: str) -> str:
-        if value is None:
-            return "n/a"
-        return format(value, spec) + (f" [{ci[0]:{spec}}, {ci[1]:{spec}}]" if ci else "")
 
     lines = [
         f"| game | {m} runs | {b} runs | {m} | {b} | {m} - {b} [{level}] | {m} normalised [{level}] "
@@ -234,7 +270,7 @@ def format_comparison(comparison: Comparison) -> str:
         cells = [
             g.game, str(len(g.model_scores)), str(len(g.baseline_scores)),
             f"{np.mean(g.model_scores):.2f}", f"{np.mean(g.baseline_scores):.2f}",
-            estimate(g.difference, g.difference_ci, "+.2f"), estimate(g.normalised, g.normalised_ci, ".2f"),
+            _estimate(g.difference, g.difference_ci, "+.2f"), _estimate(g.normalised, g.normalised_ci),
             f"{g.p_improvement:.2f}",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -242,7 +278,52 @@ def format_comparison(comparison: Comparison) -> str:
     baseline_runs = sum(len(g.baseline_scores) for g in comparison.games)
     lines.append(
         f"| all {len(comparison.games)} games (each alike) | {model_runs} | {baseline_runs} | | | "
-        f"| {estimate(comparison.normalised, comparison.normalised_ci, '.2f')} "
-        f"| {estimate(comparison.p_improvement, comparison.p_improvement_ci, '.2f')} |"
+        f"| {_estimate(comparison.normalised, comparison.normalised_ci)} "
+        f"| {_estimate(comparison.p_improvement, comparison.p_improvement_ci)} |"
     )
+    return "\n".join(lines)
+
+
+def leave_one_game_out(
+    comparison: Comparison, resamples: int = 10_000, seed: int = 0
+) -> dict[str, Comparison]:
+    """``comparison`` again without each of its games in turn (game -> the comparison of the others):
+    how far one game decides the mean over games. The intervals are resampled anew, as
+    ``compare_scores`` with this seed would for those games alone.
+
+    :raises ValueError: for a comparison of fewer than three games (one left would be no mean)
+    """
+    if len(comparison.games) < 3:
+        raise ValueError(
+            f"leaving one game out needs three games or more; the comparison has {len(comparison.games)}"
+        )
+    scores = {g.game: (g.model_scores, g.baseline_scores, g.chance) for g in comparison.games}
+    return {
+        left_out: compare_scores(
+            {game: runs for game, runs in scores.items() if game != left_out},
+            model=comparison.model,
+            baseline=comparison.baseline,
+            confidence=comparison.confidence,
+            resamples=resamples,
+            seed=seed,
+        )
+        for left_out in scores
+    }
+
+
+def format_leave_one_out(comparisons: dict[str, Comparison]) -> str:
+    """``leave_one_game_out``'s comparisons as a Markdown table, one row per game left out."""
+    first = next(iter(comparisons.values()))
+    m, b, level = first.model, first.baseline, f"{first.confidence:.0%}"
+
+    lines = [
+        f"| left out | games | {m} normalised [{level}] | P({m} > {b}) [{level}] |",
+        "|---|---:|---:|---:|",
+    ]
+    for left_out, c in comparisons.items():
+        normalised, p_improvement = (
+            _estimate(c.normalised, c.normalised_ci),
+            _estimate(c.p_improvement, c.p_improvement_ci),
+        )
+        lines.append(f"| {left_out} | {len(c.games)} | {normalised} | {p_improvement} |")
     return "\n".join(lines)

@@ -27,13 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from spikeq.analysis.compare import (
-    compare_models,
-    format_comparison,
-    format_leave_one_out,
-    leave_one_game_out,
-    shared_settings,
-)
+from spikeq.analysis.compare import comparison_report
 from spikeq.analysis.report import (
     TRAINING_CURVE,
     format_table,
@@ -66,29 +60,6 @@ def chance_level(results: Path, game: str, episodes: int = 30) -> Path:
     return out
 
 
-def comparisons(paths: list[Path], labels: dict) -> str:
-    """comparison.md: the DSQN against the DQN with the presets' settings, how far each game decides
-    the mean over games, and the same comparison for each other setting both models were run with.
-
-    :raises ValueError: where no game has runs of both models with the presets' settings
-    """
-    compared = compare_models(paths, **labels)
-    sections = [format_comparison(compared)]
-    # A game of single runs has no interval and can swing the mean over games: the games with an
-    # interval get a table of their own.
-    runs = [min(len(g.model_scores), len(g.baseline_scores)) for g in compared.games]
-    if min(runs) < 2 <= max(runs):
-        seeded = compare_models(paths, **labels, min_runs=2)
-        sections.append("The games with two runs or more a side:\n\n" + format_comparison(seeded))
-    if len(compared.games) >= 3:
-        left_out = format_leave_one_out(leave_one_game_out(compared))
-        sections.append("Each game left out in turn (the mean over the others):\n\n" + left_out)
-    for setting in shared_settings(paths, **labels):
-        other = format_comparison(compare_models(paths, **labels, setting=setting))
-        sections.append(f"Both models with {setting}:\n\n{other}")
-    return "\n\n".join(sections)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS, help="the study's result folder")
@@ -118,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     comparison = None
     try:
         # The study proper: a game's runs of its longest budget (shorter runs of a model are trials).
-        comparison = comparisons([*main_runs, *chance], labels)
+        comparison = comparison_report([*main_runs, *chance], **labels)
     except ValueError as error:  # no game has finished runs of both models yet
         print(f"no comparison: {error}", file=sys.stderr)
     else:

@@ -17,6 +17,7 @@ from gymnasium import spaces
 from minatar import Environment
 from torch import nn
 
+from spikeq.analysis.compare import comparison_report
 from spikeq.analysis.report import (
     TRAINING_CURVE,
     plot_ablations,
@@ -256,7 +257,7 @@ def test_the_study_comparison_leaves_each_game_out_and_compares_other_settings(t
     (relabelled / "config.yaml").write_text(
         yaml.safe_dump({**config, "optimizer": "adam", "learning_rate": 1e-4})
     )
-    sections = report.comparisons([*main, relabelled, *chance], labels).split("\n\n")
+    sections = comparison_report([*main, relabelled, *chance], **labels).split("\n\n")
     preset, heading, left_out, *others = sections
     assert preset.splitlines()[0].startswith("| game | dsqn runs | dqn runs |")
     assert heading == "Each game left out in turn (the mean over the others):"

@@ -658,7 +658,8 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
         nargs=2,
         metavar=("MODEL", "BASELINE"),
         help="also compare two models run by run, e.g. --compare dsqn:firing dqn (MODEL[:INIT]): per game "
-        "and over games, with bootstrap intervals; needs each game's random policy among the paths "
+        "and over games, with bootstrap intervals, each game left out in turn, and again for each setting "
+        "both were run with; needs each game's random policy among the paths "
         "(spikeq evaluate --random --out)",
     )
     p.add_argument("--compare-out", type=Path, help="also write the comparison, regenerated (Markdown)")
@@ -666,7 +667,7 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
 
 
 def _table(args: argparse.Namespace) -> int:
-    from spikeq.analysis.compare import compare_models, format_comparison
+    from spikeq.analysis.compare import comparison_report
     from spikeq.analysis.report import format_table, results_table, write_table
     from spikeq.files import write_atomic
 
@@ -685,7 +686,7 @@ def _table(args: argparse.Namespace) -> int:
         if args.out:
             print(f"written: {write_table(rows, args.out)}")
         if args.compare:
-            comparison = format_comparison(compare_models(paths, *args.compare, reference=preset_values))
+            comparison = comparison_report(paths, *args.compare, reference=preset_values)
             print(f"\n{comparison}")
             if args.compare_out:
                 args.compare_out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,8 @@ chance and the baseline, and the probability of improvement; over games, their m
 bootstrap intervals over the runs (``compare_scores``). ``compare_models`` gathers the scores from
 result files as ``spikeq.analysis.report`` groups them (the preset's runs, or those of one setting that
 both models were run with: ``shared_settings``), ``format_comparison`` writes the Markdown table, and
-``leave_one_game_out`` / ``format_leave_one_out`` say how far one game decides the mean over games.
+``leave_one_game_out`` / ``format_leave_one_out`` say how far one game decides the mean over games;
+``comparison_report`` puts them together (``spikeq table --compare``, ``make minatar-report``).
 """
 
 from __future__ import annotations
@@ -327,3 +328,34 @@ def format_leave_one_out(comparisons: dict[str, Comparison]) -> str:
         )
         lines.append(f"| {left_out} | {len(c.games)} | {normalised} | {p_improvement} |")
     return "\n".join(lines)
+
+
+def comparison_report(
+    paths: list[Path],
+    model: str = "dsqn:firing",
+    baseline: str = "dqn",
+    ignore: Iterable[str] = (),
+    reference: Reference | None = None,
+) -> str:
+    """``model`` against ``baseline`` in Markdown: their runs of the presets' settings (without
+    ``reference``: of no setting of their own), then, where they apply, the games with two runs or more
+    a side (where a game of single runs, without an interval, could swing the mean), each game left out
+    in turn (three games or more), and the same comparison for each setting both models were run with
+    (``shared_settings``).
+
+    :raises ValueError: where no game has runs of both models (``compare_models``)
+    """
+    sides = dict(model=model, baseline=baseline, ignore=ignore, reference=reference)
+    compared = compare_models(paths, **sides)
+    sections = [format_comparison(compared)]
+    runs = [min(len(g.model_scores), len(g.baseline_scores)) for g in compared.games]
+    if min(runs) < 2 <= max(runs):
+        seeded = format_comparison(compare_models(paths, **sides, min_runs=2))
+        sections.append(f"The games with two runs or more a side:\n\n{seeded}")
+    if len(compared.games) >= 3:
+        left_out = format_leave_one_out(leave_one_game_out(compared))
+        sections.append(f"Each game left out in turn (the mean over the others):\n\n{left_out}")
+    for setting in shared_settings(paths, model, baseline, ignore, reference):
+        other = format_comparison(compare_models(paths, **sides, setting=setting))
+        sections.append(f"Both models with {setting}:\n\n{other}")
+    return "\n\n".join(sections)

@@ -12,7 +12,7 @@ rate), ``comparison.md`` (the DSQN against the DQN, game by game and over games:
 scores, DQN-normalised score and probability of improvement, with bootstrap intervals;
 ``spikeq.analysis.compare.compare_scores``; with three games or more, the mean over the others with
 each game left out; and a table for each setting both models were run with, such as another
-optimiser), ``learning_curves.png`` (the evaluation score, one panel
+optimiser; ``comparison.png`` draws the first two), ``learning_curves.png`` (the evaluation score, one panel
 per game) and ``training_curves.png`` (the training return, SB3's mean over the last 100 episodes,
 from each run's training_curve.csv) of the runs trained for their game's longest budget (the main
 study), and ``ablations.png`` (evaluation score and training return of the shorter runs, the ablations,
@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from spikeq.analysis.compare import comparison_report
+from spikeq.analysis.compare import compare_models, comparison_report, leave_one_game_out, plot_comparison
 from spikeq.analysis.report import (
     TRAINING_CURVE,
     format_table,
@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         write_atomic(args.results / "comparison.md", comparison + "\n")
         written.append(args.results / "comparison.md")
+        compared = compare_models([*main_runs, *chance], **labels)
+        if any(game.normalised is not None for game in compared.games):
+            left_out = leave_one_game_out(compared) if len(compared.games) >= 3 else None
+            written.append(plot_comparison(compared, args.results / "comparison.png", left_out))
     if trained := [run for run in main_runs if (run / TRAINING_CURVE).exists()]:
         out = args.results / "training_curves.png"
         curves = plot_learning_curves(trained, out, title="MinAtar", training=True, **labels)

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import yaml
 
+from spikeq.analysis import compare, report
 from spikeq.analysis.compare import (
     compare_models,
     compare_scores,
     format_comparison,
     format_leave_one_out,
     leave_one_game_out,
+    plot_comparison,
     shared_settings,
 )
 from spikeq.analysis.report import split_by_budget
@@ -115,6 +117,37 @@ def test_leaving_each_game_out_compares_the_others_as_if_alone():
     assert table[2] == f"| A | 2 | {normalised} | 0.56 [{p_low:.2f}, {p_high:.2f}] |"
     with pytest.raises(ValueError, match="three games or more; the comparison has 2"):
         leave_one_game_out(left_out["A"])
+
+
+def test_the_comparison_figure_draws_games_and_means(tmp_path, monkeypatch):
+    """comparison.png: a row per game and per mean, on a log axis where every normalised score is above
+    chance and a linear one where a model plays below chance; refused where no baseline scores above
+    chance (nothing to normalise by)."""
+    drawn = []
+
+    def save_figure(figure, out):
+        left = figure.axes[0]
+        drawn.append((left.get_xscale(), [label.get_text() for label in left.get_yticklabels()]))
+        return report.save_figure(figure, out)
+
+    monkeypatch.setattr(compare, "save_figure", save_figure)
+    scores = {
+        "A": ([3.0, 5.0], [1.5, 2.0], 1.0),
+        "B": ([2.0, 3.0], [2.0, 2.5], 0.0),
+        "C": ([4.0], [3.0], 0.0),
+    }
+    comparison = compare_scores(scores, resamples=500)
+    out = plot_comparison(comparison, tmp_path / "figures" / "comparison.png", leave_one_game_out(comparison))
+    assert out.read_bytes().startswith(b"\x89PNG")
+    rows = ["A", "B", "C", "all 3 games", "without A", "without B", "without C"]
+    assert drawn.pop() == ("log", rows)
+    below = compare_scores({**scores, "C": ([-1.0], [3.0], 0.0)}, resamples=500)
+    assert plot_comparison(below, tmp_path / "below.png").read_bytes().startswith(b"\x89PNG")
+    assert drawn.pop() == ("linear", rows[:4])
+    at_chance = compare_scores({"A": ([2.0], [0.0], 0.0)})
+    with pytest.raises(ValueError, match="baseline does not score above chance anywhere"):
+        plot_comparison(at_chance, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_both_models_run_with_another_setting_are_compared_on_their_own(tmp_path):

@@ -9,7 +9,8 @@ bootstrap intervals over the runs (``compare_scores``). ``compare_models`` gathe
 result files as ``spikeq.analysis.report`` groups them (the preset's runs, or those of one setting that
 both models were run with: ``shared_settings``), ``format_comparison`` writes the Markdown table, and
 ``leave_one_game_out`` / ``format_leave_one_out`` say how far one game decides the mean over games;
-``comparison_report`` puts them together (``spikeq table --compare``, ``make minatar-report``).
+``comparison_report`` puts them together (``spikeq table --compare``, ``make minatar-report``) and
+``plot_comparison`` draws them.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib.ticker
 import numpy as np
 
-from spikeq.analysis.report import Reference, grouped_results
+from spikeq.analysis.report import Reference, grouped_results, plt, save_figure
 
 
 @dataclass(frozen=True)
@@ -359,3 +361,53 @@ def comparison_report(
         other = format_comparison(compare_models(paths, **sides, setting=setting))
         sections.append(f"Both models with {setting}:\n\n{other}")
     return "\n\n".join(sections)
+
+
+def plot_comparison(comparison: Comparison, out: Path, left_out: dict[str, Comparison] | None = None) -> Path:
+    """The comparison as a figure: each game's normalised score (with its interval) and probability of
+    improvement, the means over games below them (with theirs), and with ``left_out`` (``leave_one_game_out``)
+    the means without each game in turn. Dotted lines mark the baseline (1), chance (0, where the scale
+    is linear: it is logarithmic where every score is above chance) and P = 0.5 (neither model ahead).
+
+    :param out: the image file to write
+    :return: ``out``
+    :raises ValueError: for a comparison with no normalised score in any game (every baseline at chance)
+    """
+    m, b = comparison.model, comparison.baseline
+    rows = [(g.game, g.normalised, g.normalised_ci, g.p_improvement, None) for g in comparison.games]
+    rows.append((f"all {len(comparison.games)} games", comparison.normalised, comparison.normalised_ci,
+                 comparison.p_improvement, comparison.p_improvement_ci))  # fmt: skip
+    for game, c in (left_out or {}).items():
+        rows.append((f"without {game}", c.normalised, c.normalised_ci, c.p_improvement, c.p_improvement_ci))
+    if all(row[1] is None for row in rows):
+        raise ValueError(f"no game has a normalised score: {b} does not score above chance anywhere")
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 1.2 + 0.45 * len(rows)), sharey=True)
+    ys = np.arange(len(rows))[::-1]  # the first row at the top
+    for i, (y, (_, normalised, normalised_ci, p, p_ci)) in enumerate(zip(ys, rows, strict=True)):
+        colour = "C0" if i < len(comparison.games) else "C1"  # games, then means over games
+        for axes, value, ci in ((left, normalised, normalised_ci), (right, p, p_ci)):
+            if value is None:
+                continue
+            axes.plot(value, y, "o", color=colour)
+            if ci is not None:
+                axes.hlines(y, *ci, color=colour, linewidth=2)
+    values = [v for row in rows for v in (row[1], *(row[2] or ())) if v is not None]
+    if min(values) > 0:  # one game far above the baseline would squeeze the others on a linear axis
+        left.set_xscale("log")
+        left.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        left.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    else:
+        left.axvline(0, color="grey", linestyle=":", linewidth=1)
+    left.axvline(1, color="grey", linestyle=":", linewidth=1)
+    right.axvline(0.5, color="grey", linestyle=":", linewidth=1)
+    left.set_yticks(ys, [row[0] for row in rows])
+    left.set_xlabel(f"{m} score normalised: 0 random policy, 1 {b}")
+    right.set_xlabel(f"P({m} run > {b} run)")
+    right.set_xlim(-0.05, 1.05)
+    level = f"{comparison.confidence:.0%}"
+    figure.suptitle(
+        f"{m} against {b}: point estimates with {level} bootstrap intervals over runs", fontsize=9
+    )
+    for axes in (left, right):
+        axes.grid(alpha=0.3, axis="x")
+    return save_figure(figure, out)

@@ -43,7 +43,7 @@ from spikeq.analysis.perturb import Perturbation
 from spikeq.files import atomic_path, write_atomic
 
 
-def _save(figure: plt.Figure, out: Path) -> Path:
+def save_figure(figure: plt.Figure, out: Path) -> Path:
     """Write ``figure`` to ``out`` (its folder created) and close it."""
     figure.tight_layout()
     out = Path(out)
@@ -228,7 +228,7 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
     axes.set_title(title or ", ".join(dict.fromkeys(games)) or "evaluation")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    return _save(figure, out)
+    return save_figure(figure, out)
 
 
 @dataclass(frozen=True)
@@ -457,7 +457,7 @@ def plot_learning_curves(
         axes.legend(fontsize=7)
     panels[0][0].set_ylabel(_Y_LABELS[training])
     figure.suptitle(f"{title + ': ' if title else ''}mean over seeds (n runs), band min-max", fontsize=9)
-    return _save(figure, out)
+    return save_figure(figure, out)
 
 
 def split_by_budget(run_dirs: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -539,7 +539,7 @@ def plot_ablations(
         "over the same steps\nmean over seeds (n runs), band min-max",
         fontsize=9,
     )
-    return _save(figure, out)
+    return save_figure(figure, out)
 
 
 def plot_robustness(
@@ -626,7 +626,7 @@ def plot_robustness(
         "mean over seeds (n runs), band min-max",
         fontsize=9,
     )
-    return _save(figure, out)
+    return save_figure(figure, out)
 
 
 def _runs_of(by_kind: dict[str, dict[float, dict[tuple, float]]]) -> set[tuple]:

@@ -379,7 +379,7 @@ def test_a_robustness_panel_starts_from_the_runs_it_attacked(tmp_path, monkeypat
     import spikeq.analysis.report as analysis
 
     figures = []
-    monkeypatch.setattr(analysis, "_save", lambda figure, out: figures.append(figure) or out)
+    monkeypatch.setattr(analysis, "save_figure", lambda figure, out: figures.append(figure) or out)
     study = Path(__file__).resolve().parents[1] / "experiments" / "results" / "minatar" / "robustness"
     files = sorted(study.glob("*/*.json"))
     plot_robustness(

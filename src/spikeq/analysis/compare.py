@@ -318,16 +318,13 @@ def format_leave_one_out(comparisons: dict[str, Comparison]) -> str:
     """``leave_one_game_out``'s comparisons as a Markdown table, one row per game left out."""
     first = next(iter(comparisons.values()))
     m, b, level = first.model, first.baseline, f"{first.confidence:.0%}"
-
     lines = [
         f"| left out | games | {m} normalised [{level}] | P({m} > {b}) [{level}] |",
         "|---|---:|---:|---:|",
     ]
     for left_out, c in comparisons.items():
-        normalised, p_improvement = (
-            _estimate(c.normalised, c.normalised_ci),
-            _estimate(c.p_improvement, c.p_improvement_ci),
-        )
+        normalised = _estimate(c.normalised, c.normalised_ci)
+        p_improvement = _estimate(c.p_improvement, c.p_improvement_ci)
         lines.append(f"| {left_out} | {len(c.games)} | {normalised} | {p_improvement} |")
     return "\n".join(lines)
 

@@ -259,6 +259,11 @@ def _estimate(value: float | None, ci: tuple[float, float] | None, spec: str = "
     return format(value, spec) + (f" [{ci[0]:{spec}}, {ci[1]:{spec}}]" if ci else "")
 
 
+def _all_games(comparison: Comparison) -> str:
+    count = len(comparison.games)
+    return "the one game" if count == 1 else f"all {count} games"
+
+
 def format_comparison(comparison: Comparison) -> str:
     """A ``Comparison`` as a Markdown table, one row per game and one for all of them."""
     m, b = comparison.model, comparison.baseline
@@ -277,10 +282,11 @@ def format_comparison(comparison: Comparison) -> str:
             f"{g.p_improvement:.2f}",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    over_games = _all_games(comparison) + (" (each alike)" if len(comparison.games) > 1 else "")
     model_runs = sum(len(g.model_scores) for g in comparison.games)
     baseline_runs = sum(len(g.baseline_scores) for g in comparison.games)
     lines.append(
-        f"| all {len(comparison.games)} games (each alike) | {model_runs} | {baseline_runs} | | | "
+        f"| {over_games} | {model_runs} | {baseline_runs} | | | "
         f"| {_estimate(comparison.normalised, comparison.normalised_ci)} "
         f"| {_estimate(comparison.p_improvement, comparison.p_improvement_ci)} |"
     )
@@ -372,7 +378,7 @@ def plot_comparison(comparison: Comparison, out: Path, left_out: dict[str, Compa
     """
     m, b = comparison.model, comparison.baseline
     rows = [(g.game, g.normalised, g.normalised_ci, g.p_improvement, None) for g in comparison.games]
-    rows.append((f"all {len(comparison.games)} games", comparison.normalised, comparison.normalised_ci,
+    rows.append((_all_games(comparison), comparison.normalised, comparison.normalised_ci,
                  comparison.p_improvement, comparison.p_improvement_ci))  # fmt: skip
     for game, c in (left_out or {}).items():
         rows.append((f"without {game}", c.normalised, c.normalised_ci, c.p_improvement, c.p_improvement_ci))

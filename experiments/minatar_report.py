@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from spikeq.analysis.compare import compare_models, comparison_report, leave_one_game_out, plot_comparison
+from spikeq.analysis.compare import comparison_report, plot_comparison
 from spikeq.analysis.report import (
     TRAINING_CURVE,
     format_table,
@@ -86,26 +86,25 @@ def main(argv: list[str] | None = None) -> int:
     if shorter:
         out = args.results / "ablations.png"
         written.append(plot_ablations(runs, out, chance=scores, title="MinAtar", **labels))
-    comparison = None
+    compared = None
     try:
         # The study proper: a game's runs of its longest budget (shorter runs of a model are trials).
-        comparison = comparison_report([*main_runs, *chance], **labels)
+        compared = comparison_report([*main_runs, *chance], **labels)
     except ValueError as error:  # no game has finished runs of both models yet
         print(f"no comparison: {error}", file=sys.stderr)
     else:
-        write_atomic(args.results / "comparison.md", comparison + "\n")
+        write_atomic(args.results / "comparison.md", compared.markdown + "\n")
         written.append(args.results / "comparison.md")
-        compared = compare_models([*main_runs, *chance], **labels)
-        if any(game.normalised is not None for game in compared.games):
-            left_out = leave_one_game_out(compared) if len(compared.games) >= 3 else None
-            written.append(plot_comparison(compared, args.results / "comparison.png", left_out))
+        if any(game.normalised is not None for game in compared.comparison.games):
+            out = args.results / "comparison.png"
+            written.append(plot_comparison(compared.comparison, out, compared.left_out))
     if trained := [run for run in main_runs if (run / TRAINING_CURVE).exists()]:
         out = args.results / "training_curves.png"
         curves = plot_learning_curves(trained, out, title="MinAtar", training=True, **labels)
         written.append(curves)
     print(format_table(rows))
-    if comparison is not None:
-        print(f"\n{comparison}")
+    if compared is not None:
+        print(f"\n{compared.markdown}")
     print(f"written: {', '.join(map(str, written))}")
     return 0
 

@@ -257,12 +257,14 @@ def test_the_study_comparison_leaves_each_game_out_and_compares_other_settings(t
     (relabelled / "config.yaml").write_text(
         yaml.safe_dump({**config, "optimizer": "adam", "learning_rate": 1e-4})
     )
-    preset, *titled = comparison_report([*main, relabelled, *chance], **labels).split("\n\n")
+    compared = comparison_report([*main, relabelled, *chance], **labels)
+    preset, *titled = compared.markdown.split("\n\n")
     tables = dict(zip(titled[::2], titled[1::2], strict=True))  # each further table under its title
     assert preset.splitlines()[0].startswith("| game | dsqn runs | dqn runs |")
     left_out = tables["Each game left out in turn (the mean over the others):"]
     rows = {row.split("|")[1].strip(): row.split("|")[3].split()[0] for row in left_out.splitlines()[2:]}
     assert set(rows) == {line.split("|")[1].strip() for line in preset.splitlines()[2:-1]}
+    assert set(compared.left_out) == set(rows) == {game.game for game in compared.comparison.games}
     everything = preset.splitlines()[-1].split("|")[-3].split()[0]
     if "n/a" not in (everything, rows["MinAtar/Asterix"]):  # n/a: a game's DQN did not beat chance
         assert float(rows["MinAtar/Asterix"]) < float(everything)  # over the games where the DQN learns

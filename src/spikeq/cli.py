@@ -686,7 +686,7 @@ def _table(args: argparse.Namespace) -> int:
         if args.out:
             print(f"written: {write_table(rows, args.out)}")
         if args.compare:
-            comparison = comparison_report(paths, *args.compare, reference=preset_values)
+            comparison = comparison_report(paths, *args.compare, reference=preset_values).markdown
             print(f"\n{comparison}")
             if args.compare_out:
                 args.compare_out.parent.mkdir(parents=True, exist_ok=True)

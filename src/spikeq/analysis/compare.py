@@ -335,13 +335,26 @@ def format_leave_one_out(comparisons: dict[str, Comparison]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class ComparisonReport:
+    """``comparison_report``'s result: its Markdown and the comparisons ``plot_comparison`` draws.
+
+    :param comparison: the runs of the presets' settings (``compare_models``)
+    :param left_out: each game left out in turn (``leave_one_game_out``); None with fewer than three games
+    """
+
+    markdown: str
+    comparison: Comparison
+    left_out: dict[str, Comparison] | None
+
+
 def comparison_report(
     paths: list[Path],
     model: str = "dsqn:firing",
     baseline: str = "dqn",
     ignore: Iterable[str] = (),
     reference: Reference | None = None,
-) -> str:
+) -> ComparisonReport:
     """``model`` against ``baseline`` in Markdown: their runs of the presets' settings (without
     ``reference``: of no setting of their own), then, where they apply, the games with two runs or more
     a side (where a game of single runs, without an interval, could swing the mean), each game left out
@@ -357,13 +370,15 @@ def comparison_report(
     if min(runs) < 2 <= max(runs):
         seeded = format_comparison(compare_models(paths, **sides, min_runs=2))
         sections.append(f"The games with two runs or more a side:\n\n{seeded}")
-    if len(compared.games) >= 3:
-        left_out = format_leave_one_out(leave_one_game_out(compared))
-        sections.append(f"Each game left out in turn (the mean over the others):\n\n{left_out}")
+    left_out = leave_one_game_out(compared) if len(compared.games) >= 3 else None
+    if left_out is not None:
+        sections.append(
+            f"Each game left out in turn (the mean over the others):\n\n{format_leave_one_out(left_out)}"
+        )
     for setting in shared_settings(paths, model, baseline, ignore, reference):
         other = format_comparison(compare_models(paths, **sides, setting=setting))
         sections.append(f"Both models with {setting}:\n\n{other}")
-    return "\n\n".join(sections)
+    return ComparisonReport("\n\n".join(sections), compared, left_out)
 
 
 def plot_comparison(comparison: Comparison, out: Path, left_out: dict[str, Comparison] | None = None) -> Path:

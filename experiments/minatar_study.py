@@ -22,6 +22,7 @@ Then ``python experiments/minatar_report.py`` writes the table and the learning 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
 import signal
@@ -124,7 +125,24 @@ def progress(run: Run, run_dir: Path, results: Path) -> tuple[str, str]:
     if means:
         best = max(range(len(means)), key=means.__getitem__)
         detail += f"; best evaluation {means[best]:.2f} (step {steps[best]:,})"
+    if state == "running" and (pace := _pace(run_dir, run.steps)):
+        detail += f"; {pace}"
     return state, detail
+
+
+def _pace(run_dir: Path, budget: int) -> str | None:
+    """How far a running run has come and how long it has left, from the last row of its ``train.csv``
+    that has SB3's ``time/fps`` (agent steps per second of wall time since the run started or resumed,
+    evaluations included); None before SB3 has logged one."""
+    if not (run_dir / "train.csv").exists():
+        return None
+    with (run_dir / "train.csv").open(newline="") as f:
+        timed = [row for row in csv.DictReader(f) if row.get("time/fps")]  # evaluation rows have none
+    if not timed:
+        return None
+    step, fps = int(timed[-1]["step"]), float(timed[-1]["time/fps"])
+    left = f", about {(budget - step) / fps / 60:,.0f} min left" if fps > 0 else ""
+    return f"at step {step:,} ({fps:,.0f} agent steps/s{left})"
 
 
 def print_status(plan: list[Run], runs_dir: Path, results: Path) -> None:

@@ -470,8 +470,8 @@ def test_the_training_curve_keeps_the_latest_logged_values_at_evenly_spaced_step
 
 
 def test_the_study_status_says_where_each_run_stands(minatar_smoke, tmp_path, capsys):
-    """``--status`` on real runs: one finished (its results collected), one held by a process, two not
-    started."""
+    """``--status`` on real runs: one finished (its results collected), one held by a process (with its
+    pace and the time it has left), two not started."""
     runs, results = tmp_path / "runs", tmp_path / "results"
     for model in ("dsqn", "dqn"):
         shutil.copytree(
@@ -497,6 +497,13 @@ def test_the_study_status_says_where_each_run_stands(minatar_smoke, tmp_path, ca
     steps = PRESETS["smoke"]["steps"]
     assert states["MinAtar-Breakout-dqn-s0"].startswith(
         f"running      last checkpoint at step {steps:,} of 1,000,000; best"
+    )
+    with (runs / "MinAtar-Breakout-dqn-s0" / "train.csv").open(newline="") as f:
+        last = [row for row in csv.DictReader(f) if row["time/fps"]][-1]  # SB3's pace, logged last
+    fps = float(last["time/fps"])
+    left = (1_000_000 - int(last["step"])) / fps / 60
+    assert states["MinAtar-Breakout-dqn-s0"].endswith(
+        f"; at step {int(last['step']):,} ({fps:,.0f} agent steps/s, about {left:,.0f} min left)"
     )
     assert states["MinAtar-Breakout-dsqn-s1"] == "not started"
     assert not (runs / "MinAtar-Breakout-dsqn-s1").exists()  # --status starts nothing

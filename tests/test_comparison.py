@@ -216,12 +216,24 @@ def test_the_study_comparison_takes_each_main_runs_final_score():
         compare_models([*main, *random], ignore=ignore, reference=preset_values, min_runs=99)
     with pytest.raises(ValueError, match="min_runs=0 must be an integer >= 1"):
         compare_models([*main, *random], ignore=ignore, reference=preset_values, min_runs=0)
-    # Every run at once: the 300k-step DQNs and DSQNs of the robustness test would be pooled with the
-    # main runs of their model (without the presets, the 300k-step DSQNs take a label from the
-    # paper-reset runs of their budget, and the DQNs' are the ones pooled): refused, not averaged.
-    for reference, side in ((preset_values, "dsqn:firing"), (None, "dqn")):
-        with pytest.raises(ValueError, match=rf"MinAtar/Breakout: {side} has runs of several step budgets"):
-            compare_models([*runs, *random], ignore=ignore, reference=reference)
+    # The 300k-step DQNs and DSQNs of the robustness test with the main runs of their model: refused,
+    # not pooled, with or without the presets' labels; and 1M-step DSQNs against 300k-step DQNs refused.
+    breakout = [
+        STUDY / f"MinAtar-Breakout-{m}-s{s}{b}"
+        for m in ("dsqn", "dqn")
+        for s in (0, 1, 2)
+        for b in ("", "-300k")
+    ]
+    for reference in (preset_values, None):
+        with pytest.raises(
+            ValueError, match=r"MinAtar/Breakout: dsqn:firing has runs of several step budgets"
+        ):
+            compare_models([*breakout, *random], ignore=ignore, reference=reference)
+    mixed = [run for run in breakout if ("dsqn" in run.name) != run.name.endswith("-300k")]
+    with pytest.raises(
+        ValueError, match=r"MinAtar/Breakout: dsqn:firing runs of 1,000,000 steps against dqn runs of 300,000"
+    ):
+        compare_models([*mixed, *random], ignore=ignore, reference=preset_values)
     # Without the random policy's evaluations there is no chance level; the error names what there is
     # (the study's sides, and those of whatever ablations have been added to it since).
     with pytest.raises(ValueError, match=r"no game has runs of both dsqn:firing and dqn") as error:

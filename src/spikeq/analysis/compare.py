@@ -219,7 +219,7 @@ def compare_models(
     :param options: ``compare_scores``'s confidence, resamples and seed
     :raises ValueError: naming the sides the results hold, where no game has runs of both sides (at
         least ``min_runs`` each) and a random policy's score; where a side has runs of several step
-        budgets in a game; for ``min_runs`` below 1
+        budgets in a game, or the two sides runs of different budgets; for ``min_runs`` below 1
     """
     if isinstance(min_runs, bool) or not isinstance(min_runs, int) or min_runs < 1:
         raise ValueError(f"min_runs={min_runs!r} must be an integer >= 1")
@@ -235,7 +235,13 @@ def compare_models(
         for side, runs in ((model, model_runs[game]), (baseline, baseline_runs[game])):
             if len(runs) > 1:
                 raise ValueError(f"{game}: {side} has runs of several step budgets: {sorted(runs)}")
-        (model_scores,), (baseline_scores,) = model_runs[game].values(), baseline_runs[game].values()
+        ((model_steps, model_scores),) = model_runs[game].items()  # one budget a side, checked above
+        ((baseline_steps, baseline_scores),) = baseline_runs[game].items()
+        if None not in (model_steps, baseline_steps) and model_steps != baseline_steps:
+            raise ValueError(
+                f"{game}: {model} runs of {model_steps:,} steps against {baseline} runs of "
+                f"{baseline_steps:,}: compare runs of one budget (split_by_budget)"
+            )
         if min(len(model_scores), len(baseline_scores)) >= min_runs:
             scores[game] = (model_scores, baseline_scores, chance[game])
     if not scores:

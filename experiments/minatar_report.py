@@ -8,8 +8,9 @@ run), ``experiments/results/minatar/random/<Game>.json`` (the random policy, ``s
 (``spikeq evaluate --out`` of a trained DQN converted with ``spikeq convert``, model ``dqn-converted``;
 table only), and writes beside them ``table.md`` (one row per game and model: the final score of the
 best weights, 30 episodes, averaged over seeds, with the energy ratio, spikes per action and firing
-rate), ``comparison.md`` (the DSQN against the DQN, game by game and over games: difference of mean
-scores, DQN-normalised score and probability of improvement, with bootstrap intervals;
+rate), ``summary.md`` (the same rows as README.md shows them: each game's longest runs first, each
+seed's score in brackets), ``comparison.md`` (the DSQN against the DQN, game by game and over games:
+difference of mean scores, DQN-normalised score and probability of improvement, with bootstrap intervals;
 ``spikeq.analysis.compare.compare_scores``; with three games or more, the mean over the others with
 each game left out; and a table for each setting both models were run with, such as another
 optimiser; ``comparison.png`` draws the first two), ``learning_curves.png`` (the evaluation score, one panel
@@ -27,9 +28,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from spikeq.analysis.compare import comparison_report, plot_comparison
+from spikeq.analysis.compare import ComparisonReport, comparison_report, plot_comparison
 from spikeq.analysis.report import (
     TRAINING_CURVE,
+    format_summary,
     format_table,
     plot_ablations,
     plot_learning_curves,
@@ -60,6 +62,36 @@ def chance_level(results: Path, game: str, episodes: int = 30) -> Path:
     return out
 
 
+def chance_levels(results: Path, runs: list[Path]) -> list[Path]:
+    """The random policy's evaluation of each game of ``runs`` (measured where missing)."""
+    study_games = sorted({json.loads((run / "evaluation.json").read_text())["game"] for run in runs})
+    return [chance_level(results, game) for game in study_games]
+
+
+def study_rows(results: Path, runs: list[Path], chance: list[Path]) -> list[dict]:
+    """``table.md``'s rows: the runs, the random policy and the converted networks, by game, model and
+    setting (``summary_order`` gives ``summary.md``'s order)."""
+    converted = sorted((results / "converted").glob("*.json"))
+    rows = results_table([*runs, *chance, *converted], ignore=SAME_IN_EFFECT, reference=preset_values)
+    return sorted(rows, key=lambda row: (row["game"], row["model"], row["setting"] or ""))
+
+
+def study_comparison(main_runs: list[Path], chance: list[Path]) -> ComparisonReport:
+    """``comparison.md``'s tables: the study proper, each game's runs of its longest budget (shorter
+    runs of a model are trials), the DSQN against the DQN.
+
+    :raises ValueError: where no game has finished runs of both models
+    """
+    return comparison_report([*main_runs, *chance], ignore=SAME_IN_EFFECT, reference=preset_values)
+
+
+def summary_order(row: dict) -> tuple:
+    """README's order of ``results_table``'s rows: by game, its trained runs from the longest budget
+    down, then what was not trained (converted networks), the random policy last."""
+    trained_steps = row["train_steps"] or 0
+    return row["game"], row["model"] == "random", -trained_steps, row["model"], row["setting"] or ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS, help="the study's result folder")
@@ -68,28 +100,26 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"no finished runs under {args.results}", file=sys.stderr)
         return 1
-    study_games = sorted({json.loads((run / "evaluation.json").read_text())["game"] for run in runs})
-    chance = [chance_level(args.results, game) for game in study_games]
-    converted = sorted((args.results / "converted").glob("*.json"))
+    chance = chance_levels(args.results, runs)
     labels = dict(ignore=SAME_IN_EFFECT, reference=preset_values)  # an ablation's rows: what sets it apart
-    rows = results_table([*runs, *chance, *converted], **labels)
-    rows.sort(key=lambda row: (row["game"], row["model"], row["setting"] or ""))
+    rows = study_rows(args.results, runs, chance)
     table = args.results / "table.md"
     write_table(rows, table)
+    summary = args.results / "summary.md"
+    write_atomic(summary, format_summary(sorted(rows, key=summary_order)) + "\n")
     evaluations = [json.loads(path.read_text()) for path in chance]
     scores = {evaluation["game"]: evaluation["score_mean"] for evaluation in evaluations}
     main_runs, shorter = split_by_budget(runs)
     figure = plot_learning_curves(
         main_runs, args.results / "learning_curves.png", chance=scores, title="MinAtar", **labels
     )
-    written = [table, figure]
+    written = [table, summary, figure]
     if shorter:
         out = args.results / "ablations.png"
         written.append(plot_ablations(runs, out, chance=scores, title="MinAtar", **labels))
     compared = None
     try:
-        # The study proper: a game's runs of its longest budget (shorter runs of a model are trials).
-        compared = comparison_report([*main_runs, *chance], **labels)
+        compared = study_comparison(main_runs, chance)
     except ValueError as error:  # no game has finished runs of both models yet
         print(f"no comparison: {error}", file=sys.stderr)
     else:

@@ -20,6 +20,7 @@ from torch import nn
 from spikeq.analysis.compare import comparison_report
 from spikeq.analysis.report import (
     TRAINING_CURVE,
+    format_summary,
     plot_ablations,
     plot_robustness,
     read_training_curve,
@@ -230,6 +231,11 @@ def test_the_study_report_regenerates_table_and_curves(minatar_smoke, tmp_path):
     assert set(rows) == {"dsqn", "dqn", "random"}
     dsqn_firing = json.loads((results / "MinAtar-Breakout-dsqn-s0" / "evaluation.json").read_text())
     assert f"{dsqn_firing['mean_firing_rate']:.3f} |" in rows["dsqn"]  # the firing-rate column
+    # summary.md, README's form: one run's score ± its sd over episodes, the random policy last.
+    summary = (results / "summary.md").read_text().splitlines()
+    assert [line.split("|")[2].strip() for line in summary[2:]] == ["dqn", "dsqn", "random"]
+    score = f"| {dsqn_firing['score_mean']:.2f} ± {dsqn_firing['score_std']:.2f} |"
+    assert summary[3].startswith("| MinAtar/Breakout | dsqn | firing | ") and score in summary[3]
     assert json.loads((results / "random" / "MinAtar-Breakout.json").read_text())["model"] == "random"
     assert (results / "learning_curves.png").read_bytes().startswith(b"\x89PNG")
     assert (results / "training_curves.png").read_bytes().startswith(b"\x89PNG")
@@ -273,6 +279,49 @@ def test_the_study_comparison_leaves_each_game_out_and_compares_other_settings(t
     (asterix,) = tables[f"Both models with {adam}:"].splitlines()[2:-1]
     dqn_adam = [run for run in main if run.name.startswith("MinAtar-Asterix-dqn+adam-s")]
     assert asterix.startswith(f"| MinAtar/Asterix | 1 | {len(dqn_adam)} |")
+
+
+def markdown_tables(text: str) -> dict[str, set[str]]:
+    """Each Markdown table's header line in ``text`` -> the rows under it (tables of one header pooled)."""
+    tables: dict[str, set[str]] = {}
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|") and (i == 0 or not lines[i - 1].startswith("|")):
+            rows = tables.setdefault(line, set())
+            j = i + 2  # below the alignment row
+            while j < len(lines) and lines[j].startswith("|"):
+                rows.add(lines[j])
+                j += 1
+    return tables
+
+
+def test_the_readme_shows_the_study_as_its_report_writes_it():
+    """README's MinAtar results are the report's files, and those files are what the committed runs give
+    now: summary.md and comparison.md regenerated equal the committed ones; README shows every row of
+    summary.md; every table of README's MinAtar section has the header of a table of summary.md,
+    comparison.md or robustness-summary.md, and each of its rows is a row of such a table."""
+    results = report.RESULTS if report.RESULTS.is_absolute() else EXPERIMENTS.parent / report.RESULTS
+    runs = sorted(path.parent for path in results.glob("*/evaluation.json"))
+    chance = report.chance_levels(results, runs)
+    summary = format_summary(sorted(report.study_rows(results, runs, chance), key=report.summary_order))
+    assert (results / "summary.md").read_text() == summary + "\n"
+    main, _ = split_by_budget(runs)
+    comparison = report.study_comparison(main, chance).markdown
+    assert (results / "comparison.md").read_text() == comparison + "\n"
+    robustness = (results / "robustness" / "robustness-summary.md").read_text()
+    generated: dict[str, set[str]] = {}
+    for text in (summary, comparison, robustness):
+        for header, rows in markdown_tables(text).items():
+            generated.setdefault(header, set()).update(rows)
+    readme = (EXPERIMENTS.parent / "README.md").read_text()
+    section = readme.split("\n### MinAtar results\n")[1].split("\n## ")[0]
+    shown = markdown_tables(section)
+    header, *_ = summary.splitlines()
+    assert shown[header] == generated[header], "README's results table is not summary.md's"
+    assert len(shown) >= 5  # the results, the comparison, each game left out, robustness, transferred
+    for header, rows in shown.items():
+        assert header in generated, f"README table not written by the report: {header}"
+        assert rows <= generated[header], f"README rows not in the report's files: {rows - generated[header]}"
 
 
 def test_the_robustness_study_replays_the_final_evaluation_under_perturbations(

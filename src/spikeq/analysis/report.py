@@ -337,6 +337,8 @@ def results_table(
     config.yaml; runs of different budgets get rows of their own), ``score`` (mean over runs of each
     run's mean score),
     ``score_sd`` (standard deviation of those means across runs, ddof 1; None for one run),
+    ``run_scores`` (each run's mean score, in the order of ``seeds``), ``episode_sd`` (for one run, the
+    standard deviation of its score over its evaluation episodes; None for several),
     ``human_normalized``, ``energy_ratio`` (E_SNN / E_ANN, 1 for an ANN), ``spikes_per_action`` and
     ``firing_rate`` (all spiking neurons together: spikes / (neurons x T) per decision), each the mean
     over runs.
@@ -360,6 +362,8 @@ def results_table(
                 "train_steps": train_steps,
                 "score": float(np.mean(scores)),
                 "score_sd": float(np.std(scores, ddof=1)) if len(scores) > 1 else None,
+                "run_scores": scores,
+                "episode_sd": evaluations[0].score_std if len(evaluations) == 1 else None,
                 "human_normalized": _mean([evaluation.human_normalized for evaluation in evaluations]),
                 "energy_ratio": _mean([energy.energy_ratio for energy in energies]),
                 "spikes_per_action": _mean([energy.spikes_per_action for energy in energies]),
@@ -406,6 +410,42 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    """``results_table``'s rows as the short Markdown table a README shows: for several runs their mean
+    score and each run's in brackets (in the order of the seeds), for one run its score ± its standard
+    deviation over the evaluation episodes; blank cells where a value does not apply."""
+    titles = ("game", "model", "init", "T", "seeds", "trained steps", "score", "energy ratio")
+    lines = ["| " + " | ".join((*titles, "spikes / action", "firing rate")) + " |"]
+    lines.append("|---|---|---|---:|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        model = f"{row['model']} ({row['setting']})" if row.get("setting") else row["model"]
+        if row["perturbation"] != "none":
+            model = f"{model}, {row['perturbation']}"
+        if row["runs"] > 1:
+            score = f"{row['score']:.2f} ({', '.join(f'{value:.2f}' for value in row['run_scores'])})"
+        else:
+            score = f"{row['score']:.2f} ± {row['episode_sd']:.2f}"
+        seeds = ", ".join(str(seed) for seed in row["seeds"] if seed is not None)
+        cells = [
+            row["game"],
+            model,
+            row["init"] or "",
+            _blank(row["num_steps"], "d"),
+            seeds,
+            _blank(row["train_steps"], ",d"),
+            score,
+            _blank(row["energy_ratio"], ".3f"),
+            _blank(row["spikes_per_action"] if row["firing_rate"] is not None else None, ",.0f"),
+            _blank(row["firing_rate"], ".3f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _blank(value: Any, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
 def write_table(rows: list[dict[str, Any]], out: Path) -> Path:
     """Write ``results_table``'s rows as Markdown (``.md``) or CSV (``.csv``)."""
     out = Path(out)
@@ -419,7 +459,8 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> Path:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         for row in rows:
-            writer.writerow({**row, "seeds": _cell(row["seeds"], "s")})
+            lists = {key: _cell(row[key], "s") for key in ("seeds", "run_scores")}
+            writer.writerow({**row, **lists})
     return out
 
 

@@ -373,9 +373,9 @@ def results_table(
     return rows
 
 
-def _cell(value: Any, spec: str) -> str:
+def _cell(value: Any, spec: str, missing: str = "n/a") -> str:
     if value is None:
-        return "n/a"
+        return missing
     if isinstance(value, list):
         return ",".join("?" if v is None else str(v) for v in value)
     return format(value, spec)
@@ -430,20 +430,16 @@ def format_summary(rows: list[dict[str, Any]]) -> str:
             row["game"],
             model,
             row["init"] or "",
-            _blank(row["num_steps"], "d"),
+            _cell(row["num_steps"], "d", ""),
             seeds,
-            _blank(row["train_steps"], ",d"),
+            _cell(row["train_steps"], ",d", ""),
             score,
-            _blank(row["energy_ratio"], ".3f"),
-            _blank(row["spikes_per_action"] if row["firing_rate"] is not None else None, ",.0f"),
-            _blank(row["firing_rate"], ".3f"),
+            _cell(row["energy_ratio"], ".3f", ""),
+            _cell(row["spikes_per_action"] if row["firing_rate"] is not None else None, ",.0f", ""),
+            _cell(row["firing_rate"], ".3f", ""),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _blank(value: Any, spec: str) -> str:
-    return "" if value is None else format(value, spec)
 
 
 def write_table(rows: list[dict[str, Any]], out: Path) -> Path:

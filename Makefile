@@ -4,6 +4,7 @@
 #   make sweep SWEEP=experiments/sweeps/readouts.yaml [ARGS="--set wandb=offline"]
 #   make minatar-study [ARGS="--games Breakout --seeds 0 --lanes 2"] | minatar-report
 #   make minatar-robustness [ARGS="runs/minatar/MinAtar-Breakout-*-300k [--attacker RUN]"]
+#   make minatar-timesteps [ARGS="experiments/results/minatar/MinAtar-Asterix-dsqn-s* [--num-steps 1 8 32]"]
 # TORCH is the pip requirement installed before everything else. From PyPI on Linux x86-64 the pin is
 # the CUDA build (several GB); for the CPU-only build, or one for your CUDA driver, name its index:
 #   make clean install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
@@ -24,7 +25,7 @@ ARGS ?=
 
 SWEEP ?= experiments/sweeps/dsqn_num_steps.yaml
 
-.PHONY: install train test lint format bench evaluate sweep minatar-study minatar-report minatar-robustness clean
+.PHONY: install train test lint format bench evaluate sweep minatar-study minatar-report minatar-robustness minatar-timesteps clean
 
 install: $(STAMP)
 
@@ -66,6 +67,9 @@ minatar-report: $(STAMP)
 
 minatar-robustness: $(STAMP)
 	$(BIN)/python experiments/minatar_robustness.py $(ARGS)
+
+minatar-timesteps: $(STAMP)
+	$(BIN)/python experiments/minatar_timesteps.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -58,9 +58,11 @@ PERTURBATIONS += ("gaussian:0.05", "gaussian:0.1", "gaussian:0.2")
 TRANSFERRED = tuple(p for p in PERTURBATIONS if p.startswith("fgsm"))  # --attacker's default
 
 
-def file_name(perturbation: Perturbation) -> str:
-    """``fgsm:0.05`` -> ``fgsm-0.05.json``."""
-    return f"{str(perturbation).replace(':', '-')}.json"
+def file_name(perturbation: Perturbation, num_steps: int | None = None) -> str:
+    """``fgsm:0.05`` -> ``fgsm-0.05.json``; at another T than the trained one, ``none`` at T = 4 ->
+    ``none-T4.json``."""
+    suffix = "" if num_steps is None else f"-T{num_steps}"
+    return f"{str(perturbation).replace(':', '-')}{suffix}.json"
 
 
 def order(perturbation: str) -> tuple[bool, str, float]:
@@ -72,6 +74,12 @@ def order(perturbation: str) -> tuple[bool, str, float]:
 def row_order(row: dict) -> tuple:
     """A table's order of ``results_table``'s rows: by game, model, setting, then perturbation."""
     return row["game"], row["model"], row["setting"] or "", order(row["perturbation"])
+
+
+def chance_scores(random: Path = RANDOM) -> dict[str, float]:
+    """game -> the random policy's mean score, from the study's evaluations of it in ``random``."""
+    evaluations = [json.loads(path.read_text()) for path in sorted(random.glob("*.json"))]
+    return {evaluation["game"]: evaluation["score_mean"] for evaluation in evaluations}
 
 
 def best_weights(run_dir: Path) -> Path:
@@ -142,10 +150,13 @@ def evaluate_run(
     episodes: int,
     epsilon: float,
     attacker: Path | None = None,
+    num_steps: int | None = None,
 ) -> list[Path]:
     """Every perturbation's evaluation of ``run_dir``'s best weights not yet written; all of its files.
 
     :param attacker: the best weights transferred attacks (``fgsm:EPS@NAME``) are crafted on
+    :param num_steps: evaluate a spiking network at this T instead of the one it was trained with
+        (``spikeq.analysis.weights.with_num_steps``), into files of their own (``file_name``)
     :raises ValueError: for a run directory without a config naming its game and seed, without best
         weights, whose name ``results`` holds the evaluations of another run under, or one of whose
         transferred attacks ``results`` holds crafted on another attacker
@@ -167,7 +178,7 @@ def evaluate_run(
     game, cap = config["game"], config.get("max_episode_steps")
     model = attacking = None
     for perturbation in perturbations:
-        out = out_dir / file_name(perturbation)
+        out = out_dir / file_name(perturbation, num_steps)
         if out.exists():
             crafted_on = json.loads(out.read_text()).get("attacker_checkpoint")
             if crafted_on != (None if attacker is None else str(attacker)):
@@ -177,7 +188,7 @@ def evaluate_run(
                 )
             continue
         env = games.make_env(game, n_envs=1, seed=seed, train=False, max_episode_steps=cap)
-        model = model or load_model(checkpoint, env, "cpu")
+        model = model or load_model(checkpoint, env, "cpu", num_steps)
         if attacker is not None:
             attacking = attacking or load_model(attacker, env, "cpu")
         start = time.perf_counter()
@@ -196,7 +207,8 @@ def evaluate_run(
         record = evaluation_record(result, checkpoint, config, attacker)
         write_atomic(out, json.dumps(record, indent=1))
         took = time.perf_counter() - start
-        print(f"{run_dir.name} {perturbation}: {result.score_mean:.2f} ({took:.0f} s)", flush=True)
+        at = "" if num_steps is None else f" at T = {num_steps}"
+        print(f"{run_dir.name} {perturbation}{at}: {result.score_mean:.2f} ({took:.0f} s)", flush=True)
     return sorted(out_dir.glob("*.json"))
 
 
@@ -275,13 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     short = args.results / "robustness-summary.md"
     brief = summary(files, labels)
     write_atomic(short, brief + "\n")
-    chance = {}
-    for path in RANDOM.glob("*.json"):
-        evaluation = json.loads(path.read_text())
-        chance[evaluation["game"]] = evaluation["score_mean"]
     written = [table, short]
     try:
-        written.append(plot_robustness(files, args.results / "robustness.png", chance, "MinAtar", **labels))
+        figure = args.results / "robustness.png"
+        written.append(plot_robustness(files, figure, chance_scores(), "MinAtar", **labels))
     except ValueError as error:  # only unperturbed evaluations so far
         print(f"no figure: {error}", file=sys.stderr)
     print(brief)

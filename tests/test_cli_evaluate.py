@@ -17,7 +17,7 @@ from spikeq.analysis.report import (
     setting_labels,
     write_table,
 )
-from spikeq.experiment.config import preset_values
+from spikeq.experiment.config import PRESETS, preset_values
 
 KEYS = (
     "score_mean", "score_std", "score_min", "score_max", "human_normalized", "firing_rate",
@@ -62,7 +62,7 @@ def test_evaluate_reports_scores_and_energy(smoke_run, tmp_path, model):
         assert result["energy_ratio"] == pytest.approx(
             result["energy_pj_per_action"] / result["ann_energy_pj_per_action"]
         )
-        assert "firing rate:" in stdout
+        assert "firing rate (T = " in stdout
     else:
         assert result["spikes_per_action"] == 0 and result["energy_ratio"] == 1.0
     assert (tmp_path / "ep.mp4").stat().st_size > 1000
@@ -78,6 +78,31 @@ def test_weights_only_export_evaluates_like_the_zip(smoke_run, tmp_path):
     from_weights, _ = evaluate(tmp_path / "shared.safetensors", tmp_path / "b.json", episodes=1)
     assert from_weights["scores"] == from_zip["scores"]
     assert from_weights["spikes_per_action"] == from_zip["spikes_per_action"]
+
+
+def test_a_spiking_checkpoint_plays_at_another_number_of_time_steps(smoke_run, tmp_path):
+    """``--num-steps T`` runs the trained weights for T steps per decision; at the trained T it changes
+    nothing, at another the energy is counted for that T."""
+    run_dir, _ = smoke_run("dsqn")
+    checkpoint = run_dir / "checkpoints" / "best.zip"
+    trained = PRESETS["smoke"]["num_steps"]
+    own, _ = evaluate(checkpoint, tmp_path / "own.json", episodes=1)
+    same, _ = evaluate(checkpoint, tmp_path / "same.json", "--num-steps", str(trained), episodes=1)
+    assert own["num_steps"] == same["num_steps"] == trained
+    assert same["scores"] == own["scores"] and same["spikes_per_action"] == own["spikes_per_action"]
+    longer, stdout = evaluate(checkpoint, tmp_path / "x4.json", "--num-steps", str(4 * trained), episodes=1)
+    assert longer["num_steps"] == 4 * trained and f"firing rate (T = {4 * trained})" in stdout
+    assert longer["macs_per_action"] == own["macs_per_action"]  # conv1 runs once whatever T
+    assert longer["spikes_per_action"] > own["spikes_per_action"]
+
+    dqn = smoke_run("dqn")[0] / "checkpoints" / "best.zip"
+    for args, message in (
+        ((str(dqn), "--num-steps", "4"), "policy is CnnPolicy, which does not spike"),
+        ((str(checkpoint), "--num-steps", "0"), "num_steps=0 is out of range; allowed: 1 to 4096"),
+        (("--random", "--game", "Pong", "--num-steps", "4"), "--random runs no network"),
+    ):
+        refused = spikeq("evaluate", *args, "--episodes", "1")
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_evaluate_bad_input(tmp_path):

@@ -50,6 +50,7 @@ def load_script(name: str):
 
 study, report = load_script("minatar_study"), load_script("minatar_report")
 robustness = load_script("minatar_robustness")
+timesteps = load_script("minatar_timesteps")
 
 
 @pytest.mark.parametrize(
@@ -299,7 +300,8 @@ def test_the_readme_shows_the_study_as_its_report_writes_it():
     """README's MinAtar results are the report's files, and those files are what the committed runs give
     now: summary.md and comparison.md regenerated equal the committed ones; README shows every row of
     summary.md; every table of README's MinAtar section has the header of a table of summary.md,
-    comparison.md or robustness-summary.md, and each of its rows is a row of such a table."""
+    comparison.md, robustness-summary.md or timesteps-summary.md (regenerated equal to the committed
+    one too), and each of its rows is a row of such a table."""
     results = report.RESULTS if report.RESULTS.is_absolute() else EXPERIMENTS.parent / report.RESULTS
     runs = sorted(path.parent for path in results.glob("*/evaluation.json"))
     chance = report.chance_levels(results, runs)
@@ -309,8 +311,11 @@ def test_the_readme_shows_the_study_as_its_report_writes_it():
     comparison = report.study_comparison(main, chance).markdown
     assert (results / "comparison.md").read_text() == comparison + "\n"
     robustness = (results / "robustness" / "robustness-summary.md").read_text()
+    played = sorted(results.glob("timesteps/*/none-T*.json"))
+    played_at = timesteps.summary(timesteps.rows_by_num_steps(played))
+    assert (results / "timesteps" / "timesteps-summary.md").read_text() == played_at + "\n"
     generated: dict[str, set[str]] = {}
-    for text in (summary, comparison, robustness):
+    for text in (summary, comparison, robustness, played_at):
         for header, rows in markdown_tables(text).items():
             generated.setdefault(header, set()).update(rows)
     readme = (EXPERIMENTS.parent / "README.md").read_text()
@@ -318,7 +323,7 @@ def test_the_readme_shows_the_study_as_its_report_writes_it():
     shown = markdown_tables(section)
     header, *_ = summary.splitlines()
     assert shown[header] == generated[header], "README's results table is not summary.md's"
-    assert len(shown) >= 5  # the results, the comparison, each game left out, robustness, transferred
+    assert len(shown) >= 6  # results, comparison, each game left out, robustness, transferred, T
     for header, rows in shown.items():
         assert header in generated, f"README table not written by the report: {header}"
         assert rows <= generated[header], f"README rows not in the report's files: {rows - generated[header]}"
@@ -421,6 +426,50 @@ def test_the_robustness_study_replays_the_final_evaluation_under_perturbations(
     with pytest.raises(SystemExit):
         robustness.main([*attack, "--perturb", "gaussian:0.1"])
     assert "--attacker crafts FGSM steps; gaussian:0.1 is not fgsm:EPS" in capsys.readouterr().err
+
+
+def test_the_timesteps_study_plays_a_trained_dsqn_at_other_time_steps(minatar_smoke, tmp_path, capsys):
+    """What ``make minatar-timesteps`` does, on a real smoke run: at the trained T the evaluation is the
+    run's own final one again; at each other T the same weights play, and spend, as that T makes them."""
+    study.collect(study.Run("Breakout", "dsqn", 0), minatar_smoke("dsqn")[0], tmp_path / "study")
+    run_dir = tmp_path / "study" / "MinAtar-Breakout-dsqn-s0"
+    results = tmp_path / "timesteps"
+    trained = PRESETS["smoke"]["num_steps"]
+    episodes = str(PRESETS["smoke"]["final_eval_episodes"])
+    options = ["--num-steps", "1", str(trained), "16", "--episodes", episodes, "--results", str(results)]
+    assert timesteps.main([str(run_dir), *options]) == 0
+    written = results / run_dir.name
+    assert sorted(p.name for p in written.iterdir()) == [
+        "config.yaml", "none-T1.json", "none-T16.json", f"none-T{trained}.json"
+    ]  # fmt: skip
+    final = json.loads((run_dir / "evaluation.json").read_text())
+    at = {t: json.loads((written / f"none-T{t}.json").read_text()) for t in (1, trained, 16)}
+    assert at[trained]["scores"] == final["scores"] and at[trained]["num_steps"] == trained
+    assert at[trained]["spikes_per_action"] == final["spikes_per_action"]
+    assert [at[t]["num_steps"] for t in (1, trained, 16)] == [1, trained, 16]
+    assert at[1]["spikes_per_action"] < at[16]["spikes_per_action"]
+    assert at[1]["energy_ratio"] < at[16]["energy_ratio"]
+    table = (results / "timesteps.md").read_text().splitlines()[2:]
+    assert [row.split("|")[5].strip() for row in table] == ["1", str(trained), "16"]
+    header, _, row = (results / "timesteps-summary.md").read_text().splitlines()
+    assert header == f"| game | model | trained steps | runs | T = 1 | T = {trained} | T = 16 |"
+    cells = [cell.strip() for cell in row.split("|")[5:-1]]
+    assert cells == [f"{at[t]['score_mean']:.2f} ({at[t]['energy_ratio']:.3f})" for t in (1, trained, 16)]
+    assert (results / "timesteps.png").stat().st_size > 10_000
+    # Run again: every evaluation is kept, none is played again.
+    stamps = {path: path.stat().st_mtime_ns for path in results.glob("*/*.json")}
+    assert timesteps.main([str(run_dir), *options]) == 0
+    assert {path: path.stat().st_mtime_ns for path in results.glob("*/*.json")} == stamps
+    # A DQN has no T to change; a T out of range is refused.
+    study.collect(study.Run("Breakout", "dqn", 0), minatar_smoke("dqn")[0], tmp_path / "study")
+    capsys.readouterr()
+    for args, message in (
+        ([str(tmp_path / "study" / "MinAtar-Breakout-dqn-s0")], "is a DQN, which does not spike"),
+        ([str(run_dir), "--num-steps", "0"], "--num-steps 0 is out of range; allowed: 1 to 4096"),
+    ):
+        with pytest.raises(SystemExit):
+            timesteps.main([*args, "--results", str(results)])
+        assert message in capsys.readouterr().err
 
 
 def test_a_robustness_panel_starts_from_the_runs_it_attacked(tmp_path, monkeypatch):

@@ -263,6 +263,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noop-max", type=int, default=30, help="Atari: random no-ops at reset (paper: 30)")
     p.add_argument("--seed", type=int, default=0, help="seed of the env and the exploration")
     p.add_argument("--energy-model", default="45nm", help="45nm, loihi, or a YAML profile")
+    p.add_argument(
+        "--num-steps",
+        type=int,
+        help="run a spiking checkpoint for this many time steps T per decision instead of the T it was "
+        "trained with (default: its own)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument(
         "--torch-threads",
@@ -353,6 +359,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--random plays no checkpoint; drop {args.checkpoint} or --random")
             if args.game is None:
                 raise ConfigError("--random needs --game (e.g. --game MinAtar/Breakout)")
+            if args.num_steps is not None:
+                raise ConfigError(f"--random runs no network; drop --num-steps {args.num_steps}")
             game, trained = args.game, {"model": "random"}
         else:
             game = _game_of(args)
@@ -378,7 +386,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             render_mode="rgb_array" if args.video else None,
         )
         device = resolve_device(args.device)
-        model = None if args.random else load_model(args.checkpoint, env, device)
+        model = None if args.random else load_model(args.checkpoint, env, device, args.num_steps)
         attacker = None if args.attacker is None else load_model(args.attacker, env, device)
     except ValueError as error:
         raise ConfigError(str(error).splitlines()[0]) from None
@@ -439,7 +447,7 @@ def format_evaluation(result: Evaluation) -> str:
         return "\n".join(lines)
     if energy.firing_rate:
         rates = ", ".join(f"{k} {v:.4f}" for k, v in energy.firing_rate.items())
-        lines.append(f"firing rate: {rates}")
+        lines.append(f"firing rate (T = {energy.num_steps}): {rates}")
         spikes, sops = _fmt(energy.spikes_per_action), _fmt(energy.sops_per_action)
         lines.append(f"per action: {spikes} spikes, {sops} SOPs, {_fmt(energy.macs_per_action)} MACs")
     lines.append(

@@ -666,6 +666,68 @@ def plot_robustness(
     return save_figure(figure, out)
 
 
+def plot_timesteps(
+    rows: list[dict[str, Any]],
+    out: Path,
+    chance: dict[str, float] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Score and energy against T, the simulation steps per decision trained spiking networks were
+    evaluated at: one row of panels per game, its score and its energy ratio (E_SNN / E_ANN), one line
+    per model and setting.
+
+    A line is the mean over its runs (seeds) of each run's mean score at each T, with the runs' range
+    as a band, and the runs' mean energy ratio; T on a base-2 log axis.
+
+    :param rows: ``results_table``'s rows of spiking networks, one per game, model, setting and T
+    :param out: the image file to write
+    :param chance: game -> the random policy's score, drawn as a dashed line
+    :param title: figure title
+    :raises ValueError: for no rows, or a row of a network that does not spike
+    """
+    lines: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}  # game -> line -> T -> row
+    for row in rows:
+        if row["num_steps"] is None:
+            raise ValueError(f"{row['game']} {row['model']}: not a spiking network, it has no T")
+        label = _line_label(row["model"], row["init"], row["setting"])
+        lines.setdefault(row["game"], {}).setdefault(label, {})[row["num_steps"]] = row
+    if not lines:
+        raise ValueError("no evaluations to plot against T")
+    games = sorted(lines)
+    colours = {line: f"C{i}" for i, line in enumerate(sorted({line for by in lines.values() for line in by}))}
+    figure, panels = _panels_and_legend_column(len(games), 2)
+    for (score_axes, energy_axes, _), game in zip(panels, games, strict=True):
+        steps = sorted({t for by_steps in lines[game].values() for t in by_steps})
+        for line, by_steps in sorted(lines[game].items()):
+            ts = sorted(by_steps)
+            scores = [by_steps[t]["score"] for t in ts]
+            score_axes.plot(ts, scores, marker="o", markersize=3, color=colours[line], label=line)
+            lowest = [min(by_steps[t]["run_scores"]) for t in ts]
+            highest = [max(by_steps[t]["run_scores"]) for t in ts]
+            score_axes.fill_between(ts, lowest, highest, color=colours[line], alpha=0.2)
+            ratios = [by_steps[t]["energy_ratio"] for t in ts]
+            energy_axes.plot(ts, ratios, marker="o", markersize=3, color=colours[line])
+        energy_axes.set_ylim(bottom=0)
+        if chance and game in chance:
+            score_axes.axhline(chance[game], color="grey", linestyle="--", linewidth=1, label="random")
+        for axes, what in ((score_axes, "score"), (energy_axes, "energy per decision")):
+            axes.set_xscale("log", base=2)
+            axes.set_xticks(steps, [str(t) for t in steps])
+            axes.minorticks_off()
+            axes.set_xlabel("T (steps per decision) at evaluation")
+            axes.set_title(f"{game}: {what}")
+            axes.grid(alpha=0.3)
+        score_axes.set_ylabel("evaluation score")
+        energy_axes.set_ylabel("E_SNN / E_ANN")
+    _legend_in_last_column(panels)
+    figure.suptitle(
+        f"{title + ': ' if title else ''}trained spiking networks run for T steps per decision\n"
+        "score: mean over seeds, band min-max; energy: mean over seeds",
+        fontsize=9,
+    )
+    return save_figure(figure, out)
+
+
 def _runs_of(by_kind: dict[str, dict[float, dict[tuple, float]]]) -> set[tuple]:
     """Every run of a line of ``plot_robustness``, in any panel."""
     return {run for by_strength in by_kind.values() for by_run in by_strength.values() for run in by_run}

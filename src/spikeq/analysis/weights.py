@@ -26,6 +26,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from spikeq.files import atomic_path
 from spikeq.snn.network import MAX_NUM_STEPS, MinAtarCNN
+from spikeq.snn.policy import SpikingPolicy
 
 WEIGHTS_FORMAT = "spikeq-weights-v1"
 # Features extractors of the ANN DQNs a weights-only file may name
@@ -170,23 +171,57 @@ def check_weights_meta(meta: dict[str, Any], meta_file: Path) -> None:
         raise ValueError(f"{meta_file}: num_steps={num_steps!r}; allowed: 1 to {MAX_NUM_STEPS}")
 
 
-def load_model(path: Path, env: VecEnv, device: str = "auto") -> DQN:
-    """Load a model for evaluation from an SB3 zip or from the weights-only format.
+# The replay buffer is not needed to act, so a loaded model gets one of capacity 1.
+NO_REPLAY = {"buffer_size": 1, "replay_buffer_class": None, "replay_buffer_kwargs": {}}
 
-    The replay buffer is not needed to act, so it is created with capacity 1.
+
+def load_model(path: Path, env: VecEnv, device: str = "auto", num_steps: int | None = None) -> DQN:
+    """Load a model for evaluation from an SB3 zip or from the weights-only format.
 
     :param path: ``*.zip`` (SB3, pickled: only load files you trust), or ``*.safetensors``/``*.json``
     :param env: the environment to act in (its spaces must match)
     :param device: torch device
-    :raises ValueError: naming what is wrong with a file that does not load (one line)
+    :param num_steps: run a spiking network for this many steps per decision instead of the T it was
+        trained with (``with_num_steps``); ``None``: its own T
+    :raises ValueError: naming what is wrong with a file that does not load (one line), or for
+        ``num_steps`` with a network that does not spike
     """
-    path = Path(path)
+    model = _load_model(Path(path), env, device)
+    return model if num_steps is None else with_num_steps(model, num_steps, env)
+
+
+def with_num_steps(model: DQN, num_steps: int, env: VecEnv) -> DQN:
+    """The same trained spiking Q-network run for ``num_steps`` steps per decision (T), for evaluation.
+
+    Nothing in the weights depends on T: the network is rebuilt with ``num_steps`` in its policy kwargs
+    and given the same state dict (its firing calibration included, so it is not calibrated again).
+    How far a network trained at one T keeps its play at another is what this is for.
+
+    :param model: a model whose policy is a ``SpikingPolicy``
+    :param num_steps: T, from 1 to ``MAX_NUM_STEPS``
+    :param env: the environment to act in
+    :raises ValueError: for a model that does not spike, or a T out of range
+    """
+    if not isinstance(model.policy, SpikingPolicy):
+        raise ValueError(
+            f"num_steps={num_steps!r} sets T of a spiking network; this model's policy is "
+            f"{type(model.policy).__name__}, which does not spike"
+        )
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= MAX_NUM_STEPS:
+        raise ValueError(f"num_steps={num_steps!r} is out of range; allowed: 1 to {MAX_NUM_STEPS}")
+    policy_kwargs = {**model.policy_kwargs, "num_steps": num_steps}
+    rebuilt = DQN(type(model.policy), env, policy_kwargs=policy_kwargs, device=model.device, **NO_REPLAY)
+    rebuilt.q_net.load_state_dict(model.q_net.state_dict())
+    rebuilt.q_net_target.load_state_dict(model.q_net_target.state_dict())
+    return rebuilt
+
+
+def _load_model(path: Path, env: VecEnv, device: str) -> DQN:
     if not path.exists():
         raise ValueError(f"checkpoint {path} does not exist")
-    no_replay = {"buffer_size": 1, "replay_buffer_class": None, "replay_buffer_kwargs": {}}
     if path.suffix == ".zip":
         try:
-            return DQN.load(path, env=env, device=device, custom_objects=no_replay)
+            return DQN.load(path, env=env, device=device, custom_objects=NO_REPLAY)
         except (
             ValueError,
             RuntimeError,
@@ -229,7 +264,7 @@ def load_model(path: Path, env: VecEnv, device: str = "auto") -> DQN:
     try:
         with safe_open(str(weights), framework="pt") as f:
             names = set(f.keys())
-        model = DQN(meta["policy"], env, policy_kwargs=policy_kwargs, device=device, **no_replay)
+        model = DQN(meta["policy"], env, policy_kwargs=policy_kwargs, device=device, **NO_REPLAY)
         expected_names = set(model.q_net.state_dict())
         if names != expected_names:
             missing, unexpected = sorted(expected_names - names), sorted(names - expected_names)

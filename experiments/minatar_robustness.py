@@ -225,14 +225,33 @@ def transferred(perturbation: Perturbation, attacker: Path) -> Perturbation:
     return dataclasses.replace(perturbation, attacker=model)
 
 
+def parse_replay_options(
+    parser: argparse.ArgumentParser, argv: list[str] | None, results: Path, runs: str
+) -> argparse.Namespace:
+    """Parse ``argv`` with the arguments the study's replays of best weights share added to ``parser``
+    (the runs, episodes, epsilon, where the evaluations are written, torch threads); sets the thread
+    count.
+
+    :param results: the default of ``--results``
+    :param runs: what the runs given are, for the help
+    """
+    parser.add_argument("runs", nargs="*", type=Path, help=f"{runs} (their best.safetensors)")
+    parser.add_argument("--episodes", type=int, default=30, help="episodes per evaluation (paper: 30)")
+    parser.add_argument("--epsilon", type=float, default=0.05, help="random-action probability (paper: 0.05)")
+    parser.add_argument("--results", type=Path, default=results, help="where the evaluations are written")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.episodes < 1:
+        parser.error(f"--episodes {args.episodes} must be >= 1")
+    for run_dir in args.runs:
+        if not run_dir.is_dir():
+            parser.error(f"run directory {run_dir} does not exist")
+    torch.set_num_threads(args.torch_threads)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "runs",
-        nargs="*",
-        type=Path,
-        help="result folders or run directories to evaluate (their best.safetensors)",
-    )
     parser.add_argument(
         "--perturb",
         nargs="+",
@@ -247,13 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a result folder or run directory whose best weights craft the FGSM steps (a transferred "
         "attack) for every run given but itself",
     )
-    parser.add_argument("--episodes", type=int, default=30, help="episodes per evaluation (paper: 30)")
-    parser.add_argument("--epsilon", type=float, default=0.05, help="random-action probability (paper: 0.05)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where the evaluations are written")
-    parser.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads")
-    args = parser.parse_args(argv)
-    if args.episodes < 1:
-        parser.error(f"--episodes {args.episodes} must be >= 1")
+    args = parse_replay_options(parser, argv, RESULTS, "result folders or run directories to evaluate")
     try:
         texts = args.perturb or list(PERTURBATIONS if args.attacker is None else TRANSFERRED)
         perturbations = [Perturbation.parse(text) for text in texts]
@@ -261,10 +274,6 @@ def main(argv: list[str] | None = None) -> int:
             perturbations = [transferred(p, args.attacker) for p in perturbations]
     except ValueError as error:
         parser.error(str(error))
-    for run_dir in args.runs:
-        if not run_dir.is_dir():
-            parser.error(f"run directory {run_dir} does not exist")
-    torch.set_num_threads(args.torch_threads)
     for number, run_dir in enumerate(args.runs, start=1):
         print(f"[{number}/{len(args.runs)}] {run_dir}", flush=True)
         if args.attacker is not None and run_config(run_dir) == run_config(args.attacker):

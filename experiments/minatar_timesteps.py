@@ -24,12 +24,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 # The study's scripts, beside this one (its folder is on sys.path when it runs as a script).
 from minatar_report import RESULTS as STUDY_RESULTS
 from minatar_report import SAME_IN_EFFECT
-from minatar_robustness import chance_scores, evaluate_run
+from minatar_robustness import chance_scores, evaluate_run, parse_replay_options
 
 from spikeq.analysis.perturb import Perturbation
 from spikeq.analysis.report import plot_timesteps, results_table, run_config, write_table
@@ -83,12 +81,6 @@ def summary(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "runs",
-        nargs="*",
-        type=Path,
-        help="result folders or run directories of spiking models to evaluate (their best.safetensors)",
-    )
-    parser.add_argument(
         "--num-steps",
         nargs="+",
         type=int,
@@ -96,23 +88,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="T",
         help=f"the T to evaluate at (default: {' '.join(map(str, NUM_STEPS))})",
     )
-    parser.add_argument("--episodes", type=int, default=30, help="episodes per evaluation (paper: 30)")
-    parser.add_argument("--epsilon", type=float, default=0.05, help="random-action probability (paper: 0.05)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where the evaluations are written")
-    parser.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads")
-    args = parser.parse_args(argv)
-    if args.episodes < 1:
-        parser.error(f"--episodes {args.episodes} must be >= 1")
+    runs = "result folders or run directories of spiking models to evaluate"
+    args = parse_replay_options(parser, argv, RESULTS, runs)
     for num_steps in args.num_steps:
         if not 1 <= num_steps <= MAX_NUM_STEPS:
             parser.error(f"--num-steps {num_steps} is out of range; allowed: 1 to {MAX_NUM_STEPS}")
     for run_dir in args.runs:
-        if not run_dir.is_dir():
-            parser.error(f"run directory {run_dir} does not exist")
-        model = run_config(run_dir).get("model")
-        if model == "dqn":
+        if run_config(run_dir).get("model") == "dqn":
             parser.error(f"{run_dir} is a DQN, which does not spike: it has no T to change")
-    torch.set_num_threads(args.torch_threads)
     for number, run_dir in enumerate(args.runs, start=1):
         print(f"[{number}/{len(args.runs)}] {run_dir}", flush=True)
         try:

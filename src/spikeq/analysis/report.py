@@ -674,7 +674,7 @@ def plot_timesteps(
 ) -> Path:
     """Score and energy against T, the simulation steps per decision trained spiking networks were
     evaluated at: one row of panels per game, its score and its energy ratio (E_SNN / E_ANN), one line
-    per model and setting.
+    per model, setting and training budget.
 
     A line is the mean over its runs (seeds) of each run's mean score at each T, with the runs' range
     as a band, and the runs' mean energy ratio; T on a base-2 log axis.
@@ -690,6 +690,8 @@ def plot_timesteps(
         if row["num_steps"] is None:
             raise ValueError(f"{row['game']} {row['model']}: not a spiking network, it has no T")
         label = _line_label(row["model"], row["init"], row["setting"])
+        if row["train_steps"]:  # runs of other budgets are lines of their own
+            label += f", {row['train_steps'] // 1000:,}k steps"
         lines.setdefault(row["game"], {}).setdefault(label, {})[row["num_steps"]] = row
     if not lines:
         raise ValueError("no evaluations to plot against T")

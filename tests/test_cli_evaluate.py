@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -78,6 +79,11 @@ def test_weights_only_export_evaluates_like_the_zip(smoke_run, tmp_path):
     from_weights, _ = evaluate(tmp_path / "shared.safetensors", tmp_path / "b.json", episodes=1)
     assert from_weights["scores"] == from_zip["scores"]
     assert from_weights["spikes_per_action"] == from_zip["spikes_per_action"]
+    # A step checkpoint (checkpoints/step-N/model.zip) finds its run's config.yaml two folders up.
+    step_zip = next((run_dir / "checkpoints").glob("step-*/model.zip"))
+    export = spikeq("export", str(step_zip), str(tmp_path / "step"))
+    assert export.returncode == 0, export.stderr
+    assert json.loads((tmp_path / "step.json").read_text())["config"]["game"] == "Pong"
 
 
 def test_a_spiking_checkpoint_plays_at_another_number_of_time_steps(smoke_run, tmp_path):
@@ -124,7 +130,12 @@ def test_report_plots_the_curves_of_several_runs(smoke_run, tmp_path):
     assert image.startswith(b"\x89PNG") and len(image) > 10_000
 
     missing = spikeq("report", str(tmp_path / "no-run"), "--out", str(tmp_path / "x.png"))
-    assert missing.returncode == 2 and "has no eval.csv" in missing.stderr
+    assert missing.returncode == 2 and "has no eval.csv (is it a spikeq run?)" in missing.stderr
+    started = tmp_path / "started"  # a run that has not reached its first evaluation
+    started.mkdir()
+    shutil.copy(Path(runs[0]) / "config.yaml", started / "config.yaml")
+    early = spikeq("report", str(started), "--out", str(tmp_path / "y.png"))
+    assert early.returncode == 2 and "has no eval.csv (no evaluation yet)" in early.stderr
 
 
 def test_table_summarises_runs_per_game_and_model(smoke_run, tmp_path, capsys):
@@ -237,6 +248,10 @@ def test_runs_of_another_setting_are_never_averaged_with_the_others(smoke_run, t
     no_preset = {"game": "Pong", "detach_reset": True}
     labels = setting_labels([run_config(runs[2]), no_preset], reference=preset_values)
     assert labels == ["detach_reset=False", "detach_reset=True"]
+    # How a run ran (the engine, its backend, recomputation: the same spikes and Q) sets no run apart.
+    elsewhere = {**run_config(runs[0]), "engine": "snntorch", "backend": "torch", "recompute": True}
+    assert setting_labels([run_config(runs[0]), elsewhere], reference=preset_values) == ["", ""]
+    assert setting_labels([run_config(runs[0]), elsewhere]) == ["", ""]
     lines = tmp_path / "preset-curves.png"
     assert plot_learning_curves(runs, lines, reference=preset_values).read_bytes().startswith(b"\x89PNG")
     table = spikeq("table", *map(str, runs))

@@ -233,6 +233,10 @@ def test_a_rejected_resume_leaves_config_yaml_untouched(tmp_path, capsys):
     before = (run_dir / "config.yaml").read_bytes()
     assert resume(run_dir, "--device", "tpu") == 2
     assert "unknown device 'tpu'" in capsys.readouterr().err
+    # A budget below the steps trained would file the run under a budget it has passed.
+    assert resume(run_dir, "--steps", "16") == 2
+    assert "--steps 16 is below the 32 steps" in capsys.readouterr().err
+    assert (run_dir / "config.yaml").read_bytes() == before
     for step in ("step-32",):  # no checkpoint loads: refused after the config was accepted
         (run_dir / "checkpoints" / step / "model.zip").write_bytes(b"not a zip")
     assert resume(run_dir, "--steps", "64") == 2
@@ -602,7 +606,8 @@ def test_ctrl_c_before_the_first_checkpoint_restarts_the_run_on_resume(tmp_path,
     live.finish()
     assert eval_steps(run_dir) and not list((run_dir / "checkpoints").glob("step-*"))
     assert resume(run_dir, "--steps", "32") == 0
-    assert "has no checkpoint yet: starting from step 0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no checkpoint yet: starting from step 0 (its 1 evaluation(s) and best weights are redone)" in out
     assert eval_steps(run_dir) == [16, 32]
 
 
@@ -841,8 +846,13 @@ def test_the_printout_names_the_device_used_and_warns_a_cpu_of_paper_budgets(cap
     assert f"auto ({expected})" in out
     assert "steps=2,000,000 < exploration_steps=1,000,000" not in out
     warning = train.cpu_warning(resolve("paper", "dsqn"), "cpu")
-    assert warning is not None and "about 289 days" in warning and "--device cuda" in warning
+    assert warning is not None and "about 289.4 days" in warning and "--device cuda" in warning
     assert train.cpu_warning(resolve("smoke", "dsqn"), "cpu") is None
+    # MinAtar's own budget (5M steps) takes a CPU about 14 hours at T = 8: no warning; 20M take 2.3 days
+    minatar = resolve("minatar", "dsqn", game="MinAtar/Breakout")
+    assert minatar.steps == 5_000_000 and train.cpu_warning(minatar, "cpu") is None
+    warning = train.cpu_warning(resolve("minatar", "dsqn", game="MinAtar/Breakout", steps=20_000_000), "cpu")
+    assert warning is not None and "about 2.3 days" in warning and "on minatar" in warning
     assert train.cpu_warning(resolve("paper", "dsqn"), "cuda") is None
 
 

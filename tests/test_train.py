@@ -201,6 +201,10 @@ def test_resume_errors(tmp_path, capsys):
     assert "--game Breakout does not match the run being resumed (game=Pong)" in capsys.readouterr().err
     assert cli.main(["train", "--resume", str(run_dir), "--batch-size", "64"]) == 2
     assert "cannot change batch_size when resuming" in capsys.readouterr().err
+    for flag in (["--run-dir", str(tmp_path / "elsewhere")], ["--force"]):
+        assert cli.main(["train", "--resume", str(run_dir), *flag]) == 2
+        assert f"{flag[0]} cannot be used with --resume" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_existing_run_directory_is_never_overwritten_without_force(tmp_path, capsys):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import types
 import typing
 from pathlib import Path
 from typing import Any, NoReturn
@@ -32,7 +31,7 @@ from spikeq.experiment.config import (
     PRESETS,
     ConfigError,
     TrainConfig,
-    from_dict,
+    override,
     preset_values,
     resolve,
     settings,
@@ -84,18 +83,17 @@ def _optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "null", "") else float(text)
 
 
-def _converter(annotation: Any) -> Any:
+def _converter(annotation: str) -> Any:
+    """The argparse type of a setting whose annotation is ``annotation`` (as ``settings()`` gives it)."""
     hints = {"int": int, "float": float, "str": str, "bool": _bool, "float | None": _optional_float}
-    if isinstance(annotation, str):
-        return hints.get(annotation, str)
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return _optional_float
-    return {int: int, float: float, bool: _bool}.get(annotation, str)
+    return hints.get(annotation, str)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a DSQN or a baseline on an Atari game")
-    p.add_argument("--game", help="ALE game, e.g. Pong or PongNoFrameskip-v4 (default Pong)")
+    p = sub.add_parser("train", help="train a DSQN or a baseline on an Atari or MinAtar game")
+    p.add_argument(
+        "--game", help="ALE game (Pong, PongNoFrameskip-v4) or MinAtar game (MinAtar/Breakout); default Pong"
+    )
     p.add_argument("--model", help=f"one of {', '.join(MODELS)} (default dsqn)")
     p.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default paper)")
     p.add_argument("--tags", help="comma-separated W&B tags")
@@ -156,6 +154,9 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     if args.resume is None:
         preset = "paper" if args.preset is None else args.preset
         return resolve(preset, "dsqn" if args.model is None else args.model, **overrides)
+    for flag, given in (("--run-dir", args.run_dir is not None), ("--force", args.force)):
+        if given:
+            raise ConfigError(f"{flag} cannot be used with --resume: a run continues in its own directory")
     config_file = args.resume / "config.yaml"
     if not config_file.exists():
         raise ConfigError(f"cannot resume: {config_file} not found (is {args.resume} a spikeq run?)")
@@ -175,7 +176,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
             f"values); allowed: {', '.join(RESUME_OVERRIDES)}"
         )
     # Saved by open_run once the checkpoint has loaded: a rejected resume leaves config.yaml as it was.
-    return from_dict({**saved.to_dict(), **changes}).validate()
+    return override(saved, **changes)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -230,10 +231,8 @@ def _export(args: argparse.Namespace) -> int:
         model = DQN.load(args.checkpoint, device="cpu", custom_objects={"buffer_size": 1})
     except (ValueError, RuntimeError, KeyError, OSError, EOFError, TypeError) as error:
         raise ConfigError(f"{args.checkpoint} does not load: {str(error).splitlines()[0]}") from None
-    config_file = args.checkpoint.parent.parent / "config.yaml"
-    config = TrainConfig.load(config_file).to_dict() if config_file.exists() else {}
     try:
-        paths = weights.export_weights(model, args.out, config)
+        paths = weights.export_weights(model, args.out, _checkpoint_config(args.checkpoint))
     except (ValueError, OSError) as error:
         raise ConfigError(f"cannot export {args.checkpoint}: {error}") from None
     for path in paths:
@@ -760,7 +759,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``spikeq`` argument parser."""
-    parser = _Parser(prog="spikeq", description="Deep spiking Q-networks on Atari (snnTorch + SB3).")
+    description = "Deep spiking Q-networks on Atari and MinAtar (snnTorch + SB3)."
+    parser = _Parser(prog="spikeq", description=description)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
     _add_evaluate(sub)

@@ -5,8 +5,8 @@
 
 Curves: evaluation score against agent steps, one line per run.
 Each run's ``eval.csv`` gives the mean evaluation score (line) and its standard deviation over the
-evaluation episodes (band) at every evaluation step; runs are labelled ``<model> s<seed>`` from
-their ``config.yaml``. Training writes ``eval.png`` of its own run after every evaluation.
+evaluation episodes (band) at every evaluation step; runs are labelled ``<model> s<seed>`` (spiking
+models ``<model> s<seed> T=<T>``) from their ``config.yaml``. Training writes ``eval.png`` of its own run after every evaluation.
 
 Tables: one row per game, model and perturbation, from each run's final ``evaluation.json`` (or the JSON of
 ``spikeq evaluate --out``): the score averaged over runs (seeds) with its spread across runs, the
@@ -59,7 +59,8 @@ def read_curve(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
     """Steps, mean scores and score standard deviations of a run's ``eval.csv``."""
     path = Path(run_dir) / "eval.csv"
     if not path.exists():
-        raise ValueError(f"{run_dir} has no eval.csv: is it a spikeq run directory?")
+        reason = "no evaluation yet" if (Path(run_dir) / "config.yaml").exists() else "is it a spikeq run?"
+        raise ValueError(f"{run_dir} has no eval.csv ({reason})")
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     return (
@@ -146,11 +147,12 @@ def run_config(run_dir: Path) -> dict[str, Any]:
     return data
 
 
-# Config fields that say where and how a run ran, not what it trained; ``steps`` (the budget) has a
-# column of its own, and game, model and init are compared anyway.
+# Config fields that say where and how a run ran, not what it trained (the engine, its backend and
+# recomputation give the same spikes and Q); ``steps`` (the budget) has a column of its own, and game,
+# model and init are compared anyway.
 UNCOMPARED_FIELDS = frozenset(
     {"seed", "steps", "device", "torch_threads", "vec_env", "wandb", "wandb_project", "tags", "out_dir",
-     "checkpoint_freq", "save_replay", "game", "model", "init"}
+     "checkpoint_freq", "save_replay", "engine", "backend", "recompute", "game", "model", "init"}
 )  # fmt: skip
 
 

@@ -27,7 +27,8 @@ MODELS: dict[str, dict[str, Any]] = {
     "dsqn-if": dict(neuron="if", readout="rate"),
     "dsqn-spike": dict(neuron="lif", readout="spike"),
     "dsqn-mem": dict(neuron="lif", readout="max_mem"),
-    # The ANN with the same torso: SB3's CnnPolicy (NatureCNN + Linear).
+    # The ANN with the same torso: SB3's CnnPolicy (NatureCNN + Linear) on Atari, MlpPolicy over
+    # MinAtarCNN on MinAtar grids.
     "dqn": dict(),
 }
 # SB3 DQN keyword arguments for CartPole-v1: rl-baselines3-zoo's (hyperparams/dqn.yml) with one update
@@ -77,9 +78,10 @@ class ConfigError(ValueError):
     """A config value that cannot be used; the message names it and what is allowed."""
 
 
-# The spiking network of the paper's protocol: NetworkSpec's defaults but PyTorch's initialisation (the
-# reference code's) and the reset's gradient cut until a preset chooses (DEFAULT_DETACH_RESET).
-PAPER_NETWORK = NetworkSpec(init="default", detach_reset=DEFAULT_DETACH_RESET)
+# Every preset's starting network: NetworkSpec's defaults but PyTorch's initialisation (the reference
+# code's) and the reset's gradient cut (DEFAULT_DETACH_RESET); the presets change what they need (the
+# paper preset lets the reset's gradient through, as the paper's code does).
+BASE_NETWORK = NetworkSpec(init="default", detach_reset=DEFAULT_DETACH_RESET)
 # The network settings a run names flat; the torso's sizes (net_arch) stay each torso's own.
 NETWORK_FIELDS: dict[str, str] = {f.name: str(f.type) for f in fields(NetworkSpec) if f.name != "net_arch"}
 
@@ -94,7 +96,7 @@ class TrainConfig:
     :param game: ALE game, short (``Pong``) or full id (``PongNoFrameskip-v4``), or MinAtar game
         (``MinAtar/Breakout``, ``MinAtar/Breakout-v0``)
     :param model: one of ``MODELS``
-    :param preset: the preset the run started from (``paper``, ``zoo``, ``smoke``)
+    :param preset: the preset the run started from (``paper``, ``zoo``, ``minatar``, ``smoke``)
     :param seed: seed of the networks, exploration and environments
     :param device: ``auto`` (a GPU when present), ``cpu``, ``cuda``, ``cuda:1`` ...
     :param steps: agent steps to train for (paper: 50M = 200M frames)
@@ -103,7 +105,7 @@ class TrainConfig:
         each) or ``ale`` (ale-py's native vector env, threads in C++; the same games step for step)
     :param torch_threads: CPU threads for torch (0: torch's default); 1 is fastest for small networks
         on a few cores, where spare cores run the emulator
-    :param network: the spiking network's settings (unused by ``dqn``): ``PAPER_NETWORK`` unless a
+    :param network: the spiking network's settings (unused by ``dqn``): ``BASE_NETWORK`` unless a
         preset, the model or an override changes them. Config files, the CLI, sweeps and ``resolve``
         name them flat, beside the run's own (``num_steps: 8``, ``--num-steps 8``); their names, types
         and documentation are ``NetworkSpec``'s and ``NeuronSpec``'s, declared there once.
@@ -147,7 +149,7 @@ class TrainConfig:
     n_envs: int = 1
     vec_env: str = "dummy"
     torch_threads: int = 0
-    network: NetworkSpec = PAPER_NETWORK
+    network: NetworkSpec = BASE_NETWORK
     optimizer: str = "adam"
     learning_rate: float = 1e-4
     batch_size: int = 32
@@ -313,7 +315,7 @@ def _checked(name: str, value: Any, annotation: str) -> Any:
 
 
 def _network(settings: dict[str, Any]) -> NetworkSpec:
-    """``PAPER_NETWORK`` with ``settings`` (flat config values), checked as config values are."""
+    """``BASE_NETWORK`` with ``settings`` (flat config values), checked as config values are."""
     checked = {name: _checked(name, value, NETWORK_FIELDS[name]) for name, value in settings.items()}
     for name in ("tau", "threshold", "surrogate_slope"):
         value = checked.get(name)
@@ -326,7 +328,7 @@ def _network(settings: dict[str, Any]) -> NetworkSpec:
     if isinstance(steps, int) and steps > MAX_NUM_STEPS:
         raise ConfigError(f"num_steps={steps!r} is too large; allowed: 1 to {MAX_NUM_STEPS}")
     try:
-        return replace(PAPER_NETWORK, **checked)
+        return replace(BASE_NETWORK, **checked)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 

@@ -92,6 +92,7 @@ class RunResult:
     :param num_timesteps: agent steps done
     :param message: what happened, for the console
     :param result: the final evaluation (``finished`` only)
+    :param signal_number: the signal that interrupted the run (``interrupted`` only)
     """
 
     run_dir: Path
@@ -157,20 +158,30 @@ def _remove_leftovers(run_dir: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
-# Above this many steps a CPU run is worth a warning: the README's CPU speeds are 2 to 60 agent steps/s.
-CPU_STEPS_WARNING = 5_000_000
-CPU_STEPS_PER_SECOND = {"dqn": 60.0, "spiking": 2.0}
+# A CPU run expected to take longer than this is worth a warning.
+CPU_WARNING_DAYS = 1.0
+# Training agent steps/s measured on a 2-core CPU (README): Atari at the paper's T = 64, MinAtar at T = 8.
+CPU_STEPS_PER_SECOND = {
+    ("atari", "dqn"): 60.0,
+    ("atari", "spiking"): 2.0,
+    ("minatar", "dqn"): 250.0,
+    ("minatar", "spiking"): 100.0,
+}
 
 
 def cpu_warning(config: TrainConfig, device: str) -> str | None:
-    """A warning when ``config`` asks a CPU for more steps than it can train in reasonable time."""
-    if device != "cpu" or config.steps < CPU_STEPS_WARNING:
+    """A warning when ``config`` asks a CPU for more steps than it can train within a day."""
+    if device != "cpu":
         return None
-    speed = CPU_STEPS_PER_SECOND["spiking" if config.spiking else "dqn"]
+    family = "minatar" if games.is_minatar(config.game) else "atari"
+    speed = CPU_STEPS_PER_SECOND[family, "spiking" if config.spiking else "dqn"]
     days = config.steps / speed / 86_400
+    if days <= CPU_WARNING_DAYS:
+        return None
     return (
-        f"warning: {config.steps:,} steps on a CPU take about {days:,.0f} days at the {speed:g} agent "
-        f"steps/s measured for {config.model} on a CPU (README); use a GPU (--device cuda) or fewer --steps"
+        f"warning: {config.steps:,} steps on a CPU take about {days:,.1f} days at the {speed:g} agent "
+        f"steps/s measured for {config.model} on {family} on a CPU (README); use a GPU (--device cuda) "
+        "or fewer --steps"
     )
 
 
@@ -383,8 +394,8 @@ class Trainer:
 
     :param config: the validated config
     :param run_dir: the run directory (created and locked by ``prepare_run_dir``)
-    :param resume: continue from ``run_dir``'s latest checkpoint that loads (from step 0 when it has
-        none and no evaluation yet: a run stopped before its first checkpoint)
+    :param resume: continue from ``run_dir``'s latest checkpoint that loads; a run stopped before its
+        first checkpoint starts again from step 0, its evaluations and best weights (if any) discarded
     """
 
     def __init__(self, config: TrainConfig, run_dir: Path, resume: bool = False) -> None:
@@ -413,12 +424,14 @@ class Trainer:
             if any(self.ckpt_dir.glob("step-*")):
                 raise ConfigError(f"no checkpoint to resume in {self.ckpt_dir}: none of them is complete")
             # Stopped before its first checkpoint: nothing trained is kept, the run starts over.
+            discarded = len(read_eval_rows(self.eval_csv))
             if self.eval_csv.exists():
                 write_eval_rows(self.eval_csv, [])
             _truncate_log(run_dir / "train.csv", 0)
             for name in checkpoints.BEST_FILES:
                 (self.ckpt_dir / name).unlink(missing_ok=True)
-            tqdm.write(f"[resume] {run_dir} has no checkpoint yet: starting from step 0")
+            redone = f" (its {discarded} evaluation(s) and best weights are redone)" if discarded else ""
+            tqdm.write(f"[resume] {run_dir} has no checkpoint yet: starting from step 0{redone}")
         # A resumed run starts new episodes: ALE emulator states are not checkpointed.
         step0 = int(candidates[0].name.removeprefix("step-")) if candidates else 0
         self.train_env = games.make_env(
@@ -465,6 +478,12 @@ class Trainer:
             break
         else:
             raise ConfigError(f"no checkpoint of {self.run_dir} loads for {self.env_id}: {'; '.join(errors)}")
+        if self.config.steps < model.num_timesteps:
+            # config.yaml would then file the run under a budget it has already passed.
+            raise ConfigError(
+                f"--steps {self.config.steps:,} is below the {model.num_timesteps:,} steps {self.run_dir} "
+                f"has trained; allowed: --steps {model.num_timesteps:,} or more"
+            )
         self.state.update(state)
         self._saved = (model.num_timesteps, json.dumps(self.state, sort_keys=True))
         # The best weights as of this checkpoint: any saved later belong to evaluations redone now.

@@ -170,16 +170,14 @@ def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) ->
         )
 
 
-TORSOS = ("nature", "grid", "mlp")
-
-
 def torso_of(observation_space: spaces.Space, normalize_images: bool = True) -> str:
     """Which torso a Q-network gets for these observations (the ANN and every spiking model alike).
 
-    ``"grid"``: a channel-first Box ``[C, H, W]`` smaller than 36x36 (MinAtar's ``[C, 10, 10]``),
-    whatever its dtype: the MinAtar torso. ``"nature"``: an image (SB3's ``is_image_space``: uint8 in
-    [0, 255], or already normalised floats when ``normalize_images`` is False): the Nature-DQN torso.
-    ``"mlp"``: everything else, flattened.
+    ``"grid"``: a channel-first Box ``[C, H, W]`` smaller than 36x36 (MinAtar's uint8 ``[C, 10, 10]``
+    of 0s and 1s), whatever its dtype (``check_image_dtype`` refuses float ones while
+    ``normalize_images`` is True): the MinAtar torso. ``"nature"``: an image (SB3's
+    ``is_image_space``: uint8 in [0, 255], or already normalised floats when ``normalize_images`` is
+    False): the Nature-DQN torso. ``"mlp"``: everything else, flattened.
 
     :param observation_space: the observation space as the network sees it (channel-first images)
     :param normalize_images: whether image observations are divided by 255
@@ -214,8 +212,8 @@ class MinAtarCNN(BaseFeaturesExtractor):
 def check_image_dtype(observation_space: spaces.Space, normalize_images: bool) -> None:
     """Raise ``ValueError`` for image-shaped float observations with ``normalize_images=True``.
 
-    (Other dtypes keep SB3's rule: uint8 ``[C, H, W]`` is an image, anything else a vector, e.g.
-    MinAtar's boolean grids.)
+    (Other dtypes keep SB3's rule: uint8 ``[C, H, W]`` is an image, anything else a vector; a grid
+    smaller than 36x36, such as MinAtar's, gets the grid torso whatever its dtype: ``torso_of``.)
 
     SB3 treats such observations as its ``CnnPolicy`` does: images are uint8 in [0, 255], divided by
     255 when ``normalize_images`` is True; a float image would be divided again, so ``NatureCNN``

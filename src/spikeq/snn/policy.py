@@ -7,7 +7,9 @@ registers the name, so ``DQN("SpikingPolicy", env, policy_kwargs=dict(num_steps=
 With ``init="firing"`` (the default) the networks are calibrated on the first training batch: the policy
 is built before any observation exists, and ``DQN.train`` runs the online network in training mode on
 each sampled batch, so the first such forward rescales it (``SpikingQNetwork.calibrate_firing``) and the
-target network is given the same weights before the update goes on.
+target network is given the same weights before the update goes on. SB3 computes that first update's
+TD targets before it, so they come from the target network as built (one update of the run; every
+later target comes from a calibrated copy).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class SpikingPolicy(DQNPolicy):
     :param action_space: action space (Discrete)
     :param lr_schedule: learning-rate schedule
     :param net_arch: hidden fully-connected sizes (images: after the convolutions, default [512];
-        vectors: default [64, 64])
+        grids smaller than 36x36 such as MinAtar's: after the convolution, default [128]; vectors:
+        default [64, 64])
     :param normalize_images: divide image observations by 255
     :param optimizer_class: optimiser (Adam, as in the paper)
     :param optimizer_kwargs: its kwargs besides the learning rate

@@ -58,7 +58,10 @@ def chance_level(results: Path, game: str, episodes: int = 30) -> Path:
     if not out.exists():
         command = [sys.executable, "-m", "spikeq.cli", "evaluate", "--random", "--game", game]
         command += ["--episodes", str(episodes), "--max-episode-steps", "10000", "--out", str(out)]
-        subprocess.run(command, check=True, capture_output=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            said = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
+            raise ValueError(f"the random policy's evaluation of {game} failed: {said[-1]}")
     return out
 
 
@@ -100,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"no finished runs under {args.results}", file=sys.stderr)
         return 1
-    chance = chance_levels(args.results, runs)
+    try:
+        chance = chance_levels(args.results, runs)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 1
     labels = dict(ignore=SAME_IN_EFFECT, reference=preset_values)  # an ablation's rows: what sets it apart
     rows = study_rows(args.results, runs, chance)
     table = args.results / "table.md"

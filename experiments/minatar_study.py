@@ -5,9 +5,9 @@ in ``<runs-dir>/<name>`` with one torch thread. When a run finishes, its small r
 (config.yaml, eval.csv, evaluation.json, eval.png) and its best weights as weights-only files
 (best.safetensors, best.json) are copied to ``<results>/<name>/`` with training_curve.csv (its
 train.csv at 100 evenly spaced steps: training return, firing rates); the other checkpoints, train.csv
-and W&B files stay in the run directory. Started again, the study skips runs
-whose results exist, resumes runs cut short (from their latest checkpoint) and starts the rest, so it
-can be stopped at any moment.
+and W&B files stay in the run directory. Started again, the study skips runs whose results exist (in
+their run directory or in ``<results>``), resumes runs cut short (from their latest checkpoint) and
+starts the rest, so it can be stopped at any moment.
 
     python experiments/minatar_study.py --games Breakout SpaceInvaders Freeway --models dqn dsqn \\
         --seeds 0 1 2 --steps 1000000 --lanes 2
@@ -70,7 +70,8 @@ class Run:
         """``MinAtar-<Game>-<model>[+<variant>]-s<seed>[-<steps>]``; the budget only where it is not the
         study's 1M, so that runs of other budgets never share a directory with the study's."""
         model = f"{self.model}+{self.variant}" if self.variant else self.model
-        budget = "" if self.steps == STUDY_STEPS else f"-{self.steps // 1000}k"
+        thousands, rest = divmod(self.steps, 1000)
+        budget = "" if self.steps == STUDY_STEPS else f"-{thousands}k" if not rest else f"-{self.steps}"
         return f"MinAtar-{self.game}-{model}-s{self.seed}{budget}"
 
     def command(self, run_dir: Path) -> list[str]:
@@ -107,6 +108,12 @@ def collect(run: Run, run_dir: Path, results: Path) -> bool:
     if (run_dir / "train.csv").exists():
         write_training_curve(run_dir, target / TRAINING_CURVE)
     return True
+
+
+def finished(run: Run, run_dir: Path, results: Path) -> bool:
+    """Whether ``run`` needs no more training: its result collected from ``run_dir`` now, or already in
+    ``results`` (committed with the study, where its run directory may be gone: a fresh clone)."""
+    return collect(run, run_dir, results) or (results / run.name / "evaluation.json").exists()
 
 
 def progress(run: Run, run_dir: Path, results: Path) -> tuple[str, str]:
@@ -207,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.status:
         print_status(queue, args.runs_dir, args.results)
         return 0
-    queue = [run for run in queue if not collect(run, args.runs_dir / run.name, args.results)]
+    queue = [run for run in queue if not finished(run, args.runs_dir / run.name, args.results)]
     print(f"{len(queue)} run(s) to do: {', '.join(run.name for run in queue) or 'none'}", flush=True)
     running: dict[str, tuple[Run, subprocess.Popen]] = {}
     stopping: list[int] = []
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                 # Another study (a second lane started with other --models, say) is training it.
                 print(f"skip {run.name}: another process is training it", flush=True)
                 continue
-            if collect(run, run_dir, args.results):  # finished by another process since the plan was made
+            if finished(run, run_dir, args.results):  # by another process since the plan was made
                 print(
                     f"skip {run.name}: finished meanwhile, results in {args.results / run.name}", flush=True
                 )

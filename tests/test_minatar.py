@@ -174,7 +174,7 @@ def test_a_trained_minatar_dqn_round_trips_through_the_weights_only_format(tmp_p
     env = games.make_env("MinAtar/Freeway")
     model = build_model(resolve("minatar", "dqn", game="MinAtar/Freeway", learning_starts=32), env, "cpu")
     model.learn(64)
-    weights, meta = export_weights(model, tmp_path / "best")
+    weights, meta = export_weights(model, tmp_path / "new" / "folder" / "best")  # folders made as needed
     assert json.loads(meta.read_text())["policy_kwargs"]["features_extractor_class"] == "MinAtarCNN"
     loaded = load_model(weights, env, "cpu")
     obs = torch.as_tensor(np.stack([env.observation_space.sample() for _ in range(16)]))
@@ -611,6 +611,9 @@ def test_the_study_starts_new_runs_and_resumes_cut_ones_to_their_budget(tmp_path
     run = study.Run("Freeway", "dsqn", 2, steps=300_000)
     run_dir = tmp_path / run.name
     assert run.name == "MinAtar-Freeway-dsqn-s2-300k"
+    # Budgets that are not whole thousands keep every digit: 1,000 and 1,500 steps never share a name.
+    names = {study.Run("Freeway", "dsqn", 2, steps=steps).name for steps in (1_000, 1_500, 999, 1_000_000)}
+    assert names == {f"MinAtar-Freeway-dsqn-s2{tail}" for tail in ("-1k", "-1500", "-999", "")}
     start = run.command(run_dir)
     assert start[start.index("--game") + 1] == "MinAtar/Freeway" and "--force" not in start
     assert start[start.index("--steps") + 1] == "300000" and "--resume" not in start
@@ -678,6 +681,34 @@ def test_the_study_collects_a_run_that_finished_since_its_plan_was_made(tmp_path
     assert "1 run(s) to do: MinAtar-Breakout-dsqn-s2" in out
     assert f"skip MinAtar-Breakout-dsqn-s2: finished meanwhile, results in {results}" in out
     assert (results / "MinAtar-Breakout-dsqn-s2" / "evaluation.json").exists()
+
+
+def test_the_study_never_trains_again_a_run_whose_results_are_committed(tmp_path, capsys, monkeypatch):
+    """A fresh clone holds the study's results but not its run directories: nothing is started, and
+    the committed result stays as it is."""
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    committed = results / "MinAtar-Breakout-dsqn-s0" / "evaluation.json"
+    committed.parent.mkdir(parents=True)
+    committed.write_text(json.dumps({"score_mean": 9.87, "score_std": 8.72}))
+    before = committed.read_bytes()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError(f"started a finished run: {args}")
+
+    monkeypatch.setattr(study.subprocess, "Popen", no_training)
+    plan = ["--games", "Breakout", "--models", "dsqn", "--seeds", "0", "--runs-dir", str(runs)]
+    assert study.main([*plan, "--results", str(results)]) == 0
+    assert "0 run(s) to do: none" in capsys.readouterr().out
+    assert committed.read_bytes() == before and not (runs / "MinAtar-Breakout-dsqn-s0").exists()
+
+
+def test_a_failed_chance_level_names_its_game_and_why(tmp_path):
+    results = tmp_path / "results"
+    results.write_text("a file where the results folder should be")
+    # spikeq evaluate says, before it plays, that it cannot write there: the report passes its line on.
+    said = "random policy's evaluation of MinAtar/Breakout failed: spikeq evaluate: error: cannot write"
+    with pytest.raises(ValueError, match=said):
+        report.chance_level(results, "MinAtar/Breakout", episodes=1)
 
 
 def test_a_bad_minatar_game_fails_in_one_line():

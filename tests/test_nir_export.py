@@ -262,8 +262,14 @@ def test_cli_refuses_an_ann_dqn_and_a_corrupt_file_with_one_line(tmp_path, capsy
     export_weights(ann, tmp_path / "dqn")
     (tmp_path / "corrupt.zip").write_bytes(b"PK\x03\x04 truncated")
     (tmp_path / "corrupt.json").write_text("{not json")
+    snn = DQN("SpikingPolicy", make_vec_env("CartPole-v1", n_envs=1), buffer_size=1, device="cpu")
+    _, meta = export_weights(snn, tmp_path / "huge-t")
+    data = json.loads(meta.read_text())
+    data["policy_kwargs"]["num_steps"] = 10**9  # checked before a network is built for it
+    meta.write_text(json.dumps(data))
 
     cases = {
+        "huge-t.json": "num_steps=1000000000; allowed: 1 to 4096",
         "dqn.json": "holds a MlpPolicy (an ANN DQN)",
         "corrupt.zip": "is not a readable SB3 DQN checkpoint",
         "corrupt.json": "is not readable JSON",

@@ -70,13 +70,20 @@ def _add_force(p: argparse.ArgumentParser) -> None:
 
 
 def _check_new(paths: list[Path | None], force: bool) -> None:
-    """Refuse, before any work, to replace a result file that exists (unless --force)."""
+    """Before any work: refuse to replace a result file that exists (unless --force), and create the
+    folders the results go to (a folder that cannot be made is said now, not after the work)."""
     from spikeq.files import check_new
 
+    paths = [path for path in paths if path is not None]
     try:
-        check_new([path for path in paths if path is not None], force)
+        check_new(paths, force)
     except FileExistsError as error:
         raise ConfigError(str(error)) from None
+    for path in paths:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"cannot write {path}: {error.strerror} ({error.filename})") from None
 
 
 def _optional_float(text: str) -> float | None:
@@ -405,7 +412,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     record = evaluation_record(result, args.checkpoint, trained, args.attacker)
     print(format_evaluation(result))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.out, json.dumps(record, indent=1))
         print(f"written: {args.out}")
     return 0

@@ -31,7 +31,8 @@ class GameComparison:
     """One game's runs of a model against those of a baseline (each run: its final score).
 
     :param normalised: (mean model score - chance) / (mean baseline score - chance): 0 is the random
-        policy, 1 the baseline; None where the baseline does not score above chance
+        policy, 1 the baseline; None unless every baseline run scores above chance (so that no bootstrap
+        resample divides by a mean at or below it)
     :param p_improvement: the probability that a run of the model scores above a run of the baseline,
         over all pairs of their runs (ties count half; Agarwal et al., NeurIPS 2021)
     :param difference_ci, normalised_ci: percentile bootstrap intervals (runs resampled with
@@ -53,7 +54,8 @@ class GameComparison:
 class Comparison:
     """A model against a baseline over games (``compare_scores``).
 
-    :param normalised: the mean over games of each game's normalised score (every game weighs alike)
+    :param normalised: the mean over games of each game's normalised score (every game weighs alike);
+        None where a game has none
     :param normalised_ci, p_improvement_ci: stratified percentile bootstrap intervals (each game's runs
         resampled within the game); None where a game has fewer than two runs on either side
     :param p_improvement: the mean over games of each game's probability of improvement

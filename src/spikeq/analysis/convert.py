@@ -102,8 +102,9 @@ def _snn_layers(q_net: SpikingQNetwork) -> list[nn.Module]:
 def hidden_activations(
     model: DQN, frames: np.ndarray, batch_size: int = 256, progress: bool = True
 ) -> list[np.ndarray]:
-    """Record each hidden ReLU layer's positive activations on ``frames`` (a uniform sample of at
-    most ``MAX_SAMPLES`` per layer).
+    """Record each hidden ReLU layer's positive activations on ``frames`` (a random sample of at most
+    ``MAX_SAMPLES`` per layer, the same number from each batch: a last, shorter batch's activations
+    weigh a little more than the others').
 
     :param model: an ANN DQN (ReLU)
     :param frames: ``[N, *observation_shape]`` observations as the env gives them

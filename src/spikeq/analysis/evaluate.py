@@ -360,7 +360,7 @@ def evaluate_model(
     score_mean = float(np.mean(scores))
     human = None
     if game is not None:
-        # Imported here: spikeq.envs.atari loads ale_py, which only this score needs.
+        # Imported here: spikeq.envs.ale_games loads ale_py, which only this score needs.
         from spikeq.envs.ale_games import human_normalized
 
         human = human_normalized(game, score_mean)

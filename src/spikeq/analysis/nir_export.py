@@ -118,26 +118,23 @@ def load_spiking_policy(path: str | Path) -> SpikingPolicy:
         ``.safetensors`` / ``.json`` pair written by ``spikeq export``
     :raises ValueError: with one line, for a missing, unreadable or non-spiking checkpoint
     """
-    from spikeq.analysis.weights import read_weights_meta, space_from_json
+    from spikeq.analysis.weights import NO_REPLAY, check_weights_meta, read_weights_meta, space_from_json
 
     path = Path(path)
     if not path.exists():
         raise ValueError(f"checkpoint {path} does not exist")
     if path.suffix == ".zip":
-        no_replay = {"buffer_size": 1, "replay_buffer_class": None, "replay_buffer_kwargs": {}}
         try:
-            policy = DQN.load(path, device="cpu", custom_objects=no_replay).policy
+            policy = DQN.load(path, device="cpu", custom_objects=NO_REPLAY).policy
         except Exception as error:  # a corrupt or foreign zip fails in many ways inside SB3
             raise ValueError(f"{path} is not a readable SB3 DQN checkpoint ({_first_line(error)})") from None
     elif path.suffix in (".safetensors", ".json"):
         from safetensors.torch import load_file
 
-        try:
-            meta = read_weights_meta(path)
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:  # not a JSON object
-            raise ValueError(f"{path} is not a spikeq weights file ({_first_line(error)})") from None
+        meta = read_weights_meta(path)
         if meta.get("policy") != "SpikingPolicy":
             raise ValueError(_not_spiking(path, str(meta.get("policy"))))
+        check_weights_meta(meta, path.with_suffix(".json"))
         try:
             policy = SpikingPolicy(
                 space_from_json(meta["observation_space"]),

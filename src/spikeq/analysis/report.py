@@ -6,7 +6,8 @@
 Curves: evaluation score against agent steps, one line per run.
 Each run's ``eval.csv`` gives the mean evaluation score (line) and its standard deviation over the
 evaluation episodes (band) at every evaluation step; runs are labelled ``<model> s<seed>`` (spiking
-models ``<model> s<seed> T=<T>``) from their ``config.yaml``. Training writes ``eval.png`` of its own run after every evaluation.
+models ``<model> s<seed> T=<T>``) from their ``config.yaml``. Training writes ``eval.png`` of its own
+run after every evaluation.
 
 Tables: one row per game, model and perturbation, from each run's final ``evaluation.json`` (or the JSON of
 ``spikeq evaluate --out``): the score averaged over runs (seeds) with its spread across runs, the

@@ -74,7 +74,8 @@ def export_weights(
     previous pair as it was.
 
     :param model: a DQN with a SpikingPolicy or an SB3 DQN policy
-    :param path: file stem; a ``.safetensors``/``.json``/``.zip`` suffix is replaced
+    :param path: file stem (its folder is created where missing); a ``.safetensors``/``.json``/``.zip``
+        suffix is replaced
     :param config: the run's config, stored in the JSON for reference
     :param extra: further keys stored in the JSON (e.g. ``conversion``)
     :return: the two files written
@@ -82,6 +83,7 @@ def export_weights(
     """
     tensors, meta = weights_and_meta(model, config, extra)
     weights, meta_file = weights_paths(path)
+    weights.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(weights) as weights_tmp, atomic_path(meta_file) as meta_tmp:
         save_file(tensors, str(weights_tmp))
         meta_tmp.write_text(json.dumps(meta, indent=1))

@@ -46,7 +46,9 @@ def test_evaluate_reports_scores_and_energy(smoke_run, tmp_path, model):
     for key in KEYS:
         assert key in result, key
     assert result["episodes"] == 2 and len(result["scores"]) == 2
-    assert result["score_min"] <= result["score_mean"] <= result["score_max"]
+    scores = result["scores"]
+    assert result["score_mean"] == pytest.approx(sum(scores) / len(scores))
+    assert (result["score_min"], result["score_max"]) == (min(scores), max(scores))
     random_score, human_score = -20.7, 14.6  # Pong (spikeq.envs.ale_games.REFERENCE_SCORES)
     assert result["human_normalized"] == pytest.approx(
         (result["score_mean"] - random_score) / (human_score - random_score)
@@ -56,6 +58,7 @@ def test_evaluate_reports_scores_and_energy(smoke_run, tmp_path, model):
     if model == "dsqn":
         assert set(result["firing_rate"]) == {"conv1", "conv2", "conv3", "fc1"}
         assert all(0 <= rate <= 1 for rate in result["firing_rate"].values())
+        assert result["spikes_per_action"] > 0 and result["firing_rate"]["conv1"] > 0
         assert result["macs_per_action"] == 32 * 20 * 20 * (4 * 8 * 8)  # static conv1, counted once
         assert result["energy_pj_per_action"] == pytest.approx(
             4.6 * result["macs_per_action"] + 0.9 * result["sops_per_action"]

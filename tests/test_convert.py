@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_spikeq
+from gymnasium import spaces
 from stable_baselines3 import DQN
 from stable_baselines3.common.env_util import make_vec_env
 from torch import nn
@@ -14,7 +15,7 @@ from torch import nn
 from spikeq import cli
 from spikeq.analysis.convert import action_agreement, convert_dqn, hidden_activations, record_frames
 from spikeq.envs import atari
-from spikeq.snn.network import SpikingQNetwork
+from spikeq.snn.network import NetworkSpec, SpikingQNetwork
 
 
 @pytest.fixture(scope="module")
@@ -80,19 +81,31 @@ def test_spiking_q_values_approach_the_dqn_as_t_grows(cartpole):
 
 def test_rate_readout_is_the_robust_firing_rate_of_the_paper():
     """Tan et al.'s Q proxy, output spike count + final membrane of IF neurons with subtraction reset,
-    written out step by step here, is T times spikeq's rate readout fc2(mean_t S[t])."""
+    written out step by step here on a spiking network's own last hidden spikes, is T times that
+    network's rate readout fc2(mean_t S[t])."""
     torch.manual_seed(0)
-    num_steps, fc2 = 50, nn.Linear(20, 4)
-    spikes = (torch.rand(num_steps, 3, 20) < 0.3).float()  # [T, B, F] fc1 spikes
-    membrane, count = torch.zeros(3, 4), torch.zeros(3, 4)
+    num_steps = 50
+    net = SpikingQNetwork(
+        spaces.Box(-1.0, 1.0, (6,), dtype=np.float32),
+        spaces.Discrete(4),
+        NetworkSpec(num_steps=num_steps, neuron="if", reset="subtract", readout="rate", net_arch=[20]),
+    )
     with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(3.0)  # PyTorch's initialisation is nearly silent on random input
+        obs = torch.rand(3, 6) * 2 - 1
+        with net.record() as activity:
+            q = net(obs)
+        spikes = activity[len(net.synapses) - 1].spikes  # [T, B, 20]: fc1's
+        assert 0 < float(spikes.mean()) < 1
+        fc2 = net.readout.linear
+        membrane, count = torch.zeros(3, 4), torch.zeros(3, 4)
         for t in range(num_steps):
             membrane += fc2(spikes[t])
             fired = (membrane > 1).float()
             membrane -= fired
             count += fired
-        rate_q = fc2(spikes.mean(0))
-    torch.testing.assert_close((count + membrane) / num_steps, rate_q)
+    torch.testing.assert_close((count + membrane) / num_steps, q)
 
 
 def test_hidden_activations_are_the_positive_relu_outputs(pong):

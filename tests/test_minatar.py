@@ -88,10 +88,12 @@ def test_the_env_gives_channel_first_binary_grids_of_the_game_state():
     np.testing.assert_array_equal(obs[0], np.moveaxis(game.state(), -1, 0))
     # Episodes end by themselves and are summarised by the Monitor (score, length).
     rng = np.random.default_rng(0)
+    score, length = 0.0, 0
     for _ in range(2_000):
-        obs, _, dones, infos = env.step(rng.integers(3, size=1))
+        obs, rewards, dones, infos = env.step(rng.integers(3, size=1))
+        score, length = score + float(rewards[0]), length + 1
         if dones[0]:
-            assert infos[0]["episode"]["l"] > 0 and infos[0]["episode"]["r"] >= 0
+            assert (infos[0]["episode"]["r"], infos[0]["episode"]["l"]) == (pytest.approx(score), length)
             break
     else:
         pytest.fail("a random Breakout episode should end within 2,000 steps")

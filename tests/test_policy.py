@@ -100,7 +100,7 @@ def test_atari_pong_learns_through_the_nature_torso():
         seed=0,
     )
     model.learn(200)
-    assert model.num_timesteps >= 200
+    assert model.num_timesteps >= 200 and model._n_updates > 0  # it trained, not only acted
     obs = env.reset()  # [n_envs, 84, 84, 4]
     obs_tensor, _ = model.policy.obs_to_tensor(obs)
     with torch.no_grad():

@@ -272,6 +272,7 @@ def test_a_kill_at_any_write_point_resumes_with_every_evaluation_once(tmp_path):
     assert writes >= 9
     kill_points = [(os, "replace", call) for call in range(1, writes + 1)]
     kill_points += [(checkpoints, "_fsync_tree", 1), (checkpoints, "_fsync_tree", 2), (np, "savez", 2)]
+    no_run = []
     for target, name, call in kill_points:
         run_dir = tmp_path / f"{name}-{call}" / "run"
 
@@ -282,7 +283,8 @@ def test_a_kill_at_any_write_point_resumes_with_every_evaluation_once(tmp_path):
 
         assert forked(killed_run) == -signal.SIGKILL, (name, call)
         if not (run_dir / "config.yaml").exists():
-            continue  # killed while writing the first file: there is no run to resume
+            no_run.append((name, call))  # killed while writing the first file: there is no run to resume
+            continue
         assert forked(lambda run_dir=run_dir: resume(run_dir)) == 0, (name, call)
         assert eval_steps(run_dir) == [32, 64], (name, call)
         result = json.loads((run_dir / "evaluation.json").read_text())
@@ -294,6 +296,7 @@ def test_a_kill_at_any_write_point_resumes_with_every_evaluation_once(tmp_path):
         assert best["num_timesteps"] == result["best_step"], "best.* come from one step"
         logged = [int(row["step"]) for row in read_eval_rows(run_dir / "train.csv")]
         assert logged == [32, 64], "train.csv: the rows after the checkpoint are redone, not repeated"
+    assert no_run == [("replace", 1)], "only a kill at the first write (config.yaml) leaves no run"
 
 
 def test_latest_naming_a_missing_or_broken_checkpoint_falls_back_to_the_other(tmp_path, capsys):

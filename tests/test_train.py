@@ -56,7 +56,9 @@ def test_smoke_run_writes_a_complete_run_directory(smoke_run, model):
     assert (run_dir / "eval.png").read_bytes().startswith(b"\x89PNG")  # the learning curve so far
     for row in rows:
         assert -21 <= float(row["score_mean"]) <= 21 and int(row["episodes"]) == 2
-        assert row["human_normalized"] != ""
+        random_score, human_score = -20.7, 14.6  # Pong (spikeq.envs.ale_games.REFERENCE_SCORES)
+        expected = (float(row["score_mean"]) - random_score) / (human_score - random_score)
+        assert float(row["human_normalized"]) == pytest.approx(expected)
 
     ckpt = run_dir / "checkpoints"
     latest = ckpt / (ckpt / "latest").read_text().strip()

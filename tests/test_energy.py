@@ -284,6 +284,23 @@ def test_the_meter_accumulates_decisions_and_averages_per_action():
     assert counts.neuron_updates == {"fc1": 2 * 4 * 5}
 
 
+def test_measuring_an_untrained_policy_leaves_its_weights_and_mode_alone():
+    # SpikingPolicy calibrates an init="firing" network on its first forward in training mode: a
+    # measurement must not be that forward (it would rescale the weights on a random observation).
+    from stable_baselines3 import DQN
+
+    model = DQN("SpikingPolicy", "CartPole-v1", policy_kwargs=dict(num_steps=4, net_arch=[8]))
+    q_net = model.policy.q_net
+    assert q_net.training and q_net.needs_calibration
+    before = {name: value.clone() for name, value in q_net.state_dict().items()}
+    meter = EnergyMeter(q_net)
+    meter.q_values(torch.rand(3, 4))
+    assert meter.counts.decisions == 3
+    assert q_net.training and q_net.needs_calibration
+    for name, value in q_net.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
 def test_counts_of_several_forward_passes_add_up():
     net = mlp_dsqn()
     with torch.inference_mode(), net.record() as activity:

@@ -185,6 +185,26 @@ def test_a_silent_network_is_named_on_the_console():
     assert "last 10 updates (updates 1 to 10)" in fc1[0] and "--init firing" in fc1[0]
 
 
+def test_a_saturated_layer_gets_advice_for_saturation():
+    # Above a rate of 0 every firing layer counts as saturated: under PyTorch's initialisation the
+    # MLP's first layer fires on CartPole's observations, and the advice must not be a silent layer's.
+    model = DQN(
+        "SpikingPolicy",
+        "CartPole-v1",
+        learning_starts=16,
+        batch_size=8,
+        train_freq=1,
+        policy_kwargs=dict(init="default", num_steps=4, net_arch=[16]),
+        seed=0,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.learn(40, callback=FiringMonitor(stretch=5, saturated_rate=0.0))
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    fc1 = [m for m in messages if m.startswith("spiking layer fc1 fired in more than 0%")]
+    assert len(fc1) == 1 and "try --init firing (every layer starts at 10% firing)" in fc1[0], messages
+
+
 def test_a_firing_network_raises_no_warning():
     assert firing_warnings("firing") == []
 

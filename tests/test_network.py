@@ -210,6 +210,9 @@ def test_spaces_the_network_cannot_take():
         SpikingQNetwork(spaces.Dict({"a": VECTOR_SPACE}), spaces.Discrete(2), NetworkSpec())
     with pytest.raises(ValueError, match="needs bounded observations"):
         SpikingQNetwork(spaces.Box(-np.inf, np.inf, (4,)), spaces.Discrete(2), NetworkSpec(encoder="poisson"))
+    grid = spaces.Box(0.0, 1.0, (4, 2, 8), np.float32)  # too small for the grid torso's 3x3 convolution
+    with pytest.raises(ValueError, match=r"shape \(4, 2, 8\) is too small .* 3x3 convolution; allowed"):
+        SpikingQNetwork(grid, spaces.Discrete(2), NetworkSpec(), normalize_images=False)
 
 
 def test_poisson_encoder_fires_at_the_feature_value():

@@ -123,6 +123,18 @@ def test_trained_cartpole_policy_runs_the_same_from_the_nir_file(neuron, readout
         assert "cannot read IF" in check["snntorch_torso"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_model_on_the_gpu_is_exported_from_a_cpu_copy(cartpole, tmp_path):
+    model, frames = cartpole("lif", "rate")
+    model.policy.to("cuda")
+    try:
+        check = verify_nir(export_nir(model, tmp_path / "gpu.nir").path, model, frames)
+        assert_same_policy(check)
+        assert next(model.policy.parameters()).device.type == "cuda"  # the caller's model stays there
+    finally:
+        model.policy.to("cpu")
+
+
 @pytest.mark.parametrize(("neuron", "readout"), [("lif", "rate"), ("if", "max_mem")])
 def test_pong_dsqn_runs_the_same_from_the_nir_file(neuron, readout, tmp_path):
     model, frames = pong_dsqn(neuron, readout)

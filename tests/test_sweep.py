@@ -13,7 +13,7 @@ import yaml
 from conftest import SPIKEQ
 
 from spikeq import cli
-from spikeq.experiment.sweep import command_for, expand, load_sweep, read_state
+from spikeq.experiment.sweep import command_for, expand, load_sweep, read_state, run_sweep
 
 SWEEPS = Path(__file__).parent.parent / "experiments" / "sweeps"
 
@@ -153,12 +153,14 @@ def test_a_sweep_runs_every_combination_and_skips_finished_runs_when_started_aga
     output = first.communicate(timeout=600)[0]
     assert first.returncode == 0, output[-3000:]
     assert "sweep smoke-T: 2 of 2 run(s) succeeded" in output
-    configs = sorted((tmp_path / "runs").glob("*/config.yaml"))
+    # Each run in a directory of its own next to the state file, named by what the sweep varies.
+    configs = sorted((tmp_path / "runs" / "sweeps" / "smoke-T").glob("*/config.yaml"))
+    assert [c.parent.name.split("-")[0] for c in configs] == ["num_steps=1", "num_steps=2"]
     assert sorted(yaml.safe_load(c.read_text())["num_steps"] for c in configs) == [1, 2]
     for config in configs:
         assert (config.parent / "evaluation.json").exists()
     # Each run is a W&B offline run in the sweep's group.
-    wandb_files = sorted((tmp_path / "runs").glob("*/wandb/offline-run-*/run-*.wandb"))
+    wandb_files = sorted((tmp_path / "runs" / "sweeps" / "smoke-T").glob("*/wandb/offline-run-*/run-*.wandb"))
     assert len(wandb_files) == 2
     inspect = subprocess.run(
         [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(wandb_files[0])],
@@ -175,14 +177,15 @@ def test_a_sweep_runs_every_combination_and_skips_finished_runs_when_started_aga
     again = sweep_process(path, "--set", "steps=450", cwd=tmp_path)
     output = again.communicate(timeout=120)[0]
     assert again.returncode == 0 and output.count("done before, skipped") == 2, output[-3000:]
-    assert len(list((tmp_path / "runs").glob("*/config.yaml"))) == 2
+    assert len(list((tmp_path / "runs").glob("**/config.yaml"))) == 2
 
 
-def test_ctrl_c_checkpoints_the_running_run_and_records_nothing(tmp_path):
-    sweep = sweep_process(smoke_sweep(tmp_path, [2]), cwd=tmp_path)
+def test_ctrl_c_checkpoints_the_running_run_and_the_same_command_resumes_it(tmp_path):
+    path = smoke_sweep(tmp_path, [2])
+    sweep = sweep_process(path, cwd=tmp_path)
     deadline = time.monotonic() + 300
     # Wait for the run's first checkpoint (step 300): it is training, its signal handlers are set.
-    while not list((tmp_path / "runs").glob("*/checkpoints/step-*")):
+    while not list((tmp_path / "runs").glob("**/checkpoints/step-*")):
         assert sweep.poll() is None and time.monotonic() < deadline, "the run did not start training"
         time.sleep(0.5)
     sweep.send_signal(signal.SIGINT)
@@ -190,6 +193,43 @@ def test_ctrl_c_checkpoints_the_running_run_and_records_nothing(tmp_path):
     assert sweep.returncode == 130, output[-3000:]
     assert "sweep stopped; the same command continues it" in output
     assert "--resume" in output  # spikeq train checkpointed and said how to resume
-    steps = [int(p.name.split("-")[1]) for p in (tmp_path / "runs").glob("*/checkpoints/step-*")]
+    steps = [int(p.name.split("-")[1]) for p in (tmp_path / "runs").glob("**/checkpoints/step-*")]
     assert max(steps) > 300  # the checkpoint written on SIGINT, after the periodic one
     assert not (tmp_path / "runs" / "sweeps" / "smoke-T.jsonl").exists()
+
+    again = sweep_process(path, cwd=tmp_path)
+    output = again.communicate(timeout=600)[0]
+    assert again.returncode == 0 and "sweep smoke-T: 1 of 1 run(s) succeeded" in output, output[-3000:]
+    (run_dir,) = (tmp_path / "runs" / "sweeps" / "smoke-T").iterdir()
+    assert f"--resume={run_dir.relative_to(tmp_path)}" in output  # continued, not started again
+    assert f"| {max(steps)}/" in output, output[-3000:]  # its progress bar starts at the checkpoint
+    assert (run_dir / "evaluation.json").exists()
+    assert len(list((tmp_path / "runs").glob("**/config.yaml"))) == 1
+
+
+def test_a_run_is_done_only_for_the_command_it_ran_with(tmp_path):
+    """Changing a sweep file's fixed command words (another game, say) makes its runs new runs; a state
+    file written before commands were part of a run's identity still counts its runs as done."""
+    program = tmp_path / "record.py"
+    program.write_text("import sys\nopen(sys.argv[1], 'a').write(' '.join(sys.argv[2:]) + '\\n')\n")
+    ran = tmp_path / "ran.txt"
+    config = dict(method="grid", program=str(program), parameters={"seed": {"values": [0, 1]}})
+    state = tmp_path / "state.jsonl"
+
+    def sweep_with(*fixed: str) -> None:
+        command = ["${env}", "${interpreter}", "${program}", str(ran), *fixed, "${args}"]
+        sweep = load_sweep(write_sweep(tmp_path, **config, command=command))
+        run_sweep(sweep, expand(sweep), state)
+
+    sweep_with("--game=Pong")
+    sweep_with("--game=Pong")
+    assert ran.read_text().splitlines() == ["--game=Pong --seed=0", "--game=Pong --seed=1"]
+    sweep_with("--game=Breakout")
+    assert ran.read_text().splitlines()[2:] == ["--game=Breakout --seed=0", "--game=Breakout --seed=1"]
+    # Records without the command (older state files) match by their parameters.
+    records = [json.loads(line) for line in state.read_text().splitlines()]
+    state.write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "template"}) + "\n" for r in records)
+    )
+    sweep_with("--game=Atlantis")
+    assert len(ran.read_text().splitlines()) == 4

@@ -167,6 +167,12 @@ def test_wandb_offline_run_holds_the_config_and_the_evaluation(smoke_run):
         (["--wandb", "cloud"], "unknown wandb mode 'cloud'"),
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--init", "lsuv"], "unknown init 'lsuv'; allowed: default, firing"),
+        (
+            ["--n-envs", "8", "--steps", "1001"],
+            "steps=1001 is not a multiple of n_envs=8; allowed: a multiple, e.g. 1000 or 1008",
+        ),
+        # Refused by the environment's maker, once the run directory exists: it is removed again.
+        (["--game", "MinAtar/Breakout", "--vec-env", "ale"], "vec_env"),
     ],
 )
 def test_bad_training_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, message):
@@ -257,6 +263,13 @@ def test_sweep_agent_style_arguments_are_accepted():
     assert config.save_replay is True and config.learning_rate == 3e-4
     assert config.network.surrogate_slope == 4.0
     assert config.tags == ["sweep", "T16"]
+    # W&B's ${args_no_boolean_flags} gives a true boolean as a bare flag; a list comes as JSON.
+    args = cli.build_parser().parse_args(
+        ["train", "--save_replay", "--bootstrap-time-limit", '--tags=["a", "b c"]']
+    )
+    config = cli._train_config(args)
+    assert config.save_replay is True and config.bootstrap_time_limit is True
+    assert config.tags == ["a", "b c"]
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):

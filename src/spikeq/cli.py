@@ -104,7 +104,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help=f"one of {', '.join(MODELS)} (default dsqn)")
     p.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default paper)")
     p.add_argument("--tags", help="comma-separated W&B tags")
-    p.add_argument("--run-dir", "--run_dir", type=Path, help="run directory (default runs/<name>)")
+    p.add_argument(
+        "--run-dir",
+        "--run_dir",
+        type=Path,
+        help="run directory (default <out-dir>/<game>-<model>-s<seed>-<time>)",
+    )
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its checkpoint")
     p.add_argument(
         "--force", action="store_true", help="overwrite an existing run directory (a spikeq run only)"
@@ -116,7 +121,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         if "_" in name:
             options.append(f"--{name}")
         text = doc.replace("%", "%%") + " (default: the preset's)"
-        p.add_argument(*options, dest=name, type=_converter(annotation), help=text)
+        # A bare boolean flag means true, as W&B's ${args_no_boolean_flags} passes it.
+        flag = dict(nargs="?", const=True) if annotation == "bool" else {}
+        p.add_argument(*options, dest=name, type=_converter(annotation), help=text, **flag)
     p.set_defaults(handler=_train)
 
 
@@ -126,8 +133,23 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.game is not None:
         overrides["game"] = args.game
     if args.tags is not None:
-        overrides["tags"] = [t for t in args.tags.split(",") if t]
+        overrides["tags"] = _tags(args.tags)
     return overrides
+
+
+def _tags(text: str) -> list[str]:
+    """``a,b``, or a list as a sweep passes one (``["a", "b"]``)."""
+    if text.startswith("["):
+        import yaml
+
+        try:
+            tags = yaml.safe_load(text)
+        except yaml.YAMLError:
+            tags = None
+        if not isinstance(tags, list):
+            raise ConfigError(f"--tags {text!r} is not a list; allowed: a,b or [a, b]")
+        return [str(tag) for tag in tags]
+    return [tag for tag in text.split(",") if tag]
 
 
 def _print_config(config: TrainConfig) -> None:
@@ -750,7 +772,11 @@ def _sweep(args: argparse.Namespace) -> int:
     try:
         results = run_sweep(sweep, runs, state, dry_run=args.dry_run)
     except KeyboardInterrupt:
-        print(f"sweep stopped; the same command continues it (finished runs are in {state})", file=sys.stderr)
+        print(
+            f"sweep stopped; the same command continues it (a spikeq train run from its last checkpoint; "
+            f"finished runs are in {state})",
+            file=sys.stderr,
+        )
         return 130
     failed = [r for r in results if r["returncode"] not in (0, None)]
     elsewhere = sum(r["returncode"] is None for r in results)

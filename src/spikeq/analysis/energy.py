@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -379,6 +380,20 @@ def count_activity(
     return counts
 
 
+@contextmanager
+def _measuring(q_net: nn.Module) -> Iterator[None]:
+    """Inference in eval mode, the module's mode restored after: a forward in training mode would
+    calibrate an ``init="firing"`` network that has not been trained yet (SpikingPolicy's first-batch
+    hook) on the measured observations, changing its weights."""
+    training = q_net.training
+    q_net.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        q_net.train(training)
+
+
 def ann_layer_macs(q_net: nn.Module, observation_space: spaces.Space | None = None) -> dict[str, int]:
     """MACs per observation of every Conv2d / Linear layer of a Q-network, run as a dense ANN.
 
@@ -414,7 +429,7 @@ def ann_layer_macs(q_net: nn.Module, observation_space: spaces.Space | None = No
     layers = [m for m in q_net.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     handles = [layer.register_forward_hook(hook) for layer in layers]
     try:
-        with torch.inference_mode():
+        with _measuring(q_net):
             q_net(obs)
     finally:
         for handle in handles:
@@ -627,7 +642,7 @@ class EnergyMeter:
         :param obs: ``[B, *observation_shape]``, as ``policy.obs_to_tensor`` makes it
         :return: ``[B, n_actions]``
         """
-        with torch.inference_mode():
+        with _measuring(self.q_net):
             if not self.is_spiking:
                 batch = obs.shape[0]
                 layer_macs = {layer: macs * batch for layer, macs in self.ann_layer_macs.items()}

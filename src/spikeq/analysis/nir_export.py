@@ -168,6 +168,12 @@ def _q_net_of(model: DQN | BasePolicy | SpikingQNetwork | str | Path) -> Spiking
             f"{type(model).__name__} is not a spiking Q-network; allowed: a SpikingQNetwork, a DQN with "
             "a SpikingPolicy, or a checkpoint of one"
         )
+    if next(q_net.parameters()).device.type != "cpu":  # exported and simulated on the CPU: a copy there
+        on_gpu = q_net
+        q_net = SpikingQNetwork(
+            on_gpu.observation_space, on_gpu.action_space, on_gpu.spec, on_gpu.normalize_images
+        )
+        q_net.load_state_dict(on_gpu.state_dict())
     return q_net
 
 

@@ -223,6 +223,14 @@ class TrainConfig:
         if not self.game or not self.out_dir or not self.wandb_project:
             empty = next(k for k in ("game", "out_dir", "wandb_project") if not getattr(self, k))
             raise ConfigError(f"{empty} is empty; give it a value")
+        if self.steps % self.n_envs:
+            # SB3 steps all n_envs environments at once: the run would end past its budget, and a resume
+            # of the finished run would find more steps trained than config.yaml allows.
+            nearest = {self.steps // self.n_envs * self.n_envs, -(-self.steps // self.n_envs) * self.n_envs}
+            raise ConfigError(
+                f"steps={self.steps} is not a multiple of n_envs={self.n_envs}; allowed: a multiple, "
+                f"e.g. {' or '.join(str(n) for n in sorted(nearest - {0}))}"
+            )
         if self.buffer_size < self.batch_size:
             raise ConfigError(
                 f"buffer_size={self.buffer_size} is smaller than batch_size={self.batch_size}: "

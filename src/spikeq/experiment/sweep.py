@@ -4,9 +4,11 @@
 (``experiments/sweeps/*.yaml``) is read here instead: its parameters are expanded (every combination
 for ``grid``, ``count`` draws for ``random``) and each run's ``command`` is built with W&B's macros and
 run in turn, in this machine's Python. Each finished run is appended to a state file (JSON lines), so a
-sweep that is stopped and started again skips the runs that already succeeded; an interrupted
-``spikeq train`` prints its own resume command. Runs share the W&B group named after the sweep
-(``WANDB_RUN_GROUP``), so they appear together when synced.
+sweep that is stopped and started again skips the runs that already succeeded (the same parameters
+and the same command). A ``spikeq train`` run gets a run directory of its own next to the state file
+(``<state>/<parameters>-<hash>``, from ``--run-dir``), so that a run stopped or failed part-way is
+resumed from its last checkpoint when the sweep is started again, not trained from the start. Runs
+share the W&B group named after the sweep (``WANDB_RUN_GROUP``), so they appear together when synced.
 
 Supported, as W&B's sweep configuration defines them: ``method`` grid or random; parameters with
 ``value``, ``values`` (optionally ``probabilities`` for random), or a ``distribution`` (``constant``,
@@ -40,6 +42,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from spikeq.experiment.checkpoints import latest_checkpoint
 from spikeq.files import FileLock, LockedError
 
 METHODS = ("grid", "random")
@@ -219,13 +222,20 @@ def command_for(sweep: Sweep, params: dict[str, Any]) -> list[str]:
     return [word for part in sweep.command for word in expansions.get(part, [part])]
 
 
-def _key(params: dict[str, Any]) -> str:
-    return json.dumps(params, sort_keys=True, default=str)
+def _key(params: dict[str, Any], template: list[str] | None) -> str:
+    """What makes two runs the same run: their parameters and the sweep file's command (template and
+    program, before ``${interpreter}`` is filled in). ``None``: a record written before the template
+    was recorded, matched by its parameters."""
+    return json.dumps([params, template], sort_keys=True, default=str)
+
+
+def _template(sweep: Sweep) -> list[str]:
+    return [*sweep.command, f"program={sweep.program}"]
 
 
 def read_state(path: Path) -> dict[str, dict[str, Any]]:
-    """The runs recorded in a state file, by parameter set (the last record of each). A line cut short
-    by a crash while it was appended is not a record: that run counts as not done."""
+    """The runs recorded in a state file, by parameter set and command (the last record of each). A
+    line cut short by a crash while it was appended is not a record: that run counts as not done."""
     records: dict[str, dict[str, Any]] = {}
     if path.exists():
         for line in path.read_text().splitlines():
@@ -234,8 +244,45 @@ def read_state(path: Path) -> dict[str, dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
             if isinstance(record, dict) and isinstance(record.get("params"), dict):
-                records[_key(record["params"])] = record
+                records[_key(record["params"], record.get("template"))] = record
     return records
+
+
+def _recorded(records: dict[str, dict[str, Any]], sweep: Sweep, params: dict[str, Any]) -> dict | None:
+    return records.get(_key(params, _template(sweep))) or records.get(_key(params, None))
+
+
+def _train_at(command: list[str]) -> int | None:
+    """Where ``train`` stands in a ``spikeq train`` command (``python -m spikeq.cli train`` or
+    ``spikeq train``); None for any other program."""
+    for i, word in enumerate(command[1:], start=1):
+        if word == "train" and (command[i - 1] == "spikeq.cli" or Path(command[i - 1]).name == "spikeq"):
+            return i
+    return None
+
+
+def run_dir_of(sweep: Sweep, params: dict[str, Any], state_path: Path) -> Path:
+    """The run directory a ``spikeq train`` run of the sweep gets: ``<state>/<name>=<value>,...-<hash>``
+    (the state file's path without ``.jsonl``), named by the parameters the sweep varies and a hash of
+    all of them and the command, so that a run keeps it however often the sweep is started."""
+    varied = [name for name, spec in sweep.parameters.items() if "value" not in spec]
+    label = ",".join(f"{name}={_text(params[name])}" for name in varied)
+    label = re.sub(r"[^A-Za-z0-9._=,+-]", "_", label)[:100] or "run"
+    digest = hashlib.sha256(_key(params, _template(sweep)).encode()).hexdigest()[:8]
+    return state_path.with_suffix("") / f"{label}-{digest}"
+
+
+def run_command(sweep: Sweep, params: dict[str, Any], state_path: Path) -> list[str]:
+    """The command that runs ``params`` now: ``command_for``'s, and for ``spikeq train`` in its own run
+    directory (``run_dir_of``), resumed from its last checkpoint where it has one, else started there
+    (afresh where an earlier try was cut before its first checkpoint: nothing to keep)."""
+    command = command_for(sweep, params)
+    if _train_at(command) is None:
+        return command
+    run_dir = run_dir_of(sweep, params, state_path)
+    if latest_checkpoint(run_dir / "checkpoints") is not None:
+        return [*command, f"--resume={run_dir}"]
+    return [*command, f"--run-dir={run_dir}", *(["--force"] if run_dir.exists() else [])]
 
 
 def _run_child(command: list[str], env: dict[str, str]) -> tuple[int, bool]:
@@ -272,8 +319,8 @@ def run_sweep(
 
     :param sweep: from ``load_sweep``
     :param runs: from ``expand``
-    :param state_path: JSON-lines file; one record (params, command, returncode, seconds) is appended
-        per finished run
+    :param state_path: JSON-lines file; one record (params, template, command, returncode, seconds) is
+        appended per finished run
     :param dry_run: print the commands only
     :return: the records of this sweep's runs (skipped ones as recorded before)
     :raises KeyboardInterrupt: after SIGINT or SIGTERM, once the running command has exited
@@ -283,35 +330,38 @@ def run_sweep(
     env.setdefault("WANDB_RUN_GROUP", sweep.name)
     claims = state_path.with_name(state_path.name + ".claims")
     for i, params in enumerate(runs, start=1):
-        command = command_for(sweep, params)
         label = " ".join(f"{k}={_text(v)}" for k, v in params.items())
-        previous = read_state(state_path).get(_key(params))
+        previous = _recorded(read_state(state_path), sweep, params)
         if previous is not None and previous["returncode"] == 0:
             print(f"[{i}/{len(runs)}] {label}: done before, skipped", flush=True)
             results.append(previous)
             continue
-        print(f"[{i}/{len(runs)}] {label}\n  {' '.join(command)}", flush=True)
         if dry_run:
+            print(f"[{i}/{len(runs)}] {label}\n  {' '.join(run_command(sweep, params, state_path))}")
             continue
         claims.mkdir(parents=True, exist_ok=True)
         try:
-            claim = FileLock(claims / f"{hashlib.sha256(_key(params).encode()).hexdigest()[:16]}.lock")
+            name = hashlib.sha256(_key(params, _template(sweep)).encode()).hexdigest()[:16]
+            claim = FileLock(claims / f"{name}.lock")
         except LockedError:
             print(f"[{i}/{len(runs)}] {label}: running in another sweep process, skipped", flush=True)
-            results.append({"params": params, "command": command, "returncode": None, "elsewhere": True})
+            results.append({"params": params, "returncode": None, "elsewhere": True})
             continue
         with claim:
-            previous = read_state(state_path).get(_key(params))  # finished elsewhere meanwhile?
+            previous = _recorded(read_state(state_path), sweep, params)  # finished elsewhere meanwhile?
             if previous is not None and previous["returncode"] == 0:
                 print(f"[{i}/{len(runs)}] {label}: finished by another sweep process, skipped", flush=True)
                 results.append(previous)
                 continue
+            command = run_command(sweep, params, state_path)  # as its run directory stands, now it is ours
+            print(f"[{i}/{len(runs)}] {label}\n  {' '.join(command)}", flush=True)
             started = time.perf_counter()
             returncode, interrupted = _run_child(command, env)
             if interrupted:
                 raise KeyboardInterrupt  # the run was stopped with the sweep: not recorded, redone next time
             record = {
                 "params": params,
+                "template": _template(sweep),
                 "command": command,
                 "returncode": returncode,
                 "seconds": round(time.perf_counter() - started, 1),

@@ -249,12 +249,14 @@ class FiringMonitor(BaseCallback):
         streaks[name] = streaks.get(name, 0) + 1 if hit else 0
         if streaks[name] != self.stretch:
             return
-        if q_net.spec.init == "default":
-            advice = "start from a firing network with --init firing (policy_kwargs init='firing')"
-        else:
+        if q_net.spec.init == "firing":
             advice = (
                 "it fired at initialisation (init='firing'): training changed that; try a lower learning rate"
             )
+        elif streaks is self.silent:
+            advice = "start from a firing network with --init firing (policy_kwargs init='firing')"
+        else:
+            advice = "try --init firing (every layer starts at 10% firing) or a lower learning rate"
         warnings.warn(
             f"spiking layer {name} {what} on the training batches of the last {self.stretch:,} updates "
             f"(updates {self.updates - self.stretch + 1:,} to {self.updates:,}); {advice}",

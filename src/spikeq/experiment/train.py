@@ -828,6 +828,7 @@ def open_run(
     """
     games.resolve_game(config.game)
     resolve_device(config.device)
+    existed = run_dir is not None and Path(run_dir).is_dir()
     if resume:
         if run_dir is None or not Path(run_dir).is_dir():
             raise ConfigError(f"cannot resume: run directory {run_dir} does not exist")
@@ -842,6 +843,11 @@ def open_run(
         if resume:
             config.save(run_dir / "config.yaml")
     except BaseException:
+        if not resume:
+            # Nothing has trained: no half-made run is left to answer the next try with "already exists".
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if existed:
+                run_dir.mkdir()  # the empty folder given with --run-dir stays
         lock.release()
         raise
     trainer.lock = lock

@@ -184,6 +184,13 @@ def torso_of(observation_space: spaces.Space, normalize_images: bool = True) -> 
     """
     if isinstance(observation_space, spaces.Box) and len(observation_space.shape) == 3:
         if min(observation_space.shape[1:]) < NATURE_MIN_SIZE:
+            ((_, kernel, _),) = MINATAR_CONVS
+            if min(observation_space.shape[1:]) < kernel:
+                raise ValueError(
+                    f"observation shape {observation_space.shape} is too small for the grid torso's "
+                    f"{kernel}x{kernel} convolution; allowed: channel-first [C, H, W] with H and W at "
+                    f"least {kernel}, or a flattened observation (gymnasium's FlattenObservation: an MLP)"
+                )
             return "grid"
     image = is_image_space(observation_space, check_channels=False, normalized_image=not normalize_images)
     return "nature" if image else "mlp"

@@ -44,7 +44,7 @@ from minatar_report import SAME_IN_EFFECT
 
 from spikeq.analysis.evaluate import evaluate_model, evaluation_record
 from spikeq.analysis.perturb import Perturbation
-from spikeq.analysis.report import plot_robustness, results_table, run_config, write_table
+from spikeq.analysis.report import budget_label, plot_robustness, results_table, run_config, write_table
 from spikeq.analysis.weights import load_model
 from spikeq.envs import games
 from spikeq.experiment.config import preset_values
@@ -72,8 +72,10 @@ def order(perturbation: str) -> tuple[bool, str, float]:
 
 
 def row_order(row: dict) -> tuple:
-    """A table's order of ``results_table``'s rows: by game, model, setting, then perturbation."""
-    return row["game"], row["model"], row["setting"] or "", order(row["perturbation"])
+    """A table's order of ``results_table``'s rows: by game, model, setting, init, step budget (the
+    longest first), then perturbation."""
+    setting, init, budget = row["setting"] or "", row["init"] or "", -(row["train_steps"] or 0)
+    return row["game"], row["model"], setting, init, budget, order(row["perturbation"])
 
 
 def chance_scores(random: Path = RANDOM) -> dict[str, float]:
@@ -123,15 +125,22 @@ def summary(files: list[Path], labels: dict) -> str:
 
 
 def _summary_table(rows: list[dict]) -> str:
-    """One Markdown table of ``summary``."""
-    groups: dict[tuple[str, str], dict[str, dict]] = {}
+    """One Markdown table of ``summary``: a row per game, model, setting, init and step budget, the
+    init and the budget named where they set apart rows of one game, model and setting."""
+    groups: dict[tuple[str, str, str | None, int | None], dict[str, dict]] = {}
     for row in rows:
         model = f"{row['model']} ({row['setting']})" if row["setting"] else row["model"]
-        groups.setdefault((row["game"], model), {})[row["perturbation"]] = row
+        key = (row["game"], model, row["init"], row["train_steps"])
+        groups.setdefault(key, {})[row["perturbation"]] = row
     perturbations = sorted({name for by_name in groups.values() for name in by_name}, key=order)
     lines = ["| game | model | runs | " + " | ".join(perturbations) + " |"]
     lines.append("|---|---|---:|" + "---:|" * len(perturbations))
-    for (game, model), by_name in groups.items():
+    for (game, model, init, train_steps), by_name in groups.items():
+        alike = [key for key in groups if key[:2] == (game, model)]
+        if len({key[2] for key in alike}) > 1:
+            model += f", {init} init"
+        if len({key[3] for key in alike}) > 1:
+            model += f", {budget_label(train_steps)}"
         plain = by_name.get("none", {}).get("score")
         cells = []
         for name in perturbations:

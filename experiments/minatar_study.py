@@ -32,10 +32,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from spikeq.analysis.report import TRAINING_CURVE, read_curve, write_training_curve
 from spikeq.envs.minatar import GAMES as MINATAR_GAMES
 from spikeq.experiment.checkpoints import latest_checkpoint
-from spikeq.experiment.config import MODELS
+from spikeq.experiment.config import MODELS, settings
 from spikeq.experiment.train import RUN_LOCK
 from spikeq.files import is_locked
 
@@ -44,6 +46,9 @@ RESULT_FILES = ("config.yaml", "eval.csv", "evaluation.json", "eval.png")
 # agents again (``minatar_robustness.py``, ``spikeq evaluate``, ``spikeq convert``) without the runs.
 WEIGHT_FILES = ("best.safetensors", "best.json")
 STUDY_STEPS = 1_000_000
+# Settings the study gives every run itself (its own flags, run directory and tracking): --set may not
+# change them, since a resumed run is given the study's value again.
+STUDY_SETTINGS = ("game", "model", "preset", "seed", "steps", "torch_threads", "out_dir", "wandb")
 SPIKEQ = [sys.executable, "-m", "spikeq.cli"]
 
 
@@ -76,7 +81,7 @@ class Run:
 
     def command(self, run_dir: Path) -> list[str]:
         """The ``spikeq train`` command that starts this run, or resumes it where it has a checkpoint."""
-        if (run_dir / "checkpoints" / "latest").exists():
+        if latest_checkpoint(run_dir / "checkpoints") is not None:
             resume = ["--resume", str(run_dir), "--steps", str(self.steps), "--torch-threads", "1"]
             return [*SPIKEQ, "train", *resume]
         command = [
@@ -94,8 +99,14 @@ class Run:
 
 def collect(run: Run, run_dir: Path, results: Path) -> bool:
     """Copy a finished run's result files to ``results/<name>``, with its training curve; False while it
-    has no result."""
+    has no result, or when its result is of a run trained past the study's budget."""
     if not (run_dir / "evaluation.json").exists():
+        return False
+    trained = yaml.safe_load((run_dir / "config.yaml").read_text())["steps"]
+    if trained > run.steps:  # trained further in place (spikeq train --resume --steps): not the study's
+        print(
+            f"not collected: {run_dir} was trained for {trained:,} steps, the study's run for {run.steps:,}"
+        )
         return False
     target = results / run.name
     target.mkdir(parents=True, exist_ok=True)
@@ -201,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--lanes {args.lanes} must be >= 1")
     if any("=" not in item for item in args.set):
         parser.error(f"--set takes KEY=VALUE items, got {args.set}")
+    for key in (item.split("=", 1)[0] for item in args.set):
+        if key in STUDY_SETTINGS:
+            parser.error(
+                f"--set {key}=... is the study's own setting; use its flags (--games, --seeds, --steps)"
+            )
+        if key not in settings():
+            parser.error(f"--set {key}=...: unknown setting; allowed: {', '.join(sorted(settings()))}")
     if args.set and not args.variant:
         parser.error("--set needs --variant NAME, so that the runs are named apart from the plain preset")
 
@@ -218,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(queue)} run(s) to do: {', '.join(run.name for run in queue) or 'none'}", flush=True)
     running: dict[str, tuple[Run, subprocess.Popen]] = {}
     stopping: list[int] = []
+    failed: list[str] = []
 
     def stop(signum: int, frame: object) -> None:
         # The runs have sessions of their own (a terminal's Ctrl-C reaches only this process): each gets
@@ -256,13 +275,18 @@ def main(argv: list[str] | None = None) -> int:
             if process.poll() is None:
                 continue
             del running[name]
-            done = collect(run, args.runs_dir / name, args.results)
-            status = f"finished, results in {args.results / name}" if done else "stopped (resumable)"
+            if collect(run, args.runs_dir / name, args.results):
+                status = f"finished, results in {args.results / name}"
+            elif stopping:
+                status = "stopped (resumable)"
+            else:
+                status = f"failed, see {args.runs_dir / name}.log"
+                failed.append(name)
             print(f"{name}: exit {process.returncode}, {status}", flush=True)
     if stopping:
         print("stopped; run the same command again to resume", flush=True)
         return 128 + stopping[0]
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -53,22 +53,26 @@ def rows_by_num_steps(files: list[Path]) -> list[dict]:
         rows += results_table([path for path in files if num_steps_of(path) == num_steps], **labels)
 
     def order(row: dict) -> tuple:
-        return row["game"], row["model"], row["setting"] or "", row["train_steps"], row["num_steps"]
+        setting, init = row["setting"] or "", row["init"] or ""
+        return row["game"], row["model"], setting, init, row["train_steps"], row["num_steps"]
 
     return sorted(rows, key=order)
 
 
 def summary(rows: list[dict]) -> str:
-    """``rows`` as one Markdown row per game, model, setting and training budget: the mean score over its
-    runs at each T, with the mean energy ratio (E_SNN / E_ANN) in brackets."""
-    groups: dict[tuple[str, str, int], dict[int, dict]] = {}
+    """``rows`` as one Markdown row per game, model, setting, init and training budget: the mean score
+    over its runs at each T, with the mean energy ratio (E_SNN / E_ANN) in brackets; the init is named
+    where it sets apart rows of one game, model and setting."""
+    groups: dict[tuple[str, str, str | None, int], dict[int, dict]] = {}
     for row in rows:
         model = f"{row['model']} ({row['setting']})" if row["setting"] else row["model"]
-        groups.setdefault((row["game"], model, row["train_steps"]), {})[row["num_steps"]] = row
+        groups.setdefault((row["game"], model, row["init"], row["train_steps"]), {})[row["num_steps"]] = row
     steps = sorted({num_steps for by_steps in groups.values() for num_steps in by_steps})
     lines = ["| game | model | trained steps | runs | " + " | ".join(f"T = {t}" for t in steps) + " |"]
     lines.append("|---|---|---:|---:|" + "---:|" * len(steps))
-    for (game, model, train_steps), by_steps in groups.items():
+    for (game, model, init, train_steps), by_steps in groups.items():
+        if len({key[2] for key in groups if key[:2] == (game, model)}) > 1:
+            model += f", {init} init"
         cells = [
             f"{by_steps[t]['score']:.2f} ({by_steps[t]['energy_ratio']:.3f})" if t in by_steps else ""
             for t in steps

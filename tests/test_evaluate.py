@@ -40,11 +40,11 @@ ENERGY_KEYS = [
 ]  # fmt: skip
 
 
-def pong(render_mode: str | None = "rgb_array"):
+def pong(render_mode: str | None = "rgb_array", n_envs: int = 1):
     """The evaluation env: full game (no life-loss ends), raw rewards, 4 stacked 84x84 frames."""
     env = make_atari_env(
         "PongNoFrameskip-v4",
-        n_envs=1,
+        n_envs=n_envs,
         seed=0,
         wrapper_kwargs={"terminal_on_life_loss": False, "clip_reward": False},
         # the time limit counts emulator frames: 4 per agent step (frame skip)
@@ -149,6 +149,17 @@ def test_without_greedy_decisions_the_energy_is_not_a_number(env):
     result = evaluate_model(model, env, n_episodes=1, epsilon=1.0, seed=0, progress=False)
     assert result.energy.decisions == 0
     assert math.isnan(result.energy.energy_pj_per_action)
+
+
+def test_envs_past_their_share_of_the_episodes_are_not_metered():
+    """2 episodes on 4 envs: envs 2 and 3 play one each, envs 0 and 1 none. Every decision is greedy
+    (epsilon 0), so the decisions metered are exactly the steps of the 2 episodes scored."""
+    envs = pong(render_mode=None, n_envs=4)
+    model = DQN("CnnPolicy", envs, buffer_size=1000, seed=0)
+    result = evaluate_model(model, envs, n_episodes=2, epsilon=0.0, seed=0, progress=False, game="Pong")
+    envs.close()
+    check_scores(result, 2)
+    assert result.energy.decisions == sum(result.episode_lengths)
 
 
 def test_a_video_of_the_first_episode(env, tmp_path):

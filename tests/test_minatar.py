@@ -7,6 +7,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -503,6 +504,79 @@ def test_a_robustness_panel_starts_from_the_runs_it_attacked(tmp_path, monkeypat
     assert start("MinAtar/Breakout: fgsm crafted on dqn") == pytest.approx(plain(attacked)) != plain(dqns)
 
 
+def relabelled(results: Path, out: Path, **config: Any) -> Path:
+    """A copy of a run's replays (``config.yaml`` and evaluation files) as the replays of a run whose
+    config differs in ``config`` (``steps``, ``init``), in the evaluations too."""
+    shutil.copytree(results, out)
+    trained = {**yaml.safe_load((out / "config.yaml").read_text()), **config}
+    (out / "config.yaml").write_text(yaml.safe_dump(trained))
+    for path in out.glob("*.json"):
+        evaluation = json.loads(path.read_text())
+        path.write_text(json.dumps({**evaluation, "train_steps": trained["steps"], "init": trained["init"]}))
+    return out
+
+
+def test_replays_of_other_budgets_and_inits_keep_lines_and_rows_of_their_own(tmp_path, monkeypatch):
+    """The committed robustness replays of Breakout's three 300k-step DSQNs, beside copies of seed 0's
+    relabelled as a 1M-step run and as a 300k-step run from the default initialisation: the figure
+    draws each budget and init as a line of its own, the summary gives each a row, named by what sets
+    it apart."""
+    import spikeq.analysis.report as analysis
+
+    figures = []
+    monkeypatch.setattr(analysis, "save_figure", lambda figure, out: figures.append(figure) or out)
+    study = EXPERIMENTS / "results" / "minatar" / "robustness"
+    dsqns = sorted(study.glob("MinAtar-Breakout-dsqn-s[0-9]-300k"))
+    results = tmp_path / "robustness"
+    for run in dsqns:
+        shutil.copytree(run, results / run.name)
+    relabelled(dsqns[0], results / "MinAtar-Breakout-dsqn-s0", steps=1_000_000)
+    relabelled(dsqns[0], results / "MinAtar-Breakout-dsqn+default-init-s0-300k", init="default")
+    files = sorted(results.glob("*/*.json"))
+    labels = dict(ignore=report.SAME_IN_EFFECT, reference=preset_values)
+
+    plot_robustness(files, tmp_path / "robustness.png", **labels)
+    panel = next(axes for axes in figures[0].axes if axes.get_title() == "MinAtar/Breakout: fgsm")
+    lines = {line.get_label(): line.get_ydata() for line in panel.get_lines()}
+    assert set(lines) == {
+        "dsqn (firing init), 300k steps (3)",
+        "dsqn (firing init), 1M steps (1)",
+        "dsqn (default init), 300k steps (1)",
+    }
+
+    def scores(runs: list[Path], name: str) -> float:
+        return float(np.mean([json.loads((run / name).read_text())["score_mean"] for run in runs]))
+
+    strengths = ["none.json", *(f"fgsm-{eps}.json" for eps in (0.01, 0.02, 0.05, 0.1))]
+    three, one = lines["dsqn (firing init), 300k steps (3)"], lines["dsqn (firing init), 1M steps (1)"]
+    assert list(three) == pytest.approx([scores(dsqns, name) for name in strengths])
+    assert list(one) == pytest.approx([scores(dsqns[:1], name) for name in strengths])
+
+    _, _, *rows = robustness.summary(files, labels).split("\n\n")[0].splitlines()
+    assert [row.split("|")[2:4] for row in rows] == [
+        [" dsqn, default init, 300k steps ", " 1 "],
+        [" dsqn, firing init, 1M steps ", " 1 "],
+        [" dsqn, firing init, 300k steps ", " 3 "],
+    ]
+
+
+def test_time_step_replays_of_another_init_keep_rows_of_their_own(tmp_path):
+    """The committed time-step replays of Breakout's three 300k-step DSQNs, beside a copy of seed 0's
+    relabelled as a run from the default initialisation: a row of its own, named by its init."""
+    study = EXPERIMENTS / "results" / "minatar" / "timesteps"
+    dsqns = sorted(study.glob("MinAtar-Breakout-dsqn-s[0-9]-300k"))
+    results = tmp_path / "timesteps"
+    for run in dsqns:
+        shutil.copytree(run, results / run.name)
+    relabelled(dsqns[0], results / "MinAtar-Breakout-dsqn+default-init-s0-300k", init="default")
+    played = timesteps.rows_by_num_steps(sorted(results.glob("*/*.json")))
+    _, _, *rows = timesteps.summary(played).splitlines()
+    assert [row.split("|")[2:5] for row in rows] == [
+        [" dsqn, default init ", " 300,000 ", " 1 "],
+        [" dsqn, firing init ", " 300,000 ", " 3 "],
+    ]
+
+
 def test_the_report_draws_runs_shorter_than_the_study_apart(minatar_smoke, tmp_path):
     """Runs trained for fewer steps than their game's longest (ablations) leave the main curves for
     ``ablations.png``, cut at their own budget; a study of one budget has no such figure."""
@@ -542,6 +616,33 @@ def test_the_report_draws_runs_shorter_than_the_study_apart(minatar_smoke, tmp_p
     assert (results / "comparison.md").read_text().splitlines()[2].startswith("| MinAtar/Breakout | 1 | 1 |")
     with pytest.raises(ValueError, match="naming its game and its steps"):
         split_by_budget([tmp_path])
+
+
+def test_the_ablations_draw_each_step_budget_of_a_setting_apart(tmp_path, monkeypatch):
+    """On the committed study: Breakout's DQN and DSQN were each trained for 1M steps and for 300k
+    (three seeds a budget); in ``ablations.png`` each budget is a line of its own, and every Breakout
+    line names its budget. The learning curves, of one budget a game, name none."""
+    import spikeq.analysis.report as analysis
+
+    figures = []
+    monkeypatch.setattr(analysis, "save_figure", lambda figure, out: figures.append(figure) or out)
+    results = report.RESULTS if report.RESULTS.is_absolute() else EXPERIMENTS.parent / report.RESULTS
+    runs = sorted(path.parent for path in results.glob("*/evaluation.json"))
+    labels = dict(ignore=report.SAME_IN_EFFECT, reference=preset_values)
+    plot_ablations(runs, tmp_path / "ablations.png", **labels)
+    scores = next(axes for axes in figures[0].axes if axes.get_title() == "MinAtar/Breakout")
+    lines = {line.get_label() for line in scores.get_lines()} - {"random"}
+    assert {
+        "dqn, 1M steps (3)", "dqn, 300k steps (3)",
+        "dsqn (firing init), 1M steps (3)", "dsqn (firing init), 300k steps (3)",
+        "dsqn (default init), 200k steps (1)", "dsqn-if (firing init), 300k steps (3)",
+    } <= lines  # fmt: skip
+    assert all(" steps (" in line for line in lines)
+
+    main, _ = split_by_budget(runs)
+    analysis.plot_learning_curves(main, tmp_path / "curves.png", **labels)
+    (breakout,) = [axes for axes in figures[1].axes if axes.get_title() == "MinAtar/Breakout"]
+    assert {"dqn (3)", "dsqn (firing init) (3)"} <= {line.get_label() for line in breakout.get_lines()}
 
 
 def test_the_training_curve_keeps_the_latest_logged_values_at_evenly_spaced_steps(minatar_smoke, tmp_path):
@@ -619,9 +720,10 @@ def test_the_study_starts_new_runs_and_resumes_cut_ones_to_their_budget(tmp_path
     start = run.command(run_dir)
     assert start[start.index("--game") + 1] == "MinAtar/Freeway" and "--force" not in start
     assert start[start.index("--steps") + 1] == "300000" and "--resume" not in start
-    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step-50000").mkdir(parents=True)
     assert "--force" in run.command(run_dir)  # cut before its first checkpoint: started afresh
-    (run_dir / "checkpoints" / "latest").write_text("step-50000")
+    for name in ("model.zip", "trainer.json"):  # complete, though cut before `latest` named it
+        (run_dir / "checkpoints" / "step-50000" / name).write_text("")
     resume = run.command(run_dir)
     assert resume[resume.index("--resume") + 1] == str(run_dir)
     assert resume[resume.index("--steps") + 1] == "300000"  # a run trained further gets the study's budget
@@ -634,6 +736,9 @@ def test_the_study_starts_new_runs_and_resumes_cut_ones_to_their_budget(tmp_path
         (["--models", "dsqn-lif"], "invalid choice: 'dsqn-lif'"),
         (["--lanes", "0"], "--lanes 0 must be >= 1"),
         (["--set", "init=default"], "--set needs --variant NAME"),
+        (["--variant", "v", "--set", "seed=5"], "--set seed=... is the study's own setting"),
+        (["--variant", "v", "--set", "steps=2000000"], "--set steps=... is the study's own setting"),
+        (["--variant", "v", "--set", "lr=0.1"], "--set lr=...: unknown setting; allowed: backend,"),
     ],
 )
 def test_the_study_refuses_a_bad_plan_before_starting_anything(flags, named, tmp_path, capsys):
@@ -670,6 +775,7 @@ def test_the_study_collects_a_run_that_finished_since_its_plan_was_made(tmp_path
             planned.append(run.name)
             return False
         (run_dir / "evaluation.json").write_text(json.dumps({"score_mean": 10.0, "score_std": 8.0}))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({"steps": run.steps}))
         return collect(run, run_dir, results)
 
     def no_training(*args, **kwargs):
@@ -702,6 +808,37 @@ def test_the_study_never_trains_again_a_run_whose_results_are_committed(tmp_path
     assert study.main([*plan, "--results", str(results)]) == 0
     assert "0 run(s) to do: none" in capsys.readouterr().out
     assert committed.read_bytes() == before and not (runs / "MinAtar-Breakout-dsqn-s0").exists()
+
+
+def test_the_study_leaves_the_results_of_a_run_trained_past_its_budget(tmp_path, capsys):
+    """A run extended in place (``spikeq train --resume RUN --steps 2000000``) has another run's
+    result: it is not filed under the study's run."""
+    run, results = study.Run("Breakout", "dqn", 0), tmp_path / "results"
+    run_dir = tmp_path / "runs" / run.name
+    run_dir.mkdir(parents=True)
+    (run_dir / "evaluation.json").write_text(json.dumps({"score_mean": 12.0, "score_std": 8.0}))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"steps": 2_000_000}))
+    assert not study.collect(run, run_dir, results) and not results.exists()
+    assert "was trained for 2,000,000 steps, the study's run for 1,000,000" in capsys.readouterr().out
+
+
+def test_a_run_that_fails_is_reported_as_failed_not_resumable(tmp_path, capsys, monkeypatch):
+    class Failed:  # spikeq train exiting 2 at once, as for a setting it refuses
+        returncode = 2
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(study.subprocess, "Popen", Failed)
+    monkeypatch.setattr(study.time, "sleep", lambda seconds: None)
+    runs = tmp_path / "runs"
+    plan = ["--games", "Breakout", "--models", "dqn", "--seeds", "0", "--runs-dir", str(runs)]
+    assert study.main([*plan, "--results", str(tmp_path / "results")]) == 1
+    out = capsys.readouterr().out
+    assert f"MinAtar-Breakout-dqn-s0: exit 2, failed, see {runs / 'MinAtar-Breakout-dqn-s0'}.log" in out
 
 
 def test_a_failed_chance_level_names_its_game_and_why(tmp_path):

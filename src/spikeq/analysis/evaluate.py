@@ -209,14 +209,16 @@ def _epsilon_greedy_actions(
     perturbation: Perturbation,
     noise_rng: np.random.Generator,
     attacker: BasePolicy | None,
+    scored: np.ndarray,
 ) -> np.ndarray:
     """One action per env: random with probability epsilon, else greedy (batched over those envs) on
     the perturbed observations (an FGSM step through ``attacker``'s network where given, else through
-    the policy's); always random without a policy."""
+    the policy's); always random without a policy, and in an env not ``scored`` (one that has played
+    its share of the episodes), so that only the scored episodes' decisions are perturbed and metered."""
     n_envs = len(obs)
     explore = rng.random(n_envs) < epsilon
     actions = rng.integers(n_actions, size=n_envs)
-    greedy = ~explore & (policy is not None)
+    greedy = ~explore & scored & (policy is not None)
     if greedy.any():
         obs_tensor, _ = policy.obs_to_tensor(obs[greedy])
         through = (policy if attacker is None else attacker).q_net
@@ -247,7 +249,8 @@ def evaluate_model(
     """Play ``n_episodes`` epsilon-greedy episodes and measure scores and energy per action.
 
     With several envs each plays a fixed share of the episodes (as SB3's ``evaluate_policy``), so
-    that short episodes are not over-represented.
+    that short episodes are not over-represented; an env that has played its share acts at random
+    until the others have played theirs, its decisions not counted.
 
     :param model: a DQN with a ``SpikingPolicy`` or an SB3 ``CnnPolicy`` / ``MlpPolicy``; ``None``
         scores the uniformly random policy (chance level: every action random, no energy counted)
@@ -333,6 +336,7 @@ def evaluate_model(
                 perturbation,
                 noise_rng,
                 None if attacker is None else attacker.policy,
+                scored=finished < targets,
             )
             obs, rewards, dones, infos = env.step(actions)
             returns += rewards

@@ -478,7 +478,8 @@ def plot_learning_curves(
 
     A step enters a model's mean only when every one of its runs has reached it, so a run still in
     progress does not bend the curve. Runs of one model with different settings get lines of their own
-    (``setting_labels``, which ``ignore`` and ``reference`` are passed to).
+    (``setting_labels``, which ``ignore`` and ``reference`` are passed to), and so do runs of other step
+    budgets, named where a game has several.
 
     :param run_dirs: run directories (``config.yaml`` + ``eval.csv``, or ``training_curve.csv``, each)
     :param out: the image file to write
@@ -592,7 +593,7 @@ def plot_robustness(
 ) -> Path:
     """Score against perturbation strength: one row of panels per game, one panel per kind of
     perturbation (``fgsm``, ``gaussian``, and ``fgsm@NAME``, an FGSM attack crafted on NAME's network),
-    one line per model and setting.
+    one line per model, setting and step budget (named where a game has several).
 
     A line is the mean over its runs (seeds) of each run's mean score at each strength, with the runs'
     range as a band; the unperturbed evaluations (``none``) of the runs in a panel are its point at
@@ -609,16 +610,17 @@ def plot_robustness(
     :return: ``out``
     :raises ValueError: where no result is perturbed
     """
+    groups = grouped_results(paths, ignore, reference)
+    budgets = _budgets_of_games((game, steps) for game, _, _, _, steps, _ in groups)
     # game -> line -> kind (Perturbation.family) -> strength -> run (seed, budget) -> its mean score
     scores: dict[str, dict[str, dict[str, dict[float, dict[tuple, float]]]]] = {}
-    for (game, model, init, perturbation, _, setting), records in grouped_results(
-        paths, ignore, reference
-    ).items():
+    for (game, model, init, perturbation, train_steps, setting), records in groups.items():
         perturbed = Perturbation.parse(perturbation)
-        by_kind = scores.setdefault(game, {}).setdefault(_line_label(model, init, setting), {})
-        by_kind.setdefault(perturbed.family, {})[perturbed.strength] = {
-            (r.train_seed, r.train_steps): r.evaluation.score_mean for r in records
-        }
+        line = _line_label(model, init, setting, train_steps if len(budgets[game]) > 1 else None)
+        by_strength = scores.setdefault(game, {}).setdefault(line, {}).setdefault(perturbed.family, {})
+        by_strength.setdefault(perturbed.strength, {}).update(
+            {(r.train_seed, r.train_steps): r.evaluation.score_mean for r in records}
+        )
     kinds = sorted({kind for lines in scores.values() for line in lines.values() for kind in line} - {"none"})
     if not kinds:
         raise ValueError("no perturbed evaluation among the results: nothing to plot against strength")
@@ -692,9 +694,8 @@ def plot_timesteps(
     for row in rows:
         if row["num_steps"] is None:
             raise ValueError(f"{row['game']} {row['model']}: not a spiking network, it has no T")
-        label = _line_label(row["model"], row["init"], row["setting"])
-        if row["train_steps"]:  # runs of other budgets are lines of their own
-            label += f", {row['train_steps'] // 1000:,}k steps"
+        # runs of other budgets are lines of their own
+        label = _line_label(row["model"], row["init"], row["setting"], row["train_steps"])
         lines.setdefault(row["game"], {}).setdefault(label, {})[row["num_steps"]] = row
     if not lines:
         raise ValueError("no evaluations to plot against T")
@@ -772,41 +773,65 @@ def _curves(
     horizon: dict[str, int] | None = None,
 ) -> dict[str, dict[str, list[dict[int, float]]]]:
     """game -> line label -> each of its runs' {step: score or training return}, up to the game's
-    ``horizon`` where given."""
-    groups: dict[tuple[str, str, str | None], list[Path]] = {}  # (game, model, init) -> its runs
+    ``horizon`` where given. Runs of other step budgets (config ``steps``) are lines of their own, and
+    where a game has several budgets each of its lines names its own."""
+    # (game, model, init, steps) -> its runs
+    groups: dict[tuple[str, str, str | None, int | None], list[Path]] = {}
     for run_dir in run_dirs:
         config = run_config(run_dir)
         if not {"game", "model"} <= config.keys():
             raise ValueError(f"{run_dir} has no config.yaml naming its game and model")
         model = config["model"]
         init = None if model == "dqn" else config.get("init")
-        groups.setdefault((config["game"], model, init), []).append(run_dir)
+        groups.setdefault((config["game"], model, init, config.get("steps")), []).append(run_dir)
+    budgets = _budgets_of_games((game, steps) for game, _, _, steps in groups)
     curves: dict[str, dict[str, list[dict[int, float]]]] = {}
-    for (game, model, init), runs in groups.items():
+    for (game, model, init, budget), runs in groups.items():
         settings = setting_labels([run_config(run_dir) for run_dir in runs], ignore, reference)
         last = (horizon or {}).get(game)
+        named = budget if len(budgets[game]) > 1 else None
         for run_dir, setting in zip(runs, settings, strict=True):
             steps, values = read_training_curve(run_dir) if training else read_curve(run_dir)[:2]
             curve = {
                 step: value for step, value in zip(steps, values, strict=True) if last is None or step <= last
             }
-            curves.setdefault(game, {}).setdefault(_line_label(model, init, setting), []).append(curve)
+            curves.setdefault(game, {}).setdefault(_line_label(model, init, setting, named), []).append(curve)
     if not curves:
         raise ValueError("no run directories given")
     return curves
 
 
-def _line_label(model: str, init: str | None, setting: str | None) -> str:
-    """A figure's line: ``"dsqn (firing init), detach_reset=False"``; a DQN has no init."""
+def _line_label(model: str, init: str | None, setting: str | None, train_steps: int | None = None) -> str:
+    """A figure's line: ``"dsqn (firing init), detach_reset=False"``; a DQN has no init. With
+    ``train_steps``, the runs' step budget too: ``"dqn, 300k steps"``."""
     label = model if init is None else f"{model} ({init} init)"
-    return f"{label}, {setting}" if setting else label
+    label = f"{label}, {setting}" if setting else label
+    return f"{label}, {budget_label(train_steps)}" if train_steps else label
+
+
+def budget_label(train_steps: int) -> str:
+    """A step budget as labels name it: ``300000`` -> ``"300k steps"``, ``1000000`` -> ``"1M steps"``."""
+    if train_steps % 1_000_000 == 0:
+        return f"{train_steps // 1_000_000:,}M steps"
+    return f"{train_steps // 1000:,}k steps"
+
+
+def _budgets_of_games(budgets: Iterable[tuple[str, int | None]]) -> dict[str, set[int | None]]:
+    """game -> the step budgets among the given (game, steps)."""
+    by_game: dict[str, set[int | None]] = {}
+    for game, steps in budgets:
+        by_game.setdefault(game, set()).add(steps)
+    return by_game
 
 
 def _colours(curves: dict[str, dict[str, list[dict[int, float]]]]) -> dict[str, str]:
-    """One colour per line label, the same in every panel."""
-    return {
-        line: f"C{i}" for i, line in enumerate(sorted({line for lines in curves.values() for line in lines}))
-    }
+    """One colour per line label, the same in every panel (matplotlib's ten, or tab20's twenty where
+    there are more lines: no two lines share one)."""
+    labels = sorted({line for lines in curves.values() for line in lines})
+    if len(labels) <= 10:
+        return {line: f"C{i}" for i, line in enumerate(labels)}
+    palette = plt.get_cmap("tab20").colors
+    return {line: palette[i % len(palette)] for i, line in enumerate(labels)}
 
 
 def _draw_panel(

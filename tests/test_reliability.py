@@ -154,7 +154,19 @@ def test_force_replaces_a_finished_run_but_not_one_in_use(tmp_path, capsys):
 
 
 PRECIOUS_ARGS = [
-    (["--seed", "4294967296"], "seed=4294967296 is too large; allowed: 0 to 2**32 - 1"),
+    (
+        ["--seed", "4294967296"],
+        "seed=4294967296 is too large for n_envs=1 with vec_env=dummy; allowed: 0 to 4,294,967,295",
+    ),
+    # Environment i is seeded with seed + i; ale-py's vector env takes signed 32-bit seeds.
+    (
+        ["--seed", "4294967295", "--n-envs", "2"],
+        "seed=4294967295 is too large for n_envs=2 with vec_env=dummy; allowed: 0 to 4,294,967,294",
+    ),
+    (
+        ["--seed", "2147483648", "--vec-env", "ale"],
+        "seed=2147483648 is too large for n_envs=1 with vec_env=ale; allowed: 0 to 2,147,483,647",
+    ),
     (["--seed", "-1"], "seed=-1 must be an integer >= 0"),
     (["--learning-rate", "1e309"], "learning_rate=inf must be a finite number"),
     (["--learning-rate", "nan"], "learning_rate=nan must be a finite number"),
@@ -312,6 +324,25 @@ def test_latest_naming_a_missing_or_broken_checkpoint_falls_back_to_the_other(tm
     assert checkpoints.latest_checkpoint(ckpt) == ckpt / "step-64"
 
 
+def test_a_checkpoint_below_newer_ones_that_do_not_load_is_kept(tmp_path):
+    # Resumed from an older checkpoint because the newer ones did not load, a run writes below them:
+    # pruning to the newest two must not remove what it has just written and `latest` names.
+    run_dir = tmp_path / "run"
+    trainer = open_run(tiny_config(steps=32), run_dir=run_dir)
+    ckpt = run_dir / "checkpoints"
+    try:
+        trainer.model.learn(32, reset_num_timesteps=True)
+        for step in (900, 1000):  # complete-looking, unloadable
+            (ckpt / f"step-{step}").mkdir(parents=True)
+            for name in ("model.zip", "trainer.json"):
+                (ckpt / f"step-{step}" / name).write_text("damaged")
+        written = checkpoints.save_checkpoint(trainer.model, ckpt, {}, save_replay=False)
+    finally:
+        trainer.close()
+    assert written == ckpt / "step-32" and written.is_dir()
+    assert checkpoints.latest_checkpoint(ckpt) == written
+
+
 # --- 5. a full disk ------------------------------------------------------------------------------------
 
 
@@ -392,6 +423,48 @@ def test_a_failed_write_of_the_best_weights_keeps_the_previous_three(tmp_path, m
         trainer.close()
     assert {name: (ckpt / name).read_bytes() for name in checkpoints.BEST_FILES} == before
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(checkpoints.BEST_FILES)  # no temporary file
+
+
+def test_a_resumed_run_seeds_its_environments_anew(tmp_path):
+    # SB3's DQN.load seeds the training envs with config.seed, as at step 0: the resume seeds them
+    # again with seed + the steps trained, so that it plays new episodes.
+    config = tiny_config(seed=5, n_envs=2, steps=32)
+    assert run_tiny(tmp_path / "run", seed=5, n_envs=2, steps=32).status == "finished"
+    trainer = open_run(config, run_dir=tmp_path / "run", resume=True)
+    try:
+        assert trainer.model.num_timesteps == 32
+        assert trainer.train_env.unwrapped._seeds == [5 + 32, 6 + 32]  # for the next reset (SB3's VecEnv)
+    finally:
+        trainer.close()
+
+
+def test_a_ctrl_c_between_the_renames_of_the_best_weights_waits_for_all_three(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    trainer = open_run(tiny_config(steps=32, eval_freq=16), run_dir=run_dir)
+    ckpt = run_dir / "checkpoints"
+    try:
+        trainer.model.learn(16, reset_num_timesteps=True)
+        checkpoints.save_best(trainer.model, ckpt, {})
+        trainer.model.learn(16, reset_num_timesteps=False)
+        replace = os.replace
+
+        def interrupted(source, target):  # SIGINT as best.json (the first) takes its place
+            replace(source, target)
+            if Path(target).name == "best.json":
+                os.kill(os.getpid(), signal.SIGINT)
+
+        monkeypatch.setattr(os, "replace", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            checkpoints.save_best(trainer.model, ckpt, {})
+    finally:
+        monkeypatch.setattr(os, "replace", replace)
+        trainer.close()
+    meta = json.loads((ckpt / "best.json").read_text())
+    saved = load_file(ckpt / "best.safetensors")
+    assert meta["num_timesteps"] == 32
+    for name, tensor in trainer.model.policy.q_net.state_dict().items():
+        if name in saved:  # the weights of the same step as best.json
+            assert torch.equal(saved[name], tensor), name
 
 
 def test_an_unexpected_error_is_one_line_with_its_traceback_in_error_log(tmp_path, capsys, monkeypatch):

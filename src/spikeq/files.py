@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -59,6 +61,25 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM received inside the block are handled when it ends, by the handlers in place
+    then (in the main thread; elsewhere Python handles no signal and the block changes nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    handlers = {stop: signal.signal(stop, lambda signum, frame: caught.append(signum)) for stop in stops}
+    try:
+        yield
+    finally:
+        for stop, handler in handlers.items():
+            signal.signal(stop, handler)
+        for signum in caught:
+            signal.raise_signal(signum)
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

@@ -40,7 +40,7 @@ from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.vec_env import VecEnv
 
 from spikeq.analysis.weights import weights_and_meta
-from spikeq.files import atomic_path, fsync_dir, write_atomic
+from spikeq.files import atomic_path, deferred_signals, fsync_dir, write_atomic
 
 KEEP_CHECKPOINTS = 2
 BEST_FILES = ("best.zip", "best.safetensors", "best.json")
@@ -114,11 +114,18 @@ def load_replay_buffer(buffer: ReplayBuffer, folder: Path) -> None:
     for name, array in arrays.items():
         current = getattr(buffer, name, None)
         if not isinstance(current, np.ndarray) or (current.dtype, current.ndim) != (array.dtype, array.ndim):
-            raise ValueError(f"the saved replay buffer's {name} does not fit this run's buffer")
+            expected = f"{current.dtype} {current.ndim}-D" if isinstance(current, np.ndarray) else "none"
+            raise ValueError(
+                f"the saved replay buffer's {name} ({array.dtype} {array.ndim}-D) does not fit this run's "
+                f"buffer ({expected})"
+            )
     state = meta["state"]
     for name, value in state.items():
         if not isinstance(value, type(getattr(buffer, name, value))):
-            raise ValueError(f"the saved replay buffer's {name}={value!r} does not fit this run's buffer")
+            expected = type(getattr(buffer, name)).__name__
+            raise ValueError(
+                f"the saved replay buffer's {name}={value!r} does not fit this run's buffer (a {expected})"
+            )
     for name, value in {**arrays, **state}.items():
         setattr(buffer, name, value)
 
@@ -172,7 +179,9 @@ def save_checkpoint(model: DQN, checkpoints: Path, state: dict[str, Any], save_r
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write checkpoint {final}: {error.strerror or error}") from None
     steps = sorted(int(p.name[5:]) for p in checkpoints.glob("step-*") if p.name[5:].isdigit())
-    for old_step in steps[:-KEEP_CHECKPOINTS]:
+    # Never the one just written: a run resumed from an older checkpoint (the newer ones did not load)
+    # writes below the highest steps.
+    for old_step in (step for step in steps[:-KEEP_CHECKPOINTS] if step != model.num_timesteps):
         shutil.rmtree(checkpoints / f"step-{old_step}", ignore_errors=True)
     return final
 
@@ -265,13 +274,16 @@ def restore_best(checkpoint: Path, checkpoints: Path) -> None:
 def save_best(model: DQN, checkpoints: Path, config: dict[str, Any]) -> None:
     """Write ``best.zip``, ``best.safetensors`` and ``best.json`` from ``model``: all three are written
     to temporary files first and renamed only when every one is complete, so a failed write leaves the
-    previous three, all from one step.
+    previous three, all from one step; a Ctrl-C or SIGTERM meanwhile is handled once all three are
+    renamed.
 
     :raises ValueError: for non-finite weights (nothing is written)
     """
     tensors, meta = weights_and_meta(model, config, None)
     checkpoints.mkdir(parents=True, exist_ok=True)
+    # A Ctrl-C between the three renames would leave files of two steps: it waits for them.
     with (
+        deferred_signals(),
         atomic_path(checkpoints / "best.zip") as zip_tmp,
         atomic_path(checkpoints / "best.safetensors") as weights_tmp,
         atomic_path(checkpoints / "best.json") as meta_tmp,

@@ -59,8 +59,10 @@ PAPER_DETACH_RESET = False
 DEFAULT_DETACH_RESET = True
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 VEC_ENVS = ("dummy", "subproc", "ale")
-# NumPy, gymnasium and ALE take 32-bit seeds; larger ones fail deep inside the first reset.
+# NumPy, gymnasium and ALE take 32-bit seeds (ale-py's vector env signed ones); larger ones fail deep
+# inside the first reset.
 MAX_SEED = 2**32 - 1
+MAX_ALE_SEED = 2**31 - 1
 # torch crashed (a segmentation fault) when asked for 100,000 threads; no machine here has more than this.
 MAX_TORCH_THREADS = 1024
 # The field types a config file may hold, by the annotation's text (``from __future__ import annotations``).
@@ -178,6 +180,12 @@ class TrainConfig:
     out_dir: str = "runs"
 
     @property
+    def max_seed(self) -> int:
+        """The largest seed this run's environments take: each of its ``n_envs`` is seeded with
+        ``seed + i``, within 32 bits (31 for ALE's vector env)."""
+        return (MAX_ALE_SEED if self.vec_env == "ale" else MAX_SEED) - (self.n_envs - 1)
+
+    @property
     def spiking(self) -> bool:
         """Whether the model is a spiking network (everything but ``dqn``)."""
         return self.model != "dqn"
@@ -207,8 +215,12 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 0")
-        if self.seed > MAX_SEED:
-            raise ConfigError(f"seed={self.seed!r} is too large; allowed: 0 to 2**32 - 1 ({MAX_SEED})")
+        if self.seed > self.max_seed:
+            # Environment i of n_envs is seeded with seed + i, and ALE's own vector env takes 31 bits.
+            raise ConfigError(
+                f"seed={self.seed!r} is too large for n_envs={self.n_envs} with vec_env={self.vec_env}; "
+                f"allowed: 0 to {self.max_seed:,}"
+            )
         if self.torch_threads > MAX_TORCH_THREADS:
             raise ConfigError(
                 f"torch_threads={self.torch_threads!r} is too large; allowed: 0 (torch's default) to "

@@ -437,7 +437,7 @@ class Trainer:
         self.train_env = games.make_env(
             self.env_id,
             n_envs=config.n_envs,
-            seed=(config.seed + step0) % SEED_MODULUS,
+            seed=(config.seed + step0) % (config.max_seed + 1),
             train=True,
             max_episode_steps=config.max_episode_steps,
             vec_env=config.vec_env,
@@ -450,6 +450,8 @@ class Trainer:
             self.model = build_model(config, self.train_env, self.device)
         else:
             self.model = self._load_for_resume(candidates)
+            # SB3's load seeds the envs with config.seed again: a resumed run plays new episodes.
+            self.train_env.seed((config.seed + self.model.num_timesteps) % (config.max_seed + 1))
         self.tracker = Tracker(
             run_dir,
             config.to_dict(),

@@ -442,22 +442,25 @@ def test_a_ctrl_c_between_the_renames_of_the_best_weights_waits_for_all_three(tm
     run_dir = tmp_path / "run"
     trainer = open_run(tiny_config(steps=32, eval_freq=16), run_dir=run_dir)
     ckpt = run_dir / "checkpoints"
+    replace = os.replace
+
+    def interrupted(source, target):  # SIGINT as best.json (the first) takes its place
+        replace(source, target)
+        if Path(target).name == "best.json":
+            os.kill(os.getpid(), signal.SIGINT)
+
+    # Python's own SIGINT handler (a test before may have left another one in place)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         trainer.model.learn(16, reset_num_timesteps=True)
         checkpoints.save_best(trainer.model, ckpt, {})
         trainer.model.learn(16, reset_num_timesteps=False)
-        replace = os.replace
-
-        def interrupted(source, target):  # SIGINT as best.json (the first) takes its place
-            replace(source, target)
-            if Path(target).name == "best.json":
-                os.kill(os.getpid(), signal.SIGINT)
-
         monkeypatch.setattr(os, "replace", interrupted)
         with pytest.raises(KeyboardInterrupt):
             checkpoints.save_best(trainer.model, ckpt, {})
     finally:
         monkeypatch.setattr(os, "replace", replace)
+        signal.signal(signal.SIGINT, handler)
         trainer.close()
     meta = json.loads((ckpt / "best.json").read_text())
     saved = load_file(ckpt / "best.safetensors")

@@ -77,7 +77,8 @@ def deferred_signals() -> Iterator[None]:
         yield
     finally:
         for stop, handler in handlers.items():
-            signal.signal(stop, handler)
+            # None: a handler set outside Python, which cannot be put back; the default stands in for it
+            signal.signal(stop, signal.SIG_DFL if handler is None else handler)
         for signum in caught:
             signal.raise_signal(signum)
 

@@ -252,13 +252,12 @@ def _recorded(records: dict[str, dict[str, Any]], sweep: Sweep, params: dict[str
     return records.get(_key(params, _template(sweep))) or records.get(_key(params, None))
 
 
-def _train_at(command: list[str]) -> int | None:
-    """Where ``train`` stands in a ``spikeq train`` command (``python -m spikeq.cli train`` or
-    ``spikeq train``); None for any other program."""
-    for i, word in enumerate(command[1:], start=1):
-        if word == "train" and (command[i - 1] == "spikeq.cli" or Path(command[i - 1]).name == "spikeq"):
-            return i
-    return None
+def _trains(command: list[str]) -> bool:
+    """Whether ``command`` is ``spikeq train`` (``python -m spikeq.cli train`` or ``spikeq train``)."""
+    return any(
+        word == "train" and (before == "spikeq.cli" or Path(before).name == "spikeq")
+        for before, word in itertools.pairwise(command)
+    )
 
 
 def run_dir_of(sweep: Sweep, params: dict[str, Any], state_path: Path) -> Path:
@@ -277,7 +276,7 @@ def run_command(sweep: Sweep, params: dict[str, Any], state_path: Path) -> list[
     directory (``run_dir_of``), resumed from its last checkpoint where it has one, else started there
     (afresh where an earlier try was cut before its first checkpoint: nothing to keep)."""
     command = command_for(sweep, params)
-    if _train_at(command) is None:
+    if not _trains(command):
         return command
     run_dir = run_dir_of(sweep, params, state_path)
     if latest_checkpoint(run_dir / "checkpoints") is not None:

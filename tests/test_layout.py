@@ -104,3 +104,19 @@ def test_classes_pickled_under_the_former_module_paths_still_load():
         assert pickle.loads(f"c{old}\n{cls.__name__}\n.".encode()) is cls  # a protocol-0 class reference
     assert set(spikeq.MOVED_MODULES.values()) <= set(MODULES)
     assert not set(spikeq.MOVED_MODULES) & set(MODULES)  # a former path never shadows a module
+
+
+def test_a_module_imported_under_its_former_path_keeps_its_own_name():
+    """Importing ``spikeq.readout`` answers with ``spikeq.snn.readout`` and leaves it as it was: its
+    ``__spec__`` names it, so ``importlib.reload`` runs its code again (in a fresh interpreter: the
+    import machinery handles a path once per process)."""
+    code = (
+        "import importlib, spikeq.readout as old, spikeq.snn.readout as new\n"
+        "print(old is new, new.__spec__.name)\n"
+        "new.READOUTS = ()\n"
+        "importlib.reload(new)\n"
+        "print(new.READOUTS[0])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["True spikeq.snn.readout", "rate"]

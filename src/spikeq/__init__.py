@@ -45,10 +45,14 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(name, self) if name in MOVED_MODULES else None
 
     def create_module(self, spec):
-        return importlib.import_module(MOVED_MODULES[spec.name])
+        module = importlib.import_module(MOVED_MODULES[spec.name])
+        # The import machinery sets the returned module's __spec__ to this former path's spec next;
+        # exec_module puts the module's own back, so that it still names (and reloads) its code.
+        spec.loader_state = module.__spec__
+        return module
 
     def exec_module(self, module):
-        pass  # already executed under its own name
+        module.__spec__ = module.__spec__.loader_state  # its code already ran under its own name
 
 
 if not any(isinstance(finder, _MovedModules) for finder in sys.meta_path):

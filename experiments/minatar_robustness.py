@@ -44,7 +44,14 @@ from minatar_report import SAME_IN_EFFECT
 
 from spikeq.analysis.evaluate import evaluate_model, evaluation_record
 from spikeq.analysis.perturb import Perturbation
-from spikeq.analysis.report import budget_label, plot_robustness, results_table, run_config, write_table
+from spikeq.analysis.report import (
+    budget_label,
+    differing_groups,
+    plot_robustness,
+    results_table,
+    run_config,
+    write_table,
+)
 from spikeq.analysis.weights import load_model
 from spikeq.envs import games
 from spikeq.experiment.config import preset_values
@@ -135,11 +142,13 @@ def _summary_table(rows: list[dict]) -> str:
     perturbations = sorted({name for by_name in groups.values() for name in by_name}, key=order)
     lines = ["| game | model | runs | " + " | ".join(perturbations) + " |"]
     lines.append("|---|---|---:|" + "---:|" * len(perturbations))
+    several_inits = differing_groups(((game, model), init) for game, model, init, _ in groups)
+    several_budgets = differing_groups(((game, model), steps) for game, model, _, steps in groups)
     for (game, model, init, train_steps), by_name in groups.items():
-        alike = [key for key in groups if key[:2] == (game, model)]
-        if len({key[2] for key in alike}) > 1:
+        alike = (game, model)
+        if alike in several_inits:
             model += f", {init} init"
-        if len({key[3] for key in alike}) > 1:
+        if alike in several_budgets:
             model += f", {budget_label(train_steps)}"
         plain = by_name.get("none", {}).get("score")
         cells = []

@@ -30,7 +30,7 @@ from minatar_report import SAME_IN_EFFECT
 from minatar_robustness import chance_scores, evaluate_run, parse_replay_options
 
 from spikeq.analysis.perturb import Perturbation
-from spikeq.analysis.report import plot_timesteps, results_table, run_config, write_table
+from spikeq.analysis.report import differing_groups, plot_timesteps, results_table, run_config, write_table
 from spikeq.experiment.config import preset_values
 from spikeq.files import write_atomic
 from spikeq.snn.network import MAX_NUM_STEPS
@@ -70,8 +70,9 @@ def summary(rows: list[dict]) -> str:
     steps = sorted({num_steps for by_steps in groups.values() for num_steps in by_steps})
     lines = ["| game | model | trained steps | runs | " + " | ".join(f"T = {t}" for t in steps) + " |"]
     lines.append("|---|---|---:|---:|" + "---:|" * len(steps))
+    several_inits = differing_groups(((game, model), init) for game, model, init, _ in groups)
     for (game, model, init, train_steps), by_steps in groups.items():
-        if len({key[2] for key in groups if key[:2] == (game, model)}) > 1:
+        if (game, model) in several_inits:
             model += f", {init} init"
         cells = [
             f"{by_steps[t]['score']:.2f} ({by_steps[t]['energy_ratio']:.3f})" if t in by_steps else ""

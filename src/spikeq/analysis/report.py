@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -611,12 +611,12 @@ def plot_robustness(
     :raises ValueError: where no result is perturbed
     """
     groups = grouped_results(paths, ignore, reference)
-    budgets = _budgets_of_games((game, steps) for game, _, _, _, steps, _ in groups)
+    several_budgets = differing_groups((game, steps) for game, _, _, _, steps, _ in groups)
     # game -> line -> kind (Perturbation.family) -> strength -> run (seed, budget) -> its mean score
     scores: dict[str, dict[str, dict[str, dict[float, dict[tuple, float]]]]] = {}
     for (game, model, init, perturbation, train_steps, setting), records in groups.items():
         perturbed = Perturbation.parse(perturbation)
-        line = _line_label(model, init, setting, train_steps if len(budgets[game]) > 1 else None)
+        line = _line_label(model, init, setting, train_steps if game in several_budgets else None)
         by_strength = scores.setdefault(game, {}).setdefault(line, {}).setdefault(perturbed.family, {})
         by_strength.setdefault(perturbed.strength, {}).update(
             {(r.train_seed, r.train_steps): r.evaluation.score_mean for r in records}
@@ -784,12 +784,12 @@ def _curves(
         model = config["model"]
         init = None if model == "dqn" else config.get("init")
         groups.setdefault((config["game"], model, init, config.get("steps")), []).append(run_dir)
-    budgets = _budgets_of_games((game, steps) for game, _, _, steps in groups)
+    several_budgets = differing_groups((game, steps) for game, _, _, steps in groups)
     curves: dict[str, dict[str, list[dict[int, float]]]] = {}
     for (game, model, init, budget), runs in groups.items():
         settings = setting_labels([run_config(run_dir) for run_dir in runs], ignore, reference)
         last = (horizon or {}).get(game)
-        named = budget if len(budgets[game]) > 1 else None
+        named = budget if game in several_budgets else None
         for run_dir, setting in zip(runs, settings, strict=True):
             steps, values = read_training_curve(run_dir) if training else read_curve(run_dir)[:2]
             curve = {
@@ -816,12 +816,15 @@ def budget_label(train_steps: int) -> str:
     return f"{train_steps // 1000:,}k steps"
 
 
-def _budgets_of_games(budgets: Iterable[tuple[str, int | None]]) -> dict[str, set[int | None]]:
-    """game -> the step budgets among the given (game, steps)."""
-    by_game: dict[str, set[int | None]] = {}
-    for game, steps in budgets:
-        by_game.setdefault(game, set()).add(steps)
-    return by_game
+def differing_groups(pairs: Iterable[tuple[Hashable, Hashable]]) -> set[Hashable]:
+    """The groups among ``(group, value)`` pairs that hold more than one value: the groups whose rows or
+    lines a label tells apart by that value (an init, a step budget), where the others leave it unnamed.
+    ``[(("Breakout", "dsqn"), 300_000), (("Breakout", "dsqn"), 1_000_000), (("Breakout", "dqn"), 1_000_000)]``
+    -> ``{("Breakout", "dsqn")}``."""
+    values: dict[Hashable, set[Hashable]] = {}
+    for group, value in pairs:
+        values.setdefault(group, set()).add(value)
+    return {group for group, seen in values.items() if len(seen) > 1}
 
 
 def _colours(curves: dict[str, dict[str, list[dict[int, float]]]]) -> dict[str, str]:

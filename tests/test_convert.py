@@ -14,6 +14,7 @@ from torch import nn
 
 from spikeq import cli
 from spikeq.analysis.convert import action_agreement, convert_dqn, hidden_activations, record_frames
+from spikeq.analysis.weights import export_weights, load_model, weights_paths
 from spikeq.envs import atari
 from spikeq.snn.network import NetworkSpec, SpikingQNetwork
 
@@ -178,3 +179,23 @@ def test_convert_command_then_evaluate(smoke_run, tmp_path, capsys):
     assert "already a spiking Q-network" in capsys.readouterr().err
     assert cli.main(["convert", str(tmp_path / "none.zip"), str(tmp_path / "x"), "--game", "Pong"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_stem_with_a_dot_keeps_it(cartpole, tmp_path):
+    """``OUT`` names the pair: a dot in it (a percentile, a version) is part of the name, not a suffix
+    to replace, so conversions at 99.9 and 99.99 are two pairs of files, not one overwritten."""
+    ann, frames = cartpole
+    for percentile in (99.9, 99.99):
+        snn, _ = convert_dqn(ann, frames, num_steps=4, percentile=percentile, progress=False)
+        written = export_weights(snn, tmp_path / f"cartpole-p{percentile}")
+        assert written == (
+            tmp_path / f"cartpole-p{percentile}.safetensors",
+            tmp_path / f"cartpole-p{percentile}.json",
+        )
+        loaded = load_model(written[0], ann.get_env(), "cpu")
+        obs, _ = snn.policy.obs_to_tensor(frames[:8])
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.q_net(obs), snn.q_net(obs), rtol=0, atol=0)
+    # A suffix of the pair's files (or of the zip it came from) still names the same pair.
+    for name in ("m.safetensors", "m.json", "m.zip", "m"):
+        assert weights_paths(tmp_path / name) == (tmp_path / "m.safetensors", tmp_path / "m.json")

@@ -29,6 +29,8 @@ from spikeq.snn.network import MAX_NUM_STEPS, MinAtarCNN
 from spikeq.snn.policy import SpikingPolicy
 
 WEIGHTS_FORMAT = "spikeq-weights-v1"
+# The suffixes that name a weights-only model by one of its files or by the SB3 zip it came from
+WEIGHTS_SUFFIXES = (".safetensors", ".json", ".zip")
 # Features extractors of the ANN DQNs a weights-only file may name
 FEATURE_EXTRACTORS = {"MinAtarCNN": MinAtarCNN}
 
@@ -92,9 +94,14 @@ def export_weights(
 
 def weights_paths(path: Path) -> tuple[Path, Path]:
     """The ``.safetensors`` and ``.json`` files of a weights-only model named by ``path`` (a stem, or
-    either file, or its ``.zip``)."""
-    stem = Path(path).with_suffix("")
-    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    either file, or its ``.zip``).
+
+    Only those three suffixes are replaced: any other dot belongs to the stem (``pong-p99.9`` names
+    ``pong-p99.9.safetensors``, not ``pong-p99.safetensors``, which another stem would share).
+    """
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in WEIGHTS_SUFFIXES else path
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
 
 
 def weights_and_meta(

@@ -46,6 +46,9 @@ def test_parse_names_what_is_allowed():
         Perturbation.parse("fgsm:x")
     with pytest.raises(ValueError, match="must be a finite number >= 0"):
         Perturbation.parse("gaussian:-1")
+    # A strength given to none is a typo for another perturbation, not an unperturbed run.
+    with pytest.raises(ValueError, match="perturbation none takes no strength, got 0.1; allowed: none"):
+        Perturbation.parse("none:0.1")
 
 
 def test_a_transferred_attack_names_its_attacker():

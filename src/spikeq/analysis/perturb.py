@@ -57,6 +57,12 @@ class Perturbation:
             raise ValueError(f"unknown perturbation {self.kind!r}; allowed: {', '.join(PERTURBATIONS)}")
         if not (self.strength >= 0 and np.isfinite(self.strength)):
             raise ValueError(f"perturbation strength {self.strength!r} must be a finite number >= 0")
+        if self.kind == "none" and self.strength != 0:
+            # It would be recorded as "none" and play unperturbed, whatever strength was meant.
+            raise ValueError(
+                f"perturbation none takes no strength, got {self.strength:g}; allowed: none, "
+                "gaussian:SIGMA, fgsm:EPS"
+            )
         if self.attacker is not None and (self.kind != "fgsm" or not _is_name(self.attacker)):
             raise ValueError(
                 f"perturbation {self.kind}:{self.strength:g} with attacker {self.attacker!r}: only fgsm "

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -16,6 +17,7 @@ import yaml
 from conftest import run_spikeq as spikeq
 from gymnasium import spaces
 from minatar import Environment
+from stable_baselines3 import DQN
 from torch import nn
 
 from spikeq.analysis.compare import comparison_report
@@ -125,6 +127,24 @@ def test_small_grids_get_the_minatar_torso_for_every_model():
         assert net.readout.linear.out_features == 4
         q = net(torch.randint(0, 2, (5, 6, 10, 10), dtype=torch.uint8))
         assert q.shape == (5, 4)
+
+
+def test_minatars_own_channel_last_grid_is_refused_not_convolved_across_its_rows():
+    channel_first = minatar.make_env("MinAtar/Breakout")  # also registers MinAtar's ids with gymnasium
+    model = DQN("SpikingPolicy", channel_first, policy_kwargs=dict(num_steps=2), buffer_size=100)
+    assert model.policy.q_net.synapses[0].in_channels == 4
+    channel_first.close()
+    # gym.make gives MinAtar's bool [10, 10, C]; SB3 transposes only uint8 0-255 images, so without
+    # ChannelFirstGrid the grid would reach conv1 with its 10 rows as channels.
+    env = gym.make("MinAtar/Breakout-v1")
+    assert env.observation_space.shape == (10, 10, 4)
+    for build in (
+        lambda: DQN("SpikingPolicy", env, policy_kwargs=dict(num_steps=2), buffer_size=100),
+        lambda: MinAtarCNN(env.observation_space),
+    ):
+        with pytest.raises(ValueError, match=r"shape \(10, 10, 4\) is channel-last .* ChannelFirstGrid"):
+            build()
+    env.close()
 
 
 def synapse_shapes(module: nn.Module) -> list[tuple[int, ...]]:

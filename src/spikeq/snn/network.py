@@ -170,6 +170,26 @@ def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) ->
         )
 
 
+def check_channel_first(observation_space: spaces.Box) -> None:
+    """Raise ``ValueError`` for a 3-D Box laid out channel-last, ``[H, W, C]``.
+
+    The convolutional torsos take channel-first ``[C, H, W]``. SB3 transposes uint8 images in
+    [0, 255] itself (``VecTransposeImage``) but passes any other 3-D Box on as it is, so MinAtar's own
+    bool ``[10, 10, C]`` grid would reach conv1 with its rows as channels and its channels as columns,
+    and train without a word. Which axis holds the channels is decided as SB3 decides it for images
+    (``is_image_space_channels_first``): the smallest one.
+
+    :param observation_space: a 3-D Box, as the network sees it
+    """
+    if int(np.argmin(observation_space.shape)) == 2:
+        raise ValueError(
+            f"observation shape {observation_space.shape} is channel-last [H, W, C] (its smallest axis "
+            "is the last); allowed: channel-first [C, H, W] (SB3 transposes only uint8 images in "
+            "[0, 255]): transpose the observations (MinAtar: spikeq.envs.minatar.make_env or its "
+            "ChannelFirstGrid wrapper), or flatten them (gymnasium's FlattenObservation: an MLP)"
+        )
+
+
 def torso_of(observation_space: spaces.Space, normalize_images: bool = True) -> str:
     """Which torso a Q-network gets for these observations (the ANN and every spiking model alike).
 
@@ -181,8 +201,10 @@ def torso_of(observation_space: spaces.Space, normalize_images: bool = True) -> 
 
     :param observation_space: the observation space as the network sees it (channel-first images)
     :param normalize_images: whether image observations are divided by 255
+    :raises ValueError: for a channel-last 3-D Box (``check_channel_first``) or a grid too small
     """
     if isinstance(observation_space, spaces.Box) and len(observation_space.shape) == 3:
+        check_channel_first(observation_space)
         if min(observation_space.shape[1:]) < NATURE_MIN_SIZE:
             ((_, kernel, _),) = MINATAR_CONVS
             if min(observation_space.shape[1:]) < kernel:
@@ -205,6 +227,7 @@ class MinAtarCNN(BaseFeaturesExtractor):
     """
 
     def __init__(self, observation_space: spaces.Box) -> None:
+        check_channel_first(observation_space)
         channels, height, width = observation_space.shape
         ((out_channels, kernel, stride),) = MINATAR_CONVS
         out_h, out_w = (height - kernel) // stride + 1, (width - kernel) // stride + 1

@@ -126,6 +126,9 @@ def test_bad_input_names_the_value(cartpole):
         convert_dqn(ann, frames, percentile=0, progress=False)
     with pytest.raises(ValueError, match="num_steps=0"):
         convert_dqn(ann, frames, num_steps=0, progress=False)
+    # A T that no spikeq command would load again is refused, not written.
+    with pytest.raises(ValueError, match="num_steps=5000 is out of range; allowed: 1 to 4096"):
+        convert_dqn(ann, frames, num_steps=5000, progress=False)
     with pytest.raises(ValueError, match="no frames"):
         convert_dqn(ann, frames[:0], progress=False)
     tanh = DQN("MlpPolicy", "CartPole-v1", buffer_size=1, policy_kwargs=dict(activation_fn=nn.Tanh))
@@ -199,3 +202,19 @@ def test_a_stem_with_a_dot_keeps_it(cartpole, tmp_path):
     # A suffix of the pair's files (or of the zip it came from) still names the same pair.
     for name in ("m.safetensors", "m.json", "m.zip", "m"):
         assert weights_paths(tmp_path / name) == (tmp_path / "m.safetensors", tmp_path / "m.json")
+
+
+def test_the_convert_command_refuses_a_bad_t_or_percentile_before_it_plays(pong, tmp_path, capsys):
+    """One line on stderr and nothing written, before a frame is played (no progress bar of the play)."""
+    ann, _ = pong
+    ann.save(tmp_path / "dqn.zip")
+    out = tmp_path / "converted"
+    for option, value, message in (
+        ("--num-steps", "5000", "num_steps=5000 is out of range; allowed: 1 to 4096"),
+        ("--percentile", "150", "percentile=150.0 must lie in (0, 100]"),
+    ):
+        args = ["convert", str(tmp_path / "dqn.zip"), str(out), "--game", "Pong", option, value]
+        assert cli.main([*args, "--frames", "50", "--agreement-frames", "0"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not list(tmp_path.glob("converted*"))

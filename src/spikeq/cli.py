@@ -525,7 +525,13 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from spikeq.analysis.convert import action_agreement, ann_layers, convert_dqn, record_frames
+    from spikeq.analysis.convert import (
+        action_agreement,
+        ann_layers,
+        check_conversion,
+        convert_dqn,
+        record_frames,
+    )
     from spikeq.analysis.weights import export_weights, load_model, weights_paths
     from spikeq.envs import games
     from spikeq.experiment.train import resolve_device
@@ -537,6 +543,7 @@ def _convert(args: argparse.Namespace) -> int:
             raise ConfigError(f"--frames {args.frames} must be >= 1")
         if args.agreement_frames < 0:
             raise ConfigError(f"--agreement-frames {args.agreement_frames} must be >= 0")
+        check_conversion(args.num_steps, args.percentile)  # before minutes of play
         env = games.make_env(game, n_envs=1, seed=args.seed, train=False)
         ann = load_model(args.checkpoint, env, resolve_device(args.device))
         ann_layers(ann)  # an ANN DQN with ReLUs, before minutes of play

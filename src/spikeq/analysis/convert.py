@@ -37,7 +37,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 from tqdm.auto import tqdm
 
-from spikeq.snn.network import SpikingQNetwork
+from spikeq.snn.network import MAX_NUM_STEPS, SpikingQNetwork
 
 # Tan et al. 2021's settings.
 PAPER_PERCENTILE = 99.9
@@ -134,6 +134,20 @@ def hidden_activations(
     return [np.concatenate(kept) for kept in samples]
 
 
+def check_conversion(num_steps: int, percentile: float) -> None:
+    """Refuse a T or percentile ``convert_dqn`` cannot use, before any frame is played for it.
+
+    :param num_steps: T of the spiking network, 1 to ``MAX_NUM_STEPS`` (a longer one would be written,
+        but no spikeq command loads a network of that T)
+    :param percentile: percentile of each layer's positive activations, in (0, 100]
+    :raises ValueError: naming the value and what is allowed
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= MAX_NUM_STEPS:
+        raise ValueError(f"num_steps={num_steps!r} is out of range; allowed: 1 to {MAX_NUM_STEPS}")
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile={percentile!r} must lie in (0, 100]")
+
+
 def convert_dqn(
     model: DQN,
     frames: np.ndarray,
@@ -147,17 +161,14 @@ def convert_dqn(
     :param model: a DQN with SB3's ``CnnPolicy`` (Nature CNN) or ``MlpPolicy``, ReLU activations
     :param frames: ``[N, *observation_shape]`` observations the activations are recorded on (paper:
         15,000 frames the DQN played at epsilon 0.05, see ``record_frames``)
-    :param num_steps: T of the spiking network (paper: 500)
+    :param num_steps: T of the spiking network (paper: 500), 1 to ``MAX_NUM_STEPS``
     :param percentile: percentile of each layer's positive activations taken as its scale, in (0, 100]
     :param env: the env the returned DQN is bound to (default: ``model``'s)
     :param progress: show a progress bar
     :return: a DQN with a ``SpikingPolicy`` (IF, subtract reset, rate readout) holding the normalised
         weights, and what the conversion did
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1")
-    if not 0 < percentile <= 100:
-        raise ValueError(f"percentile={percentile!r} must lie in (0, 100]")
+    check_conversion(num_steps, percentile)
     if len(frames) == 0:
         raise ValueError("no frames to record activations on")
     env = env if env is not None else model.get_env()

@@ -195,6 +195,13 @@ def test_state_never_leaks_between_calls_or_batches():
         (dict(tau=1.0), "tau=1.0 gives no valid leak"),
         (dict(tau=0.5), "tau=0.5 gives no valid leak"),
         (dict(threshold=0.0), "threshold=0.0 must be > 0"),
+        (dict(surrogate_slope=0.0), "surrogate_slope=0.0 must be a finite number > 0"),
+        (dict(surrogate_slope=-2.0), "surrogate_slope=-2.0 must be a finite number > 0"),
+        (dict(surrogate_slope=float("nan")), "surrogate_slope=nan must be a finite number > 0"),
+        (dict(surrogate_slope="2"), "surrogate_slope='2' must be a finite number > 0"),
+        (dict(learn_beta="False"), "learn_beta='False' must be True or False"),
+        (dict(learn_threshold=1), "learn_threshold=1 must be True or False"),
+        (dict(recompute="yes"), "recompute='yes' must be True or False"),
         (dict(net_arch=[64, 0]), "net_arch=[64, 0] must be a non-empty list of sizes >= 1"),
     ],
 )

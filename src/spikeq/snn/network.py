@@ -99,6 +99,8 @@ class NetworkSpec(NeuronSpec):
             raise ValueError(f"num_steps={self.num_steps!r} must be an integer >= 1")
         if self.num_steps < 1:
             raise ValueError(f"num_steps={self.num_steps!r} must be >= 1")
+        if not isinstance(self.recompute, bool):
+            raise ValueError(f"recompute={self.recompute!r} must be True or False")
         for name, value, allowed in (
             ("encoder", self.encoder, ENCODERS),
             ("readout", self.readout, READOUTS),

@@ -30,6 +30,8 @@ detached, so it refuses ``detach_reset=False``.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -123,8 +125,19 @@ class NeuronSpec:
             )
         if not self.threshold > 0:
             raise ValueError(f"threshold={self.threshold!r} must be > 0")
-        if not isinstance(self.detach_reset, bool):
-            raise ValueError(f"detach_reset={self.detach_reset!r} must be True or False")
+        # Every surrogate's shape parameter is a width or steepness: 0 divides by zero in the backward
+        # pass, and a negative one turns the sign of every surrogate gradient.
+        slope = self.surrogate_slope
+        if slope is not None and (
+            isinstance(slope, bool) or not isinstance(slope, numbers.Real) or not 0 < slope < math.inf
+        ):
+            raise ValueError(
+                f"surrogate_slope={slope!r} must be a finite number > 0 (or None: the surrogate's default)"
+            )
+        for name in ("learn_beta", "learn_threshold", "detach_reset"):
+            # A truthy string such as "False" would silently mean True.
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
 
     @property
     def beta(self) -> float:

@@ -184,3 +184,18 @@ def test_evaluate_command_refuses_a_bad_perturbation(tmp_path, capsys):
     assert "--perturb gaussian:0.1 is not fgsm:EPS" in capsys.readouterr().err
     assert cli.main([*command, "--perturb", "fgsm:0.1", "--attacker", str(tmp_path / "no.zip")]) == 2
     assert f"attacker checkpoint {tmp_path / 'no.zip'} does not exist" in capsys.readouterr().err
+
+
+def test_an_unseeded_evaluation_draws_noise_of_its_own():
+    """Without a seed the noise is unseeded, as the exploration is: two unseeded evaluations of the same
+    game with the same greedy network see different noise (they saw seed 0's noise every time)."""
+    spikes = []
+    for _ in range(2):
+        env = atari.make_env("Pong", n_envs=1, seed=0, train=False, max_episode_steps=30)
+        dsqn = models(env)["dsqn"]
+        result = evaluate_model(
+            dsqn, env, n_episodes=1, epsilon=0.0, progress=False, perturbation="gaussian:0.1"
+        )
+        spikes.append(result.energy.spikes_per_action)
+        env.close()
+    assert spikes[0] != spikes[1]

@@ -268,7 +268,8 @@ def evaluate_model(
         and no energy report)
     :param perturbation: what the agent's observations go through before each greedy decision
         (``spikeq.analysis.perturb``: ``"none"``, ``"gaussian:SIGMA"``, ``"fgsm:EPS"``); the noise is drawn
-        from its own generator (seeded with ``seed``), so the exploration draws do not change
+        from its own generator (seeded with ``seed``, unseeded without one), so the exploration draws
+        do not change
     :param attacker: the network a transferred attack (``"fgsm:EPS@NAME"``) is crafted on, a DQN on the
         same observations; needed by such a perturbation and by no other
     :return: the scores, and the energy report of the greedy decisions (``None`` without ``energy``
@@ -298,7 +299,8 @@ def evaluate_model(
                 f"{model.observation_space}; a transferred attack needs the same observations"
             )
         attacker.policy.set_training_mode(False)
-    noise_rng = np.random.default_rng([1, 0 if seed is None else seed])
+    # Its own stream, apart from the exploration's; unseeded without a seed (not seed 0's every time).
+    noise_rng = np.random.default_rng(None if seed is None else [1, seed])
     policy = None if model is None else model.policy
     if policy is None:
         epsilon, energy = 1.0, False

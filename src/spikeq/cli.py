@@ -586,7 +586,9 @@ def _add_export_nir(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("out", type=Path, help="the .nir file to write")
     p.add_argument("--verify", action="store_true", help="read the file back and compare it with the policy")
-    p.add_argument("--game", help="ALE game or gymnasium id (default: the game stored with the checkpoint)")
+    p.add_argument(
+        "--game", help="ALE or MinAtar game, or a gymnasium id (default: the game stored with the checkpoint)"
+    )
     p.add_argument("--frames", type=int, default=300, help="--verify: observations recorded from the game")
     p.add_argument(
         "--epsilon", type=float, default=0.05, help="--verify: random-action probability while playing"

@@ -256,8 +256,10 @@ def parse_replay_options(
     parser.add_argument("runs", nargs="*", type=Path, help=f"{runs} (their best.safetensors)")
     parser.add_argument("--episodes", type=int, default=30, help="episodes per evaluation (paper: 30)")
     parser.add_argument("--epsilon", type=float, default=0.05, help="random-action probability (paper: 0.05)")
-    parser.add_argument("--results", type=Path, default=results, help="where the evaluations are written")
-    parser.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--results", type=Path, default=results, help=f"where the evaluations are written (default {results})"
+    )
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
     if args.episodes < 1:
         parser.error(f"--episodes {args.episodes} must be >= 1")

@@ -64,6 +64,17 @@ def test_games_weigh_alike_and_the_bootstrap_stays_within_each_game():
     assert compare_scores(scores, resamples=4000, seed=1) == comparison  # seeded: reproducible
 
 
+def test_a_games_intervals_do_not_depend_on_the_other_games_compared():
+    """Each game's resamples come from a stream of its own: adding a game leaves the others' as they were."""
+    scores = {
+        "A": ([1.0, 4.0, 2.0], [2.0, 3.0, 0.5], 0.0),
+        "B": ([1.0, 2.5, 4.0, 6.5, 9.0], [0.5, 1.5, 3.0, 3.5, 5.0], 0.0),  # many distinct resampled means
+    }
+    alone = compare_scores({"B": scores["B"]}, resamples=500).games[0]
+    together = compare_scores(scores, resamples=500).games[1]
+    assert together.game == "B" and together == alone
+
+
 def test_one_run_on_a_side_gives_no_interval():
     comparison = compare_scores({"A": ([5.0], [2.0, 3.0], 0.0), "B": ([2.0, 3.0], [1.0, 2.0], 0.0)})
     assert comparison.games[0].difference_ci is None and comparison.games[0].normalised_ci is None

@@ -15,6 +15,7 @@ both models were run with: ``shared_settings``), ``format_comparison`` writes th
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +104,8 @@ def compare_scores(
     :param scores: game -> (the model's run scores, the baseline's run scores, the random policy's score)
     :param confidence: the intervals' coverage, in (0, 1)
     :param resamples: bootstrap resamples
-    :param seed: the bootstrap's random seed (the same inputs give the same intervals)
+    :param seed: the bootstrap's random seed (the same inputs give the same intervals; each game's
+        are drawn from a stream of its own, the same whichever other games are compared)
     :raises ValueError: for no games, a game without runs on a side, or a confidence outside (0, 1)
     """
     if not scores:
@@ -114,7 +116,6 @@ def compare_scores(
         if not model_scores or not baseline_scores:
             counts = f"{model} has {len(model_scores)} runs, {baseline} {len(baseline_scores)}"
             raise ValueError(f"{game}: every side needs at least one run; {counts}")
-    rng = np.random.default_rng(seed)
     tails = [50 * (1 - confidence), 100 - 50 * (1 - confidence)]
 
     def interval(samples: np.ndarray) -> tuple[float, float]:
@@ -124,6 +125,8 @@ def compare_scores(
     games, normalised_samples, p_samples = [], [], []
     for game, (model_scores, baseline_scores, chance) in sorted(scores.items()):
         x, y = np.asarray(model_scores, float), np.asarray(baseline_scores, float)
+        # A random stream of the game's own: its intervals do not change with the other games compared.
+        rng = np.random.default_rng([seed, zlib.crc32(game.encode())])
         # [resamples, runs]: every resample draws each side's runs with replacement.
         x_star = x[rng.integers(len(x), size=(resamples, len(x)))]
         y_star = y[rng.integers(len(y), size=(resamples, len(y)))]

@@ -101,6 +101,8 @@ def test_bad_input_is_refused(scores, message):
         compare_scores(scores)
     with pytest.raises(ValueError, match=r"confidence=1\.5 must lie in \(0, 1\)"):
         compare_scores({"A": ([1.0], [1.0], 0.0)}, confidence=1.5)
+    with pytest.raises(ValueError, match="resamples=0 must be an integer >= 1"):
+        compare_scores({"A": ([1.0], [1.0], 0.0)}, resamples=0)
 
 
 def test_leaving_each_game_out_compares_the_others_as_if_alone():

@@ -106,12 +106,15 @@ def compare_scores(
     :param resamples: bootstrap resamples
     :param seed: the bootstrap's random seed (the same inputs give the same intervals; each game's
         are drawn from a stream of its own, the same whichever other games are compared)
-    :raises ValueError: for no games, a game without runs on a side, or a confidence outside (0, 1)
+    :raises ValueError: for no games, a game without runs on a side, a confidence outside (0, 1) or
+        fewer than one resample
     """
     if not scores:
         raise ValueError("no games to compare")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence={confidence!r} must lie in (0, 1)")
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        raise ValueError(f"resamples={resamples!r} must be an integer >= 1")
     for game, (model_scores, baseline_scores, _) in scores.items():
         if not model_scores or not baseline_scores:
             counts = f"{model} has {len(model_scores)} runs, {baseline} {len(baseline_scores)}"

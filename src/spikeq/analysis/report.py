@@ -630,37 +630,7 @@ def plot_robustness(
     figure, panels = _panels_and_legend_column(len(games), len(kinds))
     for row, game in enumerate(games):
         for axes, kind in zip(panels[row], kinds, strict=False):  # the legend's column has no kind
-            strengths = sorted(
-                {0.0} | {s for by_kind in scores[game].values() for s in by_kind.get(kind, {})}
-            )
-            for line, by_kind in sorted(scores[game].items()):
-                points = by_kind.get(kind, {})
-                attacked = {run for by_run in points.values() for run in by_run}
-                plain = by_kind.get("none", {}).get(0.0, {})
-                points = {0.0: {run: plain[run] for run in attacked & plain.keys()}, **points}
-                xs = [i for i, s in enumerate(strengths) if points.get(s)]
-                if not xs:
-                    continue
-                runs = [list(points[strengths[i]].values()) for i in xs]
-                means = [float(np.mean(r)) for r in runs]
-                axes.plot(
-                    xs,
-                    means,
-                    marker="o",
-                    markersize=3,
-                    color=colours[line],
-                    label=f"{line} ({len(_runs_of(by_kind))})",
-                )
-                axes.fill_between(
-                    xs, [min(r) for r in runs], [max(r) for r in runs], color=colours[line], alpha=0.2
-                )
-            if chance and game in chance:
-                axes.axhline(chance[game], color="grey", linestyle="--", linewidth=1, label="random")
-            axes.set_xticks(range(len(strengths)), [f"{s:g}" for s in strengths])
-            attack, _, attacker = kind.partition("@")
-            axes.set_title(f"{game}: {attack}" + (f" crafted on {attacker}" if attacker else ""))
-            axes.set_xlabel("EPS" if attack == "fgsm" else "SIGMA")
-            axes.grid(alpha=0.3)
+            _draw_robustness_panel(axes, game, kind, scores[game], colours, chance)
         panels[row][0].set_ylabel("evaluation score")
     _legend_in_last_column(panels)
     figure.suptitle(
@@ -732,6 +702,48 @@ def plot_timesteps(
         fontsize=9,
     )
     return save_figure(figure, out)
+
+
+def _draw_robustness_panel(
+    axes: plt.Axes,
+    game: str,
+    kind: str,
+    lines: dict[str, dict[str, dict[float, dict[tuple, float]]]],
+    colours: dict[str, str],
+    chance: dict[str, float] | None,
+) -> None:
+    """A game's panel of ``plot_robustness`` for one kind of perturbation: each line's mean score over
+    its runs at each strength, the runs' range as a band, strengths spaced evenly.
+
+    :param axes: the panel
+    :param game: the game, for the title and the random policy's score
+    :param kind: the kind of perturbation (``Perturbation.family``: ``fgsm``, ``gaussian``, ``fgsm@NAME``)
+    :param lines: line -> kind -> strength -> run (seed, budget) -> its mean score; kind ``none`` holds
+        the unperturbed scores, the line's point at strength 0 for the runs attacked in this panel
+    :param colours: line -> its colour
+    :param chance: game -> the random policy's score, drawn as a dashed line
+    """
+    strengths = sorted({0.0} | {s for by_kind in lines.values() for s in by_kind.get(kind, {})})
+    for line, by_kind in sorted(lines.items()):
+        points = by_kind.get(kind, {})
+        attacked = {run for by_run in points.values() for run in by_run}
+        plain = by_kind.get("none", {}).get(0.0, {})
+        points = {0.0: {run: plain[run] for run in attacked & plain.keys()}, **points}
+        xs = [i for i, s in enumerate(strengths) if points.get(s)]
+        if not xs:
+            continue
+        runs = [list(points[strengths[i]].values()) for i in xs]
+        means = [float(np.mean(r)) for r in runs]
+        label = f"{line} ({len(_runs_of(by_kind))})"
+        axes.plot(xs, means, marker="o", markersize=3, color=colours[line], label=label)
+        axes.fill_between(xs, [min(r) for r in runs], [max(r) for r in runs], color=colours[line], alpha=0.2)
+    if chance and game in chance:
+        axes.axhline(chance[game], color="grey", linestyle="--", linewidth=1, label="random")
+    axes.set_xticks(range(len(strengths)), [f"{s:g}" for s in strengths])
+    attack, _, attacker = kind.partition("@")
+    axes.set_title(f"{game}: {attack}" + (f" crafted on {attacker}" if attacker else ""))
+    axes.set_xlabel("EPS" if attack == "fgsm" else "SIGMA")
+    axes.grid(alpha=0.3)
 
 
 def _runs_of(by_kind: dict[str, dict[float, dict[tuple, float]]]) -> set[tuple]:

@@ -7,6 +7,7 @@ at the chosen write (forking saves the import time of a fresh interpreter); sign
 real ``spikeq`` command in a child process.
 """
 
+import csv
 import errno
 import json
 import os
@@ -436,6 +437,20 @@ def test_a_resumed_run_seeds_its_environments_anew(tmp_path):
         assert trainer.train_env.unwrapped._seeds == [5 + 32, 6 + 32]  # for the next reset (SB3's VecEnv)
     finally:
         trainer.close()
+
+
+def test_a_resume_trains_at_its_new_learning_rate_and_epsilon_schedule(tmp_path):
+    # 32 steps of a 48-step decay, then resumed to 64 steps at a tenth of the learning rate: the updates
+    # after step 32 use 1e-5, and epsilon reaches its final 0.1 at step 48 as in a 64-step run.
+    run_dir = tmp_path / "run"
+    assert run_tiny(run_dir, steps=32, exploration_steps=48).status == "finished"
+    assert resume(run_dir, "--steps", "64", "--learning-rate", "1e-5") == 0
+    with (run_dir / "train.csv").open(newline="") as f:
+        rows = [row for row in csv.DictReader(f) if int(row["step"]) > 32]
+    rates = {float(row["train/learning_rate"]) for row in rows if row["train/learning_rate"]}
+    assert rates == {1e-5}
+    assert int(rows[-1]["step"]) == 64
+    assert float(rows[-1]["rollout/exploration_rate"]) == pytest.approx(0.1)
 
 
 def test_a_ctrl_c_between_the_renames_of_the_best_weights_waits_for_all_three(tmp_path, monkeypatch):

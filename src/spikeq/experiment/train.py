@@ -417,21 +417,7 @@ class Trainer:
         self.lock: FileLock | None = None  # the run directory's, set by open_run
         self._ending = False  # set once nothing is left to save: later signals are ignored
 
-        if resume:
-            _remove_leftovers(run_dir)
-        candidates = checkpoints.checkpoint_candidates(self.ckpt_dir) if resume else []
-        if resume and not candidates:
-            if any(self.ckpt_dir.glob("step-*")):
-                raise ConfigError(f"no checkpoint to resume in {self.ckpt_dir}: none of them is complete")
-            # Stopped before its first checkpoint: nothing trained is kept, the run starts over.
-            discarded = len(read_eval_rows(self.eval_csv))
-            if self.eval_csv.exists():
-                write_eval_rows(self.eval_csv, [])
-            _truncate_log(run_dir / "train.csv", 0)
-            for name in checkpoints.BEST_FILES:
-                (self.ckpt_dir / name).unlink(missing_ok=True)
-            redone = f" (its {discarded} evaluation(s) and best weights are redone)" if discarded else ""
-            tqdm.write(f"[resume] {run_dir} has no checkpoint yet: starting from step 0{redone}")
+        candidates = self._checkpoints_to_resume() if resume else []
         # A resumed run starts new episodes: ALE emulator states are not checkpointed.
         step0 = int(candidates[0].name.removeprefix("step-")) if candidates else 0
         self.train_env = games.make_env(
@@ -464,6 +450,29 @@ class Trainer:
         self.state["wandb_id"] = self.tracker.run_id
         self.model.set_logger(self.tracker.logger)
 
+    def _checkpoints_to_resume(self) -> list[Path]:
+        """The complete checkpoints of the run, best first (``checkpoints.checkpoint_candidates``), once
+        the files of writes a crash cut short are removed. A run stopped before its first checkpoint has
+        none: its evaluations, best weights and training log are discarded, and it starts from step 0.
+
+        :raises ConfigError: when the run has checkpoints but none of them is complete
+        """
+        _remove_leftovers(self.run_dir)
+        candidates = checkpoints.checkpoint_candidates(self.ckpt_dir)
+        if candidates:
+            return candidates
+        if any(self.ckpt_dir.glob("step-*")):
+            raise ConfigError(f"no checkpoint to resume in {self.ckpt_dir}: none of them is complete")
+        discarded = len(read_eval_rows(self.eval_csv))
+        if self.eval_csv.exists():
+            write_eval_rows(self.eval_csv, [])
+        _truncate_log(self.run_dir / "train.csv", 0)
+        for name in checkpoints.BEST_FILES:
+            (self.ckpt_dir / name).unlink(missing_ok=True)
+        redone = f" (its {discarded} evaluation(s) and best weights are redone)" if discarded else ""
+        tqdm.write(f"[resume] {self.run_dir} has no checkpoint yet: starting from step 0{redone}")
+        return []
+
     def _load_for_resume(self, candidates: list[Path]) -> DQN:
         """The first of ``candidates`` that loads (``latest``'s, then the newest others)."""
         errors = []
@@ -491,8 +500,15 @@ class Trainer:
         # The best weights as of this checkpoint: any saved later belong to evaluations redone now.
         checkpoints.restore_best(checkpoint, self.ckpt_dir)
         # The step budget may have been extended, the learning rate or clipping changed to get past a NaN.
+        # SB3's load built both schedules from the saved values (its _setup_model): they are rebuilt,
+        # else the run would go on at the old learning rate, and epsilon would follow the old budget's
+        # decay over the new budget's progress.
         model.exploration_fraction = self.config.exploration_steps / self.config.steps
+        model.exploration_schedule = LinearSchedule(
+            model.exploration_initial_eps, model.exploration_final_eps, model.exploration_fraction
+        )
         model.learning_rate = self.config.learning_rate
+        model.lr_schedule = FloatSchedule(model.learning_rate)
         model.max_grad_norm = self.config.max_grad_norm
         # Rows written after this checkpoint were never covered by it: they are redone.
         rows = [r for r in read_eval_rows(self.eval_csv) if int(r["step"]) <= model.num_timesteps]

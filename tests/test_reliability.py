@@ -149,9 +149,29 @@ def test_force_replaces_a_finished_run_but_not_one_in_use(tmp_path, capsys):
         assert cli.main(["train", "--preset", "smoke", "--run-dir", str(run_dir), "--force"]) == 2
         assert "in use by another spikeq process" in capsys.readouterr().err
         assert (run_dir / "evaluation.json").exists()
-    run_dir2, lock = prepare_run_dir(tiny_config(), run_dir, force=True)
+    run_dir2, lock, replaced = prepare_run_dir(tiny_config(), run_dir, force=True)
     lock.release()
     assert run_dir2 == run_dir and [p.name for p in run_dir.iterdir()] == [".lock"]
+    assert (replaced / "evaluation.json").exists()  # removed by open_run once the new run is built
+
+
+def test_force_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path, capsys):
+    # ALE's vector env is refused for a MinAtar game only when the envs are made, after --force
+    # has taken the directory: the old run is put back.
+    run_dir = tmp_path / "run"
+    assert run_tiny(run_dir, steps=32).status == "finished"
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    argv = ["train", "--game", "MinAtar/Breakout", "--preset", "smoke", "--vec-env", "ale"]
+    assert cli.main([*argv, "--run-dir", str(run_dir), "--force"]) == 2
+    assert "vec_env must be one of dummy, subproc for MinAtar games" in capsys.readouterr().err
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert resume(run_dir) == 0  # still the finished run
+    capsys.readouterr()
+    # A new run that starts replaces it, and nothing of the old one is left beside it.
+    open_run(tiny_config(steps=32), run_dir=run_dir, force=True).close()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert not (run_dir / "evaluation.json").exists()
 
 
 PRECIOUS_ARGS = [
@@ -730,8 +750,8 @@ def test_a_finished_run_trained_further_keeps_its_result_under_its_step_count(tm
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "run_name", lambda config: "Pong-dqn-s0-20261129-101500")
     config = tiny_config(out_dir=str(tmp_path))
-    first, lock1 = prepare_run_dir(config, None, force=False)
-    second, lock2 = prepare_run_dir(config, None, force=False)
+    first, lock1, _ = prepare_run_dir(config, None, force=False)
+    second, lock2, _ = prepare_run_dir(config, None, force=False)
     assert (first.name, second.name) == ("Pong-dqn-s0-20261129-101500", "Pong-dqn-s0-20261129-101500-2")
     lock1.release()
     lock2.release()

@@ -198,13 +198,17 @@ def lock_run_dir(run_dir: Path) -> FileLock:
         raise ConfigError(f"cannot write to run directory {run_dir}: {error.strerror}") from None
 
 
-def prepare_run_dir(config: TrainConfig, run_dir: Path | None, force: bool) -> tuple[Path, FileLock]:
+def prepare_run_dir(
+    config: TrainConfig, run_dir: Path | None, force: bool
+) -> tuple[Path, FileLock, Path | None]:
     """Create and lock the run directory, refusing to overwrite an existing one unless ``force``.
 
     The default name is created with an exclusive ``mkdir`` (two runs started in the same second get
-    ``<name>`` and ``<name>-2``). ``force`` removes only a spikeq run directory no process is using.
+    ``<name>`` and ``<name>-2``). ``force`` replaces only a spikeq run directory no process is using:
+    it is moved aside, to be removed once the new run has started (``open_run``) or put back if it
+    cannot start.
 
-    :return: the run directory and its lock
+    :return: the run directory, its lock, and where the run it replaces was moved (or None)
     """
     if run_dir is None:
         base = Path(config.out_dir) / run_name(config)
@@ -220,9 +224,10 @@ def prepare_run_dir(config: TrainConfig, run_dir: Path | None, force: bool) -> t
                 continue
             except OSError as error:
                 raise ConfigError(f"cannot write to {base.parent}: {error.strerror}") from None
-            return candidate, lock_run_dir(candidate)
+            return candidate, lock_run_dir(candidate), None
         raise ConfigError(f"cannot find a free run directory name next to {base}")
     run_dir = Path(run_dir)
+    replaced = None
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} is a file; choose another --run-dir")
     if _contents(run_dir):
@@ -238,19 +243,37 @@ def prepare_run_dir(config: TrainConfig, run_dir: Path | None, force: bool) -> t
             )
         if is_locked(run_dir / RUN_LOCK):
             raise ConfigError(f"--force refused: run directory {run_dir} is in use by another spikeq process")
-        # Moved aside first: a crash while deleting never leaves a half-deleted run under the name.
-        doomed = run_dir.with_name(f".{run_dir.name}.removing-{os.getpid()}")
-        os.replace(run_dir, doomed)
-        shutil.rmtree(doomed)
+        # Kept aside until the new run has started: input refused only once the envs or the network
+        # are built (an option a game does not take) must not cost the old run.
+        replaced = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
+        os.replace(run_dir, replaced)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
+        _put_back(replaced, run_dir)
         raise ConfigError(f"cannot write to output directory {run_dir}: {error.strerror}") from None
-    lock = lock_run_dir(run_dir)
+    try:
+        lock = lock_run_dir(run_dir)
+    except ConfigError:
+        _put_back(replaced, run_dir)
+        raise
     if _contents(run_dir):  # another process created it between the checks and the lock
         lock.release()
         raise ConfigError(f"run directory {run_dir} was just created by another process")
-    return run_dir, lock
+    return run_dir, lock, replaced
+
+
+def _put_back(replaced: Path | None, run_dir: Path) -> None:
+    """Return the run ``--force`` moved aside to its directory (an empty one left there is removed).
+
+    :param replaced: where ``prepare_run_dir`` moved it (None: nothing to put back)
+    :param run_dir: its directory
+    """
+    if replaced is None:
+        return
+    if run_dir.is_dir() and not _contents(run_dir):
+        shutil.rmtree(run_dir)
+    os.replace(replaced, run_dir)
 
 
 def resolve_device(device: str) -> str:
@@ -853,7 +876,7 @@ def open_run(
         run_dir = Path(run_dir)
         lock = lock_run_dir(run_dir)
     else:
-        run_dir, lock = prepare_run_dir(config, run_dir, force)
+        run_dir, lock, replaced = prepare_run_dir(config, run_dir, force)
     try:
         if not resume:
             config.save(run_dir / "config.yaml")
@@ -864,10 +887,14 @@ def open_run(
         if not resume:
             # Nothing has trained: no half-made run is left to answer the next try with "already exists".
             shutil.rmtree(run_dir, ignore_errors=True)
-            if existed:
+            if replaced is not None:
+                _put_back(replaced, run_dir)
+            elif existed:
                 run_dir.mkdir()  # the empty folder given with --run-dir stays
         lock.release()
         raise
+    if not resume and replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
     trainer.lock = lock
     return trainer
 

@@ -470,7 +470,8 @@ class Trainer:
             tags=[self.game, config.model, *config.tags],
             run_id=self.state.get("wandb_id"),
         )
-        self.state["wandb_id"] = self.tracker.run_id
+        # A stretch resumed with W&B disabled keeps the id: a later resume continues the same W&B run.
+        self.state["wandb_id"] = self.tracker.run_id or self.state.get("wandb_id")
         self.model.set_logger(self.tracker.logger)
 
     def _checkpoints_to_resume(self) -> list[Path]:

@@ -459,6 +459,16 @@ def test_a_resumed_run_seeds_its_environments_anew(tmp_path):
         trainer.close()
 
 
+def test_a_resume_without_wandb_keeps_the_wandb_run_for_the_next_one(tmp_path):
+    # Offline, then a stretch with W&B disabled, then offline again: one W&B run, continued.
+    run_dir = tmp_path / "run"
+    assert run_tiny(run_dir, steps=32, eval_freq=16, checkpoint_freq=16, wandb="offline").status == "finished"
+    assert resume(run_dir, "--steps", "48", "--wandb", "disabled") == 0
+    assert resume(run_dir, "--steps", "64", "--wandb", "offline") == 0
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({path.name.rsplit("-", 1)[1] for path in runs}) == 1
+
+
 def test_a_resume_trains_at_its_new_learning_rate_and_epsilon_schedule(tmp_path):
     # 32 steps of a 48-step decay, then resumed to 64 steps at a tenth of the learning rate: the updates
     # after step 32 use 1e-5, and epsilon reaches its final 0.1 at step 48 as in a 64-step run.

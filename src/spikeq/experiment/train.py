@@ -695,10 +695,10 @@ class Trainer:
         remaining = config.steps - self.model.num_timesteps
         # Spiking models: per-layer firing rates in train.csv / W&B, and a warning for silent layers.
         callbacks = CallbackList([callback, FiringMonitor()]) if config.spiking else callback
-        if remaining <= 0 and (self.run_dir / "evaluation.json").exists():
-            return self._already_finished()
         finished = self.run_dir / "evaluation.json"
-        if remaining > 0 and finished.exists():
+        if finished.exists():
+            if remaining <= 0:
+                return self._already_finished()
             # A finished run trained further: its result stays, named by the step count it belongs to,
             # and evaluation.json appears again only when the new budget is reached.
             finished.replace(self.run_dir / f"evaluation-{self.model.num_timesteps}.json")

@@ -38,8 +38,11 @@ from spikeq.experiment.config import (
 )
 
 if typing.TYPE_CHECKING:
+    from stable_baselines3.common.vec_env import VecEnv
+
     from spikeq.analysis.evaluate import Evaluation
     from spikeq.analysis.perturb import Perturbation
+    from spikeq.snn.policy import SpikingPolicy
 
 # What a resumed run may change: where and how it runs, how far it goes, how it checkpoints, and the two
 # settings that get a run past a loss that became NaN (resumed from the last finite checkpoint).
@@ -608,14 +611,7 @@ def _add_export_nir(sub: argparse._SubParsersAction) -> None:
 
 
 def _export_nir(args: argparse.Namespace) -> int:
-    from spikeq.analysis.convert import record_frames
-    from spikeq.analysis.nir_export import (
-        action_names,
-        export_nir,
-        load_spiking_policy,
-        make_observation_env,
-        verify_nir,
-    )
+    from spikeq.analysis.nir_export import action_names, export_nir, load_spiking_policy, make_observation_env
 
     _check_new([args.out], args.force)
     try:
@@ -642,10 +638,19 @@ def _export_nir(args: argparse.Namespace) -> int:
     print("what NIR leaves to the host or simulator:")
     for note in result.notes:
         print(f"  - {note}")
-    if not args.verify:
-        if env is not None:
-            env.close()
-        return 0
+    if args.verify:
+        return _verify_export(args, policy, env, game)
+    if env is not None:
+        env.close()
+    return 0
+
+
+def _verify_export(args: argparse.Namespace, policy: SpikingPolicy, env: VecEnv, game: str) -> int:
+    """``export-nir --verify``: run the written graph on observations played in ``env`` (then closed)
+    and print how far it agrees with ``policy``; exit code 1 below ``--min-agreement``."""
+    from spikeq.analysis.convert import record_frames
+    from spikeq.analysis.nir_export import verify_nir
+
     frames = record_frames(policy, env, args.frames, args.epsilon, args.seed, progress=False)
     env.close()
     check = verify_nir(args.out, policy, frames, seed=args.seed)

@@ -32,7 +32,7 @@ from spikeq import cli
 from spikeq.analysis import weights
 from spikeq.envs import atari
 from spikeq.experiment import checkpoints, train
-from spikeq.experiment.config import resolve
+from spikeq.experiment.config import override, resolve
 from spikeq.experiment.sweep import load_sweep, read_state
 from spikeq.experiment.train import build_model, open_run, prepare_run_dir, read_eval_rows, resume_command
 from spikeq.files import FileLock
@@ -467,6 +467,22 @@ def test_a_resume_without_wandb_keeps_the_wandb_run_for_the_next_one(tmp_path):
     assert resume(run_dir, "--steps", "64", "--wandb", "offline") == 0
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({path.name.rsplit("-", 1)[1] for path in runs}) == 1
+
+
+def test_a_resume_without_the_replay_buffer_refills_learning_starts_transitions_every_time(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_tiny(run_dir, steps=32, learning_starts=24, save_replay=False).status == "finished"
+    # Resumed without its replay buffer and checkpointed at step 40, 16 steps into the 24-step refill.
+    assert resume(run_dir, "--steps", "40") == 0
+    config = override(tiny_config(steps=32, learning_starts=24, save_replay=False), steps=64)
+    trainer = open_run(config, run_dir=run_dir, resume=True)
+    try:
+        updates = trainer.model._n_updates
+        assert trainer.run().status == "finished"
+        # Steps 41 to 64 refill the empty buffer again: no update on fewer than 24 transitions.
+        assert trainer.model._n_updates == updates
+    finally:
+        trainer.close()
 
 
 def test_a_resume_trains_at_its_new_learning_rate_and_epsilon_schedule(tmp_path):

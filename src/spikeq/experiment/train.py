@@ -538,11 +538,10 @@ class Trainer:
         rows = [r for r in read_eval_rows(self.eval_csv) if int(r["step"]) <= model.num_timesteps]
         write_eval_rows(self.eval_csv, rows)
         _truncate_log(self.run_dir / "train.csv", model.num_timesteps)
-        if (
-            model.replay_buffer.size() < self.config.batch_size
-            and model.num_timesteps > model.learning_starts
-        ):
-            # No saved replay: refill it before training resumes.
+        if model.replay_buffer.size() < self.config.batch_size:
+            # No saved replay: refill it with learning_starts transitions before training resumes, also
+            # where the checkpoint was written part-way through a refill or the first warm-up (its
+            # learning_starts would leave fewer).
             model.learning_starts = model.num_timesteps + self.config.learning_starts
         return model
 

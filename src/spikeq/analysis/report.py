@@ -104,14 +104,17 @@ def write_training_curve(run_dir: Path, out: Path, points: int = 100) -> Path:
         every = max(1, budget // points)  # a budget under ``points`` steps keeps every step
         latest: dict[str, str] = {}
         grid: list[dict[str, Any]] = []
+        point = every  # the next grid step to sample
         step = 0
         for row in reader:
             step = int(row["step"])
-            while step > (len(grid) + 1) * every:  # the grid steps this row comes after
-                grid.append({"step": (len(grid) + 1) * every, **latest})
+            while point < step:  # the grid steps this row comes after
+                grid.append({"step": point, **latest})
+                point += every
             latest.update({names[name]: row[name] for name in names if row.get(name)})
-    while (len(grid) + 1) * every <= step:  # and those up to the last row, which they include
-        grid.append({"step": (len(grid) + 1) * every, **latest})
+    while point <= step:  # and those up to the last row, which they include
+        grid.append({"step": point, **latest})
+        point += every
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["step", *names.values()])

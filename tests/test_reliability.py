@@ -672,6 +672,22 @@ class Live:
         return code, "".join(self.out), "".join(self.err)
 
 
+def test_an_evaluation_cut_by_ctrl_c_is_redone_at_its_own_step(tmp_path):
+    run_dir = tmp_path / "run"
+    # 40 steps; the evaluation at step 32 (30 episodes, about 8 s) is cut by a Ctrl-C.
+    args = ["train", "--preset", "smoke", "--model", "dqn", "--run-dir", str(run_dir), *TINY_ARGS]
+    live = Live(*args, "--steps=40", "--eval-episodes=30", "--max-episode-steps=100")
+    live.wait_for("/40", in_stderr=True)  # training has started; step 32 comes within a second
+    time.sleep(3.0)
+    live.process.send_signal(signal.SIGINT)
+    code, _, err = live.finish()
+    assert code == 128 + signal.SIGINT and "interrupted by SIGINT at step 32" in err, err[-3000:]
+    assert eval_steps(run_dir) == []
+    # Redone with the weights of step 32 before training goes on, not at step 33.
+    assert resume(run_dir) == 0
+    assert eval_steps(run_dir) == [32, 40]
+
+
 def test_ctrl_c_in_the_final_evaluation_leaves_a_resumable_run(tmp_path):
     run_dir = tmp_path / "run"
     # 40 steps, evaluations every 600: the only evaluation is the final one, 30 episodes long.

@@ -702,6 +702,12 @@ class Trainer:
             # and evaluation.json appears again only when the new budget is reached.
             finished.replace(self.run_dir / f"evaluation-{self.model.num_timesteps}.json")
         try:
+            if remaining > 0 and self._due(config.eval_freq, "last_eval_step"):
+                # A signal cut this step's evaluation short: it is redone with this step's weights
+                # before training goes on (SB3 would call back first one step later, off the schedule),
+                # and checkpointed, so that a further resume from here does not repeat its row.
+                self.evaluate_now()
+                self.checkpoint()
             if remaining > 0:
                 self.model.learn(
                     remaining,

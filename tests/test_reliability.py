@@ -674,10 +674,11 @@ class Live:
 
 def test_an_evaluation_cut_by_ctrl_c_is_redone_at_its_own_step(tmp_path):
     run_dir = tmp_path / "run"
-    # 40 steps; the evaluation at step 32 (30 episodes, about 8 s) is cut by a Ctrl-C.
+    # 40 steps; the evaluation at step 32 (30 Pong episodes of 250 steps: 10 s or more on a 2-core
+    # CPU) is cut by a Ctrl-C, sent when training has reached it (step 32 comes within a second).
     args = ["train", "--preset", "smoke", "--model", "dqn", "--run-dir", str(run_dir), *TINY_ARGS]
-    live = Live(*args, "--steps=40", "--eval-episodes=30", "--max-episode-steps=100")
-    live.wait_for("/40", in_stderr=True)  # training has started; step 32 comes within a second
+    live = Live(*args, "--steps=40", "--eval-episodes=30", "--max-episode-steps=250")
+    live.wait_for("/40", in_stderr=True)
     time.sleep(3.0)
     live.process.send_signal(signal.SIGINT)
     code, _, err = live.finish()

@@ -879,8 +879,7 @@ def open_run(
     if resume:
         if run_dir is None or not Path(run_dir).is_dir():
             raise ConfigError(f"cannot resume: run directory {run_dir} does not exist")
-        run_dir = Path(run_dir)
-        lock = lock_run_dir(run_dir)
+        run_dir, lock, replaced = Path(run_dir), lock_run_dir(Path(run_dir)), None
     else:
         run_dir, lock, replaced = prepare_run_dir(config, run_dir, force)
     try:
@@ -899,7 +898,7 @@ def open_run(
                 run_dir.mkdir()  # the empty folder given with --run-dir stays
         lock.release()
         raise
-    if not resume and replaced is not None:
+    if replaced is not None:  # the new run has started: the one it replaces goes
         shutil.rmtree(replaced, ignore_errors=True)
     trainer.lock = lock
     return trainer

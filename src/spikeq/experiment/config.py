@@ -414,7 +414,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         bootstrap_time_limit=True,
         # Runs last hours: a checkpoint every 50k steps, with the replay (100k grids: 80 MB for Breakout
         # to 200 MB for Seaquest, one byte a cell, observation and next observation), so that a
-        # cut run resumes exactly where it was.
+        # cut run resumes with the transitions it had collected (new episodes: emulator states are
+        # not saved; the step the signal came at is counted, its transition and update are not).
         checkpoint_freq=50_000,
         save_replay=True,
         torch_threads=1,

@@ -79,6 +79,13 @@ def test_no_two_modules_import_each_other_even_through_others():
     assert cycles == []
 
 
+def fresh_interpreter(code: str) -> list[str]:
+    """The lines ``code`` prints, run in a new Python process (imports start from nothing)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split("\n")
+
+
 def test_import_spikeq_loads_the_network_only_and_registers_the_policy():
     code = (
         "import sys, spikeq\n"
@@ -86,9 +93,7 @@ def test_import_spikeq_loads_the_network_only_and_registers_the_policy():
         "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('spikeq.')}))\n"
         "print(DQN.policy_aliases['SpikingPolicy'].__module__)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split("\n")[:2] == ["['snn']", "spikeq.snn.policy"]
+    assert fresh_interpreter(code)[:2] == ["['snn']", "spikeq.snn.policy"]
 
 
 def test_classes_pickled_under_the_former_module_paths_still_load():
@@ -117,6 +122,4 @@ def test_a_module_imported_under_its_former_path_keeps_its_own_name():
         "importlib.reload(new)\n"
         "print(new.READOUTS[0])\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split("\n")[:2] == ["True spikeq.snn.readout", "rate"]
+    assert fresh_interpreter(code)[:2] == ["True spikeq.snn.readout", "rate"]

@@ -15,7 +15,8 @@ difference of mean scores, DQN-normalised score and probability of improvement, 
 each game left out; and a table for each setting both models were run with, such as another
 optimiser; ``comparison.png`` draws the first two), ``learning_curves.png`` (the evaluation score, one panel
 per game) and ``training_curves.png`` (the training return, SB3's mean over the last 100 episodes,
-from each run's training_curve.csv) of the runs trained for their game's longest budget (the main
+from each run's training_curve.csv) and ``firing_rates.png`` (each spiking layer's firing rate on the
+training batches, from the same files) of the runs trained for their game's longest budget (the main
 study), and ``ablations.png`` (evaluation score and training return of the shorter runs, the ablations,
 beside the main runs over the same steps; ``spikeq.analysis.report.plot_ablations``).
 """
@@ -34,6 +35,7 @@ from spikeq.analysis.report import (
     format_summary,
     format_table,
     plot_ablations,
+    plot_firing_rates,
     plot_learning_curves,
     results_table,
     split_by_budget,
@@ -139,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         out = args.results / "training_curves.png"
         curves = plot_learning_curves(trained, out, title="MinAtar", training=True, **labels)
         written.append(curves)
+        out = args.results / "firing_rates.png"
+        written.append(plot_firing_rates(trained, out, title="MinAtar", **labels))
     print(format_table(rows))
     if compared is not None:
         print(f"\n{compared.markdown}")

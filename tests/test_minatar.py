@@ -665,6 +665,36 @@ def test_the_ablations_draw_each_step_budget_of_a_setting_apart(tmp_path, monkey
     assert {"dqn (3)", "dsqn (firing init) (3)"} <= {line.get_label() for line in breakout.get_lines()}
 
 
+def test_the_firing_rates_figure_draws_each_spiking_layer_of_each_game(tmp_path, monkeypatch):
+    """On the committed study: a row of panels per spiking layer (conv1, fc1), a panel per game, a line
+    per model and setting from each run's ``training_curve.csv``; DQNs have no firing rates."""
+    import spikeq.analysis.report as analysis
+
+    figures = []
+    monkeypatch.setattr(analysis, "save_figure", lambda figure, out: figures.append(figure) or out)
+    results = report.RESULTS if report.RESULTS.is_absolute() else EXPERIMENTS.parent / report.RESULTS
+    breakout = [
+        results / f"MinAtar-Breakout-{run}" for run in ("dsqn-s0", "dsqn-s1", "dsqn+adam-s0", "dqn-s0")
+    ]
+    analysis.plot_firing_rates(
+        breakout, tmp_path / "firing.png", ignore=report.SAME_IN_EFFECT, reference=preset_values
+    )
+    panels = [axes for axes in figures[0].axes if axes.get_title()]
+    assert [(axes.get_title(), axes.get_ylabel()) for axes in panels] == [
+        ("MinAtar/Breakout", "conv1: neuron-steps that spiked"),
+        ("MinAtar/Breakout", "fc1: neuron-steps that spiked"),
+    ]
+    fc1 = {line.get_label(): line.get_data() for line in panels[1].get_lines()}
+    adam = "dsqn (firing init), learning_rate=0.0001, optimizer=adam (1)"
+    assert set(fc1) == {"dsqn (firing init) (2)", adam}
+    steps, rates = analysis.read_training_curve(breakout[2], "firing_rate/fc1")
+    assert (list(fc1[adam][0]), list(fc1[adam][1])) == (steps, rates)
+    with pytest.raises(ValueError, match="none of the runs has firing rates"):
+        analysis.plot_firing_rates(breakout[3:], tmp_path / "dqn.png")
+    with pytest.raises(ValueError, match="has no column 'firing_rate/fc1'"):
+        analysis.read_training_curve(breakout[3], "firing_rate/fc1")
+
+
 def test_the_training_curve_keeps_the_latest_logged_values_at_evenly_spaced_steps(minatar_smoke, tmp_path):
     """``training_curve.csv`` of a real run, checked against its full ``train.csv``."""
     run_dir, _ = minatar_smoke("dsqn")

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
@@ -123,14 +124,29 @@ def write_training_curve(run_dir: Path, out: Path, points: int = 100) -> Path:
     return out
 
 
-def read_training_curve(run_dir: Path) -> tuple[list[int], list[float]]:
-    """Steps and training returns of a run's ``training_curve.csv`` (``write_training_curve``)."""
+def read_training_curve(run_dir: Path, column: str = "return") -> tuple[list[int], list[float]]:
+    """Steps and values of a column of a run's ``training_curve.csv`` (``write_training_curve``): the
+    training ``return`` (default), ``episode_length`` or a spiking layer's ``firing_rate/<layer>``.
+
+    :raises ValueError: where the run has no such file or the file no such column
+    """
     path = Path(run_dir) / TRAINING_CURVE
     if not path.exists():
         raise ValueError(f"{run_dir} has no {TRAINING_CURVE}: write it with write_training_curve")
     with path.open(newline="") as f:
-        rows = [row for row in csv.DictReader(f) if row["return"]]
-    return [int(row["step"]) for row in rows], [float(row["return"]) for row in rows]
+        reader = csv.DictReader(f)
+        if column not in (reader.fieldnames or []):
+            raise ValueError(f"{path} has no column {column!r}; it has {reader.fieldnames}")
+        rows = [row for row in reader if row[column]]
+    return [int(row["step"]) for row in rows], [float(row[column]) for row in rows]
+
+
+def firing_layers(run_dir: Path) -> list[str]:
+    """The spiking layers whose firing rate a run's ``training_curve.csv`` holds (none for a DQN)."""
+    path = Path(run_dir) / TRAINING_CURVE
+    with path.open(newline="") as f:
+        names = next(csv.reader(f), [])
+    return [name.removeprefix("firing_rate/") for name in names if name.startswith("firing_rate/")]
 
 
 def run_config(run_dir: Path) -> dict[str, Any]:
@@ -493,7 +509,7 @@ def plot_learning_curves(
     :param reference: a run's preset values (``setting_labels``)
     :return: ``out``
     """
-    curves = _curves(run_dirs, ignore, reference, training)
+    curves = _curves(run_dirs, ignore, reference, "return" if training else None)
     figure, panels = plt.subplots(1, len(curves), figsize=(max(6.0, 4.2 * len(curves)), 3.8), squeeze=False)
     colours = _colours(curves)
     for axes, (game, lines) in zip(panels[0], sorted(curves.items()), strict=True):
@@ -569,7 +585,10 @@ def plot_ablations(
     horizon = _longest(budgets[run] for run in shorter)  # game -> its longest short budget
     runs = [run for run in run_dirs if budgets[run][0] in horizon]
     rows = [False, True] if all((run / TRAINING_CURVE).exists() for run in runs) else [False]
-    curves = {training: _curves(runs, ignore, reference, training, horizon) for training in rows}
+    curves = {
+        training: _curves(runs, ignore, reference, "return" if training else None, horizon)
+        for training in rows
+    }
     colours = _colours(curves[False])
     games = sorted(horizon)
     figure, panels = _panels_and_legend_column(len(rows), len(games))
@@ -581,6 +600,60 @@ def plot_ablations(
     figure.suptitle(
         f"{title + ': ' if title else ''}the runs shorter than their game's longest, beside the longest "
         "over the same steps\nmean over seeds (n runs), band min-max",
+        fontsize=9,
+    )
+    return save_figure(figure, out)
+
+
+def plot_firing_rates(
+    run_dirs: list[Path],
+    out: Path,
+    title: str | None = None,
+    ignore: Iterable[str] = (),
+    reference: Reference | None = None,
+) -> Path:
+    """How the spiking runs' layers fire while they train: one row of panels per spiking layer, one
+    column per game, and in each a line per model, setting and step budget (as ``plot_learning_curves``
+    draws them): the mean over its runs (seeds) of the share of the layer's neuron-steps that spiked on
+    the training batches (``train/firing_rate/<layer>``, as ``training_curve.csv`` samples it), the
+    runs' range as a band. A layer near 0 passes almost nothing on (the silent network), one near 1
+    hardly more information.
+
+    :param run_dirs: run directories with a ``training_curve.csv``; runs without firing rates in it (DQNs)
+        are left out
+    :param out: the image file to write
+    :param title: figure title
+    :param ignore: config fields not to tell settings apart by
+    :param reference: a run's preset values (``setting_labels``)
+    :return: ``out``
+    :raises ValueError: where no run has firing rates
+    """
+    layers_of = {run: firing_layers(run) for run in run_dirs}
+    layers = list(dict.fromkeys(layer for layers in layers_of.values() for layer in layers))  # conv1 first
+    if not layers:
+        raise ValueError("none of the runs has firing rates in its training_curve.csv (a DQN has none)")
+    # layer -> game -> line -> its runs' {step: firing rate}
+    curves = {
+        layer: _curves(
+            [run for run in run_dirs if layer in layers_of[run]], ignore, reference, f"firing_rate/{layer}"
+        )
+        for layer in layers
+    }
+    games = sorted({game for by_game in curves.values() for game in by_game})
+    colours = _colours(
+        {f"{layer} {game}": lines for layer in layers for game, lines in curves[layer].items()}
+    )
+    figure, panels = _panels_and_legend_column(len(layers), len(games))
+    for row, layer in enumerate(layers):
+        for axes, game in zip(panels[row], games, strict=False):  # the legend's column has no game
+            if game in curves[layer]:
+                _draw_panel(axes, game, curves[layer][game], colours, None, training=True)
+            axes.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        panels[row][0].set_ylabel(f"{layer}: neuron-steps that spiked")
+    _legend_in_last_column(panels)
+    figure.suptitle(
+        f"{title + ': ' if title else ''}firing rate on the training batches, mean over seeds (n runs), "
+        "band min-max",
         fontsize=9,
     )
     return save_figure(figure, out)
@@ -784,12 +857,13 @@ def _curves(
     run_dirs: list[Path],
     ignore: Iterable[str],
     reference: Reference | None,
-    training: bool,
+    column: str | None,
     horizon: dict[str, int] | None = None,
 ) -> dict[str, dict[str, list[dict[int, float]]]]:
-    """game -> line label -> each of its runs' {step: score or training return}, up to the game's
-    ``horizon`` where given. Runs of other step budgets (config ``steps``) are lines of their own, and
-    where a game has several budgets each of its lines names its own."""
+    """game -> line label -> each of its runs' {step: evaluation score (``column`` None), or the value
+    of ``column`` in ``training_curve.csv``}, up to the game's ``horizon`` where given. Runs of other
+    step budgets (config ``steps``) are lines of their own, and where a game has several budgets each of
+    its lines names its own."""
     # (game, model, init, steps) -> its runs
     groups: dict[tuple[str, str, str | None, int | None], list[Path]] = {}
     for run_dir in run_dirs:
@@ -806,7 +880,9 @@ def _curves(
         last = (horizon or {}).get(game)
         named = budget if game in several_budgets else None
         for run_dir, setting in zip(runs, settings, strict=True):
-            steps, values = read_training_curve(run_dir) if training else read_curve(run_dir)[:2]
+            steps, values = (
+                read_curve(run_dir)[:2] if column is None else read_training_curve(run_dir, column)
+            )
             curve = {
                 step: value for step, value in zip(steps, values, strict=True) if last is None or step <= last
             }

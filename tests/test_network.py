@@ -199,6 +199,10 @@ def test_state_never_leaks_between_calls_or_batches():
         (dict(surrogate_slope=-2.0), "surrogate_slope=-2.0 must be a finite number > 0"),
         (dict(surrogate_slope=float("nan")), "surrogate_slope=nan must be a finite number > 0"),
         (dict(surrogate_slope="2"), "surrogate_slope='2' must be a finite number > 0"),
+        (
+            dict(surrogate="straight_through", surrogate_slope=2.0),
+            "surrogate 'straight_through' has no shape parameter; leave it None or choose one of atan,",
+        ),
         (dict(learn_beta="False"), "learn_beta='False' must be True or False"),
         (dict(learn_threshold=1), "learn_threshold=1 must be True or False"),
         (dict(recompute="yes"), "recompute='yes' must be True or False"),

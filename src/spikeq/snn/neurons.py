@@ -134,6 +134,12 @@ class NeuronSpec:
             raise ValueError(
                 f"surrogate_slope={slope!r} must be a finite number > 0 (or None: the surrogate's default)"
             )
+        if slope is not None and not SURROGATES[self.surrogate][1]:
+            raise ValueError(
+                f"surrogate_slope={slope!r}: surrogate {self.surrogate!r} has no shape parameter; "
+                "leave it None or choose one of "
+                + ", ".join(name for name, (_, arg, _) in SURROGATES.items() if arg)
+            )
         for name in ("learn_beta", "learn_threshold", "detach_reset"):
             # A truthy string such as "False" would silently mean True.
             if not isinstance(getattr(self, name), bool):

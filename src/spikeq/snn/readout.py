@@ -4,8 +4,8 @@
 - ``spike`` (DSQN-Spike ablation): the output layer is spiking too, Q = 1/T sum_t s_out[t], so Q is
   quantised to multiples of 1/T (the paper's "confusing Q-values").
 - ``max_mem``, ``last_mem``, ``mean_mem`` (Chen et al. 2022): non-spiking output neurons integrate
-  the current W s[t] + b without firing, U[t] = beta U[t-1] + I[t] / tau, and Q is the max / last /
-  mean of U over t.
+  the current I[t] = W s[t] + b without firing, U[t] = beta U[t-1] + I[t] / tau (LIF; the IF neuron:
+  U[t] = U[t-1] + I[t]), and Q is the max / last / mean of U over t.
 """
 
 from __future__ import annotations

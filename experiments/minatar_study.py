@@ -38,6 +38,7 @@ from spikeq.analysis.report import TRAINING_CURVE, read_curve, write_training_cu
 from spikeq.envs.minatar import GAMES as MINATAR_GAMES
 from spikeq.experiment.checkpoints import latest_checkpoint
 from spikeq.experiment.config import MODELS, settings
+from spikeq.experiment.tracking import child_environment
 from spikeq.experiment.train import RUN_LOCK
 from spikeq.files import is_locked
 
@@ -269,7 +270,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"start {run.name}: {' '.join(command[2:])}", flush=True)
             with (args.runs_dir / f"{run.name}.log").open("a") as log:
                 process = subprocess.Popen(
-                    command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    command,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    env=child_environment(),
                 )
             running[run.name] = (run, process)
         time.sleep(2)

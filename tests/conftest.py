@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from spikeq.experiment.tracking import child_environment
+
 # The tests' networks are tiny: one thread avoids oversubscribing the two CI cores.
 torch.set_num_threads(1)
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -22,7 +24,7 @@ SPIKEQ = [sys.executable, "-m", "spikeq.cli"]
 
 def run_spikeq(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """The real ``spikeq`` command in a child process (W&B offline)."""
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    env = {**child_environment(), "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     return subprocess.run([*SPIKEQ, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 

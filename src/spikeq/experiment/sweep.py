@@ -29,7 +29,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import re
 import signal
 import subprocess
@@ -43,6 +42,7 @@ import numpy as np
 import yaml
 
 from spikeq.experiment.checkpoints import latest_checkpoint
+from spikeq.experiment.tracking import child_environment
 from spikeq.files import FileLock, LockedError
 
 METHODS = ("grid", "random")
@@ -325,7 +325,7 @@ def run_sweep(
     :raises KeyboardInterrupt: after SIGINT or SIGTERM, once the running command has exited
     """
     results = []
-    env = {**os.environ}
+    env = child_environment()
     env.setdefault("WANDB_RUN_GROUP", sweep.name)
     claims = state_path.with_name(state_path.name + ".claims")
     for i, params in enumerate(runs, start=1):

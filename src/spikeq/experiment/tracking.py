@@ -48,6 +48,14 @@ def wandb_mode(requested: str) -> str:
     return "online" if any("wandb" in host for host in hosts) else "offline"
 
 
+def child_environment() -> dict[str, str]:
+    """The environment for a spikeq run started as a child process: this process's, without the
+    address of a W&B service it holds (``WANDB_SERVICE``, which wandb sets in a process that used it),
+    so that the run starts a service of its own: handed to this process's, an offline run wrote no
+    ``run-*.wandb`` file."""
+    return {name: value for name, value in os.environ.items() if name != "WANDB_SERVICE"}
+
+
 def _scalar(value: Any) -> float | int | None:
     if isinstance(value, bool):
         return int(value)
